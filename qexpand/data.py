@@ -1,0 +1,179 @@
+"""TREC topics as (query, description) pairs, and the seeded train/eval/test split.
+
+Topics come from ir_datasets. A topic's short form is its `title` (or `query`/`text`, depending on
+the topic set's query class) and its target is its `description`. The split is made over groups of
+topics whose queries are identical after normalisation, so the same query text never sits on both
+sides of a split (Robust04 has "airport security" twice).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+from qexpand.errors import UserError
+
+DEFAULT_DATASETS = (
+    "clueweb09/catb/trec-web-2009",
+    "disks45/nocr/trec-robust-2004",
+    "gov/trec-web-2002",
+)
+DEFAULT_SPLIT = (280, 35, 35)
+DEFAULT_SEED = 42
+SPLIT_NAMES = ("train", "eval", "test")
+
+# Field names that hold the short query, in order of preference, across ir_datasets query classes.
+QUERY_FIELDS = ("title", "query", "text")
+DESCRIPTION_FIELD = "description"
+
+
+@dataclass(frozen=True)
+class Topic:
+    dataset: str
+    query_id: str
+    query: str
+    description: str
+
+
+def normalise_whitespace(text: str) -> str:
+    return " ".join(text.split())
+
+
+def query_key(query: str) -> str:
+    """Queries equal under this key count as the same query for the split."""
+    return normalise_whitespace(query).casefold()
+
+
+def _wanted_files(handler) -> list[tuple[str, list[str]]]:
+    """(cache path, download URLs) of every file an ir_datasets queries handler reads.
+
+    ir_datasets keeps these on `Download` objects nested inside the handler; walking the
+    attributes finds them without depending on one handler class.
+    """
+    found, stack, seen = [], [handler], set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or not hasattr(obj, "__dict__"):
+            continue
+        seen.add(id(obj))
+        if "_cache_path" in vars(obj):
+            urls = [getattr(m, "url", str(m)) for m in getattr(obj, "mirrors", [])]
+            found.append((str(obj._cache_path), urls))
+        stack.extend(v for v in vars(obj).values() if type(v).__module__.startswith("ir_datasets"))
+    return found
+
+
+def _load_dataset(dataset_id: str):
+    import ir_datasets
+
+    try:
+        return ir_datasets.load(dataset_id)
+    except KeyError:
+        raise UserError(
+            f"unknown data set id '{dataset_id}'. Use an ir_datasets id such as "
+            f"'{DEFAULT_DATASETS[1]}' (the catalogue is at https://ir-datasets.com)."
+        ) from None
+
+
+def load_topics(dataset_id: str) -> list[Topic]:
+    """All topics of one ir_datasets topic set, with whitespace normalised."""
+    dataset = _load_dataset(dataset_id)
+    if not dataset.has_queries():
+        raise UserError(f"data set '{dataset_id}' has no topics (queries); choose a topic set.")
+    fields = dataset.queries_cls()._fields
+    query_field = next((f for f in QUERY_FIELDS if f in fields), None)
+    if query_field is None or DESCRIPTION_FIELD not in fields:
+        raise UserError(
+            f"the topics of '{dataset_id}' have the fields {', '.join(fields)}, but a title/query "
+            f"field and a '{DESCRIPTION_FIELD}' field are needed. Choose a topic set with "
+            f"descriptions, such as the TREC ad hoc, Robust or Web track topics."
+        )
+    try:
+        raw = list(dataset.queries_iter())
+    except Exception as error:  # ir_datasets raises plain RuntimeError/OSError on failed downloads
+        raise _download_error(dataset_id, dataset, error) from None
+    topics = []
+    for item in raw:
+        query = normalise_whitespace(getattr(item, query_field) or "")
+        description = normalise_whitespace(getattr(item, DESCRIPTION_FIELD) or "")
+        if query and description:
+            topics.append(Topic(dataset_id, str(item.query_id), query, description))
+    if not topics:
+        raise UserError(f"no topic of '{dataset_id}' has both a query and a description.")
+    return topics
+
+
+def _download_error(dataset_id: str, dataset, error: Exception) -> UserError:
+    import ir_datasets
+
+    files = _wanted_files(dataset.queries_handler())
+    where = "; ".join(
+        f"{path}" + (f" (downloaded from {urls[0]})" if urls else "") for path, urls in files
+    ) or "(ir_datasets did not say which file)"
+    home = ir_datasets.util.home_path()
+    first_line = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    return UserError(
+        f"could not read the topics of '{dataset_id}': {first_line}. ir_datasets wanted the file "
+        f"{where}. With network access it downloads it; offline, put the file at that path (the "
+        f"cache folder is set by IR_DATASETS_HOME, now {home}), or leave this data set out with "
+        f"--datasets."
+    )
+
+
+def load_all_topics(dataset_ids: list[str]) -> list[Topic]:
+    # ir_datasets logs every failed download try at INFO/WARNING; our own error says it once.
+    logging.getLogger("ir_datasets").setLevel(logging.ERROR)
+    topics = []
+    for dataset_id in dataset_ids:
+        topics.extend(load_topics(dataset_id))
+    return topics
+
+
+def split_topics(topics: list[Topic], counts: tuple[int, int, int], seed: int) -> dict[str, list[Topic]]:
+    """Seeded split into train/eval/test of exactly `counts` topics, grouping identical queries.
+
+    Groups are shuffled with `seed`; test is filled first, then eval, then train, each taking whole
+    groups that still fit. The result depends only on the topics, the counts and the seed.
+    """
+    needed = sum(counts)
+    if needed > len(topics):
+        raise UserError(
+            f"the split asks for {needed} topics ({counts[0]} train + {counts[1]} eval + "
+            f"{counts[2]} test) but the data sets hold only {len(topics)}. Lower the counts with "
+            f"--split, e.g. --split {max(len(topics) - counts[1] - counts[2], 1)} {counts[1]} {counts[2]}."
+        )
+    groups: dict[str, list[Topic]] = defaultdict(list)
+    for topic in sorted(topics, key=lambda t: (t.dataset, t.query_id)):
+        groups[query_key(topic.query)].append(topic)
+    order = sorted(groups)
+    random.Random(seed).shuffle(order)
+
+    split: dict[str, list[Topic]] = {}
+    remaining = order
+    for name, count in zip(("test", "eval", "train"), (counts[2], counts[1], counts[0])):
+        chosen, left = [], []
+        for key in remaining:
+            if sum(len(groups[k]) for k in chosen) + len(groups[key]) <= count:
+                chosen.append(key)
+            else:
+                left.append(key)
+        split[name] = [t for key in chosen for t in groups[key]]
+        if len(split[name]) != count:
+            raise UserError(f"could not fill the {name} split with exactly {count} topics; change --split.")
+        remaining = left
+    return {name: split[name] for name in SPLIT_NAMES}
+
+
+def split_to_json(split: dict[str, list[Topic]], seed: int, dataset_ids: list[str]) -> dict:
+    return {
+        "seed": seed,
+        "datasets": list(dataset_ids),
+        "counts": {name: len(split[name]) for name in SPLIT_NAMES},
+        **{name: [asdict(t) for t in split[name]] for name in SPLIT_NAMES},
+    }
+
+
+def split_from_json(data: dict) -> dict[str, list[Topic]]:
+    return {name: [Topic(**t) for t in data[name]] for name in SPLIT_NAMES}

@@ -1,0 +1,152 @@
+"""Loading the tokenizer and the base model (4-bit NF4 or plain), and the LoRA configuration.
+
+This is the one place that knows about quantization and devices; training, testing and the
+benchmarks all load models through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from qexpand.errors import UserError
+
+DEFAULT_MODEL = "mistralai/Mistral-7B-v0.1"
+QUANTIZATION_CHOICES = ("auto", "nf4", "none")
+DEVICE_CHOICES = ("auto", "cuda", "cpu")
+# Config fields that must agree between the model an adapter was trained on and the one it is
+# loaded onto; a local copy of the same model passes, a different model does not.
+SIGNATURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            "--device cuda was asked for, but PyTorch sees no CUDA GPU (torch "
+            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). Install a CUDA build "
+            "of torch on a GPU machine, or run with --device cpu (slow for 7B models)."
+        )
+    return requested
+
+
+def resolve_quantization(requested: str, device: str) -> str:
+    """NF4 on CUDA by default. On the CPU the default is plain float32: bitsandbytes' CPU 4-bit
+    kernels work but are slower than float32 for the small models one trains on a CPU."""
+    if requested == "auto":
+        return "nf4" if device == "cuda" else "none"
+    return requested
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def check_model_source(model: str, gguf_file: str | None) -> list[str]:
+    """Problems with --model/--gguf-file that can be seen without loading anything."""
+    problems = []
+    looks_local = os.path.isabs(model) or model.startswith(".") or os.path.isdir(model)
+    if looks_local and not os.path.isdir(model):
+        problems.append(f"--model {model} looks like a local path but is not a folder")
+    if gguf_file:
+        path = gguf_file if os.path.isabs(gguf_file) else os.path.join(model, gguf_file)
+        if os.path.isdir(model) and not os.path.isfile(path):
+            problems.append(f"--gguf-file {gguf_file}: no such file in {model}")
+    return problems
+
+
+def _load_error(model: str, error: Exception) -> UserError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    return UserError(
+        f"could not load '{model}': {reason}. Check the hub id (e.g. {DEFAULT_MODEL}), network access"
+        + (" (HF_HUB_OFFLINE is set, so only the local cache is used)" if offline else "")
+        + " and, for gated models, that you are logged in (`hf auth login` or HF_TOKEN); or pass a "
+        "local folder with --model (and --gguf-file for a GGUF file inside it)."
+    )
+
+
+def load_tokenizer(model: str, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, gguf_file=gguf_file)
+    except (OSError, ValueError) as error:
+        raise _load_error(model, error) from None
+    choose_pad_token(tokenizer)
+    return tokenizer
+
+
+def choose_pad_token(tokenizer) -> None:
+    """Give the tokenizer a pad token that is not EOS where the vocabulary has one.
+
+    Labels are built explicitly (padding is -100 there), so EOS as pad would not hide the real EOS
+    from the loss; a distinct pad token still keeps the two unambiguous in saved batches and logs.
+    """
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        return
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != eos:
+        tokenizer.pad_token = tokenizer.unk_token
+    else:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_config(model: str, gguf_file: str | None = None):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model, gguf_file=gguf_file)
+    except (OSError, ValueError) as error:
+        raise _load_error(model, error) from None
+
+
+def model_signature(config) -> dict:
+    return {field: getattr(config, field, None) for field in SIGNATURE_FIELDS}
+
+
+def quantization_config():
+    """NF4 4-bit weights with double quantization, bf16 compute (the QLoRA recipe)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def load_base_model(model: str, gguf_file: str | None, quantization: str, device: str, dtype=None):
+    """The base model on `device`, 4-bit when quantization == 'nf4', SDPA attention."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"attn_implementation": "sdpa", "device_map": {"": device}}
+    if quantization == "nf4":
+        kwargs["quantization_config"] = quantization_config()
+        kwargs["dtype"] = torch.bfloat16
+    else:
+        kwargs["dtype"] = dtype or compute_dtype(device)
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    except (OSError, ValueError) as error:
+        raise _load_error(model, error) from None
+    loaded.config.use_cache = False  # re-enabled for generation
+    return loaded
+
+
+def lora_config(rank: int, alpha: int, dropout: float):
+    from peft import LoraConfig
+
+    # "all-linear": every linear layer of the transformer blocks (attention and MLP projections),
+    # not the output head, whatever the model family calls them.
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"
+    )

@@ -1,0 +1,117 @@
+"""The run directory: what a training run leaves for the test script, written safely.
+
+checkpoints/<run-name>/
+    run_config.json        base model, prompt template, hyper-parameters, versions
+    split.json             the seeded train/eval/test topics
+    adapter_config.json    a standard PEFT adapter (PeftModel.from_pretrained(base, run_dir))
+    adapter_model.safetensors
+    tokenizer files
+    loss_log.json, loss_curve.png
+    trainer_checkpoints/   resumable checkpoints while training runs
+    finished.json          written last: the run is complete
+    predictions*.jsonl, scores*.json, scores*.md   written by the test script
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from qexpand.errors import UserError
+
+CONFIG_FILE = "run_config.json"
+SPLIT_FILE = "split.json"
+FINISHED_FILE = "finished.json"
+LOSS_LOG_FILE = "loss_log.json"
+LOSS_PLOT_FILE = "loss_curve.png"
+TRAINER_DIR = "trainer_checkpoints"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
+                                     encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)
+
+
+def atomic_write_json(path: Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def move_files_into(source: Path, target: Path) -> None:
+    """Move every file of `source` into `target` by rename (atomic per file on one filesystem)."""
+    for item in Path(source).iterdir():
+        os.replace(item, Path(target) / item.name)
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def is_finished(path: Path) -> bool:
+    return (Path(path) / FINISHED_FILE).is_file()
+
+
+def finished_runs(root: Path) -> list[Path]:
+    """Finished runs under `root`, oldest first by the time they finished."""
+    if not Path(root).is_dir():
+        return []
+    runs = [p for p in Path(root).iterdir() if p.is_dir() and is_finished(p)]
+    return sorted(runs, key=lambda p: (read_json(p / FINISHED_FILE).get("finished_at", ""), p.name))
+
+
+def resolve_run(root: Path, run: str | None, resume_hint: str) -> Path:
+    """The run directory named by --run (a path or a name under root), or the newest finished one."""
+    if run is None:
+        runs = finished_runs(root)
+        if not runs:
+            raise UserError(
+                f"no finished training run in {root}. Train one first with `python training.py`, "
+                "or name a run directory with --run."
+            )
+        return runs[-1]
+    path = Path(run) if Path(run).is_dir() else Path(root) / run
+    if not path.is_dir():
+        raise UserError(f"--run {run}: no such run directory (looked at {run} and {Path(root) / run}).")
+    if not is_run_dir(path):
+        raise UserError(
+            f"--run {run}: {path} is not a run directory (it has no {CONFIG_FILE}); name a folder "
+            "that training.py created."
+        )
+    if not is_finished(path):
+        raise UserError(
+            f"the run {path} has not finished training (no {FINISHED_FILE}); it was probably "
+            f"interrupted. Resume it with `{resume_hint} {path}`, then test it."
+        )
+    return path
+
+
+def prepare_new_run_dir(path: Path, overwrite: bool) -> None:
+    """Refuse to reuse an existing run directory unless --overwrite; never touch it otherwise."""
+    path = Path(path)
+    if path.exists():
+        if not overwrite:
+            raise UserError(
+                f"the run directory {path} already exists. Choose another --run-name, resume it "
+                "with --resume, or pass --overwrite to replace it."
+            )
+
+
+def replace_run_dir(path: Path) -> None:
+    """Create an empty run directory, deleting an old one only now (after all checks passed)."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)

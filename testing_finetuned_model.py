@@ -1,0 +1,252 @@
+"""Generate descriptions for unseen queries with a trained adapter and score them against the gold ones.
+
+Run (after `python training.py`; uses the newest finished run in checkpoints/):
+
+    python testing_finetuned_model.py
+
+Other uses:
+
+    python testing_finetuned_model.py --run checkpoints/RUN --baseline      # add the zero-shot base model row
+    python testing_finetuned_model.py --query "internet privacy" --query "hubble telescope"
+    python testing_finetuned_model.py --test-datasets gov/trec-web-2002     # score on a whole other topic set
+
+Everything about the run (base model, prompt, split) is read from its run directory. Per query it
+prints QUERY / GENERATED / FROM DATASET, then a table of SBERT cosine, ROUGE-L and BLEU with 95%
+bootstrap intervals for the fine-tuned model and the baselines. Predictions (JSONL) and scores
+(JSON and Markdown) are written into the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qexpand import data, modeling, rundir
+from qexpand.errors import UserError, fail_if_problems, run_cli
+from qexpand.generation import generate_descriptions
+from qexpand.metrics import Scorer, baseline_candidates, build_report, report_markdown
+from qexpand.prompt import truncate_query
+
+MAX_QUERY_TOKENS = 64
+OOM_HINT = "Lower --batch-size, or leave out --merge (the 4-bit base needs less memory)."
+
+log = logging.getLogger("testing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Expand test queries with a fine-tuned adapter and score them against the gold descriptions.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--run", default=None, help="run directory or its name under --output-dir (default: newest finished)")
+    parser.add_argument("--output-dir", default="checkpoints", help="folder holding the run directories")
+    group = parser.add_argument_group("what to expand")
+    group.add_argument("--query", action="append", default=None, metavar="TEXT",
+                       help="expand this ad-hoc query (repeatable); no gold, so no scores")
+    group.add_argument("--test-datasets", nargs="+", default=None, metavar="ID",
+                       help="score on every topic of these ir_datasets topic sets instead of the run's test split")
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None,
+                       help="base model (hub id or local folder); default: the one recorded in the run")
+    group.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
+    group.add_argument("--device", choices=modeling.DEVICE_CHOICES, default="auto", help="where to generate")
+    group.add_argument("--quantization", choices=modeling.QUANTIZATION_CHOICES, default="auto",
+                       help="auto = nf4 on CUDA, none on CPU")
+    group.add_argument("--merge", action="store_true",
+                       help="load the base unquantized (bf16 on CUDA) and merge the adapter: faster generation")
+    group = parser.add_argument_group("generation")
+    group.add_argument("--batch-size", type=int, default=64, help="queries per generate() call")
+    group.add_argument("--max-new-tokens", type=int, default=96, help="cap on generated tokens (EOS stops earlier)")
+    group.add_argument("--num-candidates", type=int, default=1,
+                       help="sample N expansions per query (1 = greedy); the one closest to the others is scored")
+    group.add_argument("--temperature", type=float, default=0.7, help="sampling temperature when N > 1")
+    group.add_argument("--seed", type=int, default=0, help="sampling seed")
+    group = parser.add_argument_group("scores")
+    group.add_argument("--baseline", action="store_true",
+                       help="also generate with the base model alone (zero-shot, same prompt) and score it")
+    group.add_argument("--sbert-model", default=None,
+                       help="sentence-transformers model for the cosine score (default: all-MiniLM-L6-v2)")
+    return parser
+
+
+def validate(args: argparse.Namespace) -> None:
+    problems = []
+    for name in ("batch_size", "max_new_tokens", "num_candidates"):
+        if getattr(args, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if args.temperature <= 0:
+        problems.append("--temperature must be positive")
+    if args.query is not None:
+        if any(not q.strip() for q in args.query):
+            problems.append("--query got an empty or whitespace-only query; give the words to expand")
+        if args.test_datasets:
+            problems.append("--query and --test-datasets exclude each other")
+    if args.merge and args.quantization == "nf4":
+        problems.append("--merge loads the base unquantized, so it cannot go with --quantization nf4")
+    if args.model:
+        problems += modeling.check_model_source(args.model, args.gguf_file)
+    fail_if_problems(problems, "See `python testing_finetuned_model.py --help`.")
+
+
+def check_base_model(args, config: dict) -> tuple[str, str | None]:
+    """The base model to load: the recorded one, or --model if it has the same architecture."""
+    if not args.model:
+        return config["base_model"], config["gguf_file"]
+    if (args.model, args.gguf_file) == (config["base_model"], config["gguf_file"]):
+        return args.model, args.gguf_file
+    wanted = config.get("base_model_signature", {})
+    found = modeling.model_signature(modeling.load_config(args.model, args.gguf_file))
+    if wanted and found != wanted:
+        differ = ", ".join(f"{k} {wanted[k]} vs {found[k]}" for k in wanted if wanted[k] != found.get(k))
+        raise UserError(
+            f"the adapter in this run was trained on '{config['base_model']}', and --model "
+            f"'{args.model}' is a different model ({differ}). Leave --model out to use the recorded "
+            "base, or give a copy of that same model."
+        )
+    return args.model, args.gguf_file
+
+
+def test_items(args, run_dir: Path) -> tuple[str, list[dict]]:
+    """(name of the evaluation, items with query and, when known, gold description)."""
+    if args.query:
+        return "adhoc", [{"dataset": None, "query_id": None, "query": q, "description": None} for q in args.query]
+    if args.test_datasets:
+        topics = data.load_all_topics(args.test_datasets)
+        name = "testsets-" + "+".join(re.sub(r"[^A-Za-z0-9.-]+", "_", d) for d in args.test_datasets)
+    else:
+        topics = data.split_from_json(rundir.read_json(run_dir / rundir.SPLIT_FILE))["test"]
+        name = "test"
+    return name, [vars(t).copy() for t in topics]
+
+
+def prepare_queries(items: list[dict], tokenizer) -> list[str]:
+    queries = []
+    for item in items:
+        query, cut = truncate_query(tokenizer, data.normalise_whitespace(item["query"]), MAX_QUERY_TOKENS)
+        if cut:
+            log.warning("query cut to %d tokens: %r", MAX_QUERY_TOKENS, query)
+        queries.append(query)
+    return queries
+
+
+def load_model(args, config: dict, run_dir: Path, device: str):
+    from peft import PeftModel
+
+    base, gguf = check_base_model(args, config)
+    quantization = "none" if args.merge else modeling.resolve_quantization(args.quantization, device)
+    model = modeling.load_base_model(base, gguf, quantization, device)
+    model = PeftModel.from_pretrained(model, str(run_dir))
+    model.config.use_cache = True
+    return model
+
+
+def pick_candidate(candidates: list[str], scorer: Scorer | None) -> int:
+    """Minimum-Bayes-risk choice: the candidate most similar on average to the other candidates."""
+    if len(candidates) == 1 or scorer is None:
+        return 0
+    emb = scorer.embed(candidates)
+    similarity = emb @ emb.T
+    return int(np.argmax(similarity.sum(axis=1) - np.diag(similarity)))
+
+
+def expand(model, tokenizer, config, queries, args, scorer) -> tuple[list[str], list[dict], float]:
+    started = time.perf_counter()
+    generations = generate_descriptions(
+        model, tokenizer, config["prompt_template"], queries, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, num_candidates=args.num_candidates,
+        temperature=args.temperature, seed=args.seed,
+    )
+    seconds = time.perf_counter() - started
+    chosen, details = [], []
+    for candidates in generations:
+        index = pick_candidate([g.text for g in candidates], scorer)
+        chosen.append(candidates[index].text)
+        details.append({"generated": candidates[index].text, "ended_at_eos": candidates[index].ended_at_eos,
+                        "candidates": [vars(g) for g in candidates] if len(candidates) > 1 else None})
+    return chosen, details, seconds
+
+
+def print_blocks(items: list[dict], queries: list[str], details: list[dict]) -> None:
+    for number, (item, query, detail) in enumerate(zip(items, queries, details), start=1):
+        source = f"  ({item['dataset']} #{item['query_id']})" if item["dataset"] else ""
+        print(f"\n[{number}/{len(items)}]{source}")
+        print(f"QUERY:        {query}")
+        print(f"GENERATED:    {detail['generated']}" + ("" if detail["ended_at_eos"] else "  [cut: no EOS]"))
+        if detail.get("candidates"):
+            for k, cand in enumerate(detail["candidates"], start=1):
+                print(f"  candidate {k}: {cand['text']}")
+        if item["description"] is not None:
+            print(f"FROM DATASET: {item['description']}")
+
+
+def output_paths(run_dir: Path, name: str) -> dict[str, Path]:
+    suffix = "" if name == "test" else f"-{name}"
+    return {kind: run_dir / f"{stem}{suffix}.{ext}" for kind, stem, ext in (
+        ("predictions", "predictions", "jsonl"), ("scores", "scores", "json"), ("table", "scores", "md"))}
+
+
+def main(args: argparse.Namespace) -> int:
+    import json
+
+    validate(args)
+    device = modeling.resolve_device(args.device)
+    run_dir = rundir.resolve_run(Path(args.output_dir), args.run, "python training.py --resume")
+    config = rundir.read_json(run_dir / rundir.CONFIG_FILE)
+    name, items = test_items(args, run_dir)
+    tokenizer = modeling.load_tokenizer(str(run_dir))
+    queries = prepare_queries(items, tokenizer)
+    model = load_model(args, config, run_dir, device)
+    scorer = Scorer(args.sbert_model) if (items[0]["description"] is not None or args.num_candidates > 1) else None
+
+    outputs = {}
+    if args.baseline:
+        with model.disable_adapter():
+            outputs["zero_shot"] = expand(model, tokenizer, config, queries, args, scorer)
+    if args.merge:
+        model = model.merge_and_unload()
+    outputs["finetuned"] = expand(model, tokenizer, config, queries, args, scorer)
+    predictions, details, seconds = outputs["finetuned"]
+    print_blocks(items, queries, details)
+
+    paths = output_paths(run_dir, name)
+    lines = []
+    for i, (item, query) in enumerate(zip(items, queries)):
+        record = {**item, "query": query, **details[i]}
+        if "zero_shot" in outputs:
+            record["zero_shot"] = outputs["zero_shot"][1][i]["generated"]
+        lines.append(json.dumps(record, ensure_ascii=False))
+    rundir.atomic_write_text(paths["predictions"], "\n".join(lines) + "\n")
+    ended = sum(d["ended_at_eos"] for d in details)
+    print(f"\n{len(items)} queries expanded in {seconds:.1f} s; {ended}/{len(items)} generations ended at EOS.")
+    print(f"predictions: {paths['predictions']}")
+
+    if items[0]["description"] is None:
+        return 0
+    gold = [item["description"] for item in items]
+    rows = {row: output[0] for row, output in outputs.items()}
+    rows.update(baseline_candidates(queries))
+    order = [r for r in ("finetuned", "zero_shot", "title", "template") if r in rows]
+    per_query = {row: scorer.score(rows[row], gold) for row in order}
+    report = build_report(per_query)
+    report.update(run=str(run_dir), evaluation=name, generation_seconds=round(seconds, 3),
+                  ended_at_eos=ended, num_candidates=args.num_candidates, merged=args.merge,
+                  per_query={row: {m: v.tolist() for m, v in s.items()} for row, s in per_query.items()})
+    table = report_markdown(report)
+    rundir.atomic_write_json(paths["scores"], report)
+    rundir.atomic_write_text(paths["table"], table)
+    print("\n" + table)
+    print(f"scores: {paths['scores']} and {paths['table']}")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cli_args = build_parser().parse_args()
+    run_cli(lambda: main(cli_args), OOM_HINT)
