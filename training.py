@@ -304,6 +304,9 @@ def main(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     tokenizer = modeling.load_tokenizer(args.model, args.gguf_file)
+    # Training batches pad on the right, so positions count from each example's first token;
+    # generation pads on the left and says so itself.
+    tokenizer.padding_side = "right"
     model = modeling.load_base_model(args.model, args.gguf_file, quantization, device)
     load_seconds = time.perf_counter() - started
     checkpointing = use_gradient_checkpointing(args.gradient_checkpointing, device)

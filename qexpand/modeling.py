@@ -138,6 +138,10 @@ def load_base_model(model: str, gguf_file: str | None, quantization: str, device
         loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
     except (OSError, ValueError) as error:
         raise _load_error(model, error) from None
+    if gguf_file and quantization != "nf4" and getattr(loaded, "hf_quantizer", None) is not None:
+        # GGUF weights are de-quantized to float while loading; the leftover "quantized" mark
+        # would only make the Trainer refuse to train.
+        loaded.hf_quantizer.remove_quantization_config(loaded)
     loaded.config.use_cache = False  # re-enabled for generation
     return loaded
 

@@ -71,7 +71,8 @@ def mistral_tokenizer_folder(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     source = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
     shutil.copy(source, folder / "tokenizer.model")
-    tokenizer = LlamaTokenizer.from_pretrained(str(folder))
+    # Mistral-7B-v0.1 puts BOS before every sequence, as its hub tokenizer_config says.
+    tokenizer = LlamaTokenizer.from_pretrained(str(folder), add_bos_token=True)
     tokenizer.save_pretrained(str(folder))
     return folder
 

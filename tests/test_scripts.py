@@ -1,0 +1,123 @@
+"""End-to-end: both scripts run as subprocesses on a tiny Mistral model, offline, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from qexpand import rundir
+from tests.conftest import run_script, snapshot
+from tests.fixtures import write_topic_files
+
+SPLIT = ("--split", "30", "5", "5")
+
+
+def train(tiny_model, home, out, *extra):
+    return run_script("training.py", "--model", tiny_model, *SPLIT, "--epochs", "2", "--batch-size", "8",
+                      "--output-dir", out, *extra, home=home, cwd=out.parent)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    write_topic_files(root / "irds")
+    (root / "runs").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained_run(workspace, tiny_model):
+    result = train(tiny_model, workspace / "irds", workspace / "runs", "--run-name", "tiny")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workspace / "runs" / "tiny"
+
+
+@pytest.mark.parametrize("script", ["training.py", "testing_finetuned_model.py"])
+def test_help(script, tmp_path):
+    result = run_script(script, "--help", home=tmp_path, cwd=tmp_path)
+    assert result.returncode == 0
+    assert "--model" in result.stdout and "usage:" in result.stdout
+
+
+def test_unknown_flag_is_rejected(tmp_path):
+    result = run_script("training.py", "--epoch", "3", home=tmp_path, cwd=tmp_path)
+    assert result.returncode == 2 and "unrecognized arguments: --epoch" in result.stderr
+
+
+def test_run_directory_holds_everything_the_test_script_needs(trained_run, tiny_model):
+    names = {p.name for p in trained_run.iterdir()}
+    for needed in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "split.json",
+                   "run_config.json", "loss_log.json", "loss_curve.png", "finished.json"):
+        assert needed in names, needed
+    assert rundir.TRAINER_DIR not in names  # resumable checkpoints are cleaned up once finished
+    config = json.loads((trained_run / "run_config.json").read_text())
+    assert config["base_model"] == str(tiny_model)
+    assert "{query}" in config["prompt_template"]
+    assert config["hyperparameters"]["lora_r"] == 8 and config["hyperparameters"]["lora_alpha"] == 16
+    split = json.loads((trained_run / "split.json").read_text())
+    assert split["counts"] == {"train": 30, "eval": 5, "test": 5}
+    log = json.loads((trained_run / "loss_log.json").read_text())
+    assert sum("eval_loss" in entry for entry in log) == 2  # once per epoch
+
+
+def test_stock_peft_loads_the_adapter(trained_run, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    ids = torch.tensor([[1, 7865, 12917]])
+    before = base(ids).logits
+    model = PeftModel.from_pretrained(base, str(trained_run))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained, not the zero init
+    assert not torch.allclose(model(ids).logits, before)
+
+
+def test_testing_script_reports_the_test_split(trained_run, workspace):
+    result = run_script("testing_finetuned_model.py", "--output-dir", workspace / "runs", "--max-new-tokens", "8",
+                        "--baseline", home=workspace / "irds", cwd=workspace)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert out.count("QUERY:") == 5 and out.count("GENERATED:") == 5 and out.count("FROM DATASET:") == 5
+    split = json.loads((trained_run / "split.json").read_text())
+    predictions = [json.loads(line) for line in (trained_run / "predictions.jsonl").read_text().splitlines()]
+    assert [p["query"] for p in predictions] == [t["query"] for t in split["test"]]
+    assert all(p["description"] and "zero_shot" in p for p in predictions)
+    scores = json.loads((trained_run / "scores.json").read_text())
+    assert list(scores["rows"]) == ["finetuned", "zero_shot", "title", "template"]
+    for row in scores["rows"].values():
+        for metric in ("sbert", "rougeL", "bleu"):
+            low, high = row[metric]["ci"]
+            assert low <= row[metric]["mean"] <= high
+    assert "finetuned_minus_template" in scores["paired"]
+    assert "| template |" in (trained_run / "scores.md").read_text()
+
+
+def test_adhoc_queries_with_candidates(trained_run, workspace):
+    result = run_script("testing_finetuned_model.py", "--run", trained_run, "--query", "café prices in Zürich",
+                        "--query", "hubble telescope", "--num-candidates", "3", "--max-new-tokens", "6",
+                        home=workspace / "irds", cwd=workspace)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "QUERY:        café prices in Zürich" in result.stdout
+    lines = (trained_run / "predictions-adhoc.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["query"] for r in records] == ["café prices in Zürich", "hubble telescope"]
+    assert all(len(r["candidates"]) == 3 and r["generated"] in [c["text"] for c in r["candidates"]] for r in records)
+
+
+def test_four_bit_path_trains_and_tests(workspace, tiny_model):
+    out = workspace / "runs-nf4"
+    out.mkdir()
+    result = train(tiny_model, workspace / "irds", out, "--run-name", "nf4", "--quantization", "nf4",
+                   "--epochs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(nf4, cpu)" in result.stdout
+    config = json.loads((out / "nf4" / "run_config.json").read_text())
+    assert config["quantization"] == "nf4"
+    result = run_script("testing_finetuned_model.py", "--output-dir", out, "--quantization", "nf4",
+                        "--max-new-tokens", "4", home=workspace / "irds", cwd=workspace)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "nf4" / "scores.json").is_file()
