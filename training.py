@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ir_datasets topic sets with title/query and description fields")
     group.add_argument("--split", nargs=3, type=int, default=list(data.DEFAULT_SPLIT),
                        metavar=("TRAIN", "EVAL", "TEST"), help="number of topics in each split")
+    group.add_argument("--split-file", default=None,
+                       help="use the train/eval/test topics of this split.json (from a run or a benchmark) "
+                            "instead of loading --datasets and splitting")
     group.add_argument("--seed", type=int, default=data.DEFAULT_SEED, help="seed of the split and of training")
     group.add_argument("--prompt-template", default=PROMPT_TEMPLATE,
                        help="prompt with a {query} placeholder; the description follows it")
@@ -182,6 +185,12 @@ def training_arguments(args, run_dir: Path, device: str, checkpointing: bool, st
     )
 
 
+def peak_gpu_memory_gb() -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 1024**3, 2) if torch.cuda.is_available() else None
+
+
 def latest_complete_checkpoint(run_dir: Path) -> Path | None:
     """The newest Trainer checkpoint whose files were all written.
 
@@ -286,10 +295,27 @@ def prepare_run(args, device: str, quantization: str):
         return run_dir, config, split, None
     run_dir = Path(args.output_dir) / (args.run_name or default_run_name(args.model, args.gguf_file))
     rundir.prepare_new_run_dir(run_dir, args.overwrite)
-    topics = data.load_all_topics(args.datasets)
-    split = data.split_topics(topics, tuple(args.split), args.seed)
-    config = settings_from_args(args, device, quantization)
-    return run_dir, config, split, data.split_to_json(split, args.seed, args.datasets)
+    if args.split_file:
+        split_json = read_split_file(args.split_file)
+        args.datasets, args.split = split_json["datasets"], [split_json["counts"][n] for n in data.SPLIT_NAMES]
+        split = data.split_from_json(split_json)
+    else:
+        topics = data.load_all_topics(args.datasets)
+        split = data.split_topics(topics, tuple(args.split), args.seed)
+        split_json = data.split_to_json(split, args.seed, args.datasets)
+    return run_dir, settings_from_args(args, device, quantization), split, split_json
+
+
+def read_split_file(path: str) -> dict:
+    try:
+        split_json = rundir.read_json(Path(path))
+        data.split_from_json(split_json)
+        if not all(split_json[name] for name in data.SPLIT_NAMES):
+            raise ValueError("a split is empty")
+        return split_json
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"--split-file {path} is not a usable split file ({error}); give the split.json "
+                        "of a run directory or one in the same format.") from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -342,6 +368,7 @@ def main(args: argparse.Namespace) -> int:
     train_started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - train_started
+    real_tokens = sum(len(ids) for ids in train_set["input_ids"]) * args.epochs
 
     save_final_adapter(trainer.model, tokenizer, run_dir)
     write_loss_outputs(run_dir, trainer.state.log_history)
@@ -354,6 +381,9 @@ def main(args: argparse.Namespace) -> int:
         "train_seconds": round(train_seconds, 2),
         "model_load_seconds": round(load_seconds, 2),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        # Tokens of prompt + description + EOS, padding excluded (all epochs, including eval time).
+        "train_real_tokens_per_second": round(real_tokens / train_seconds, 1),
+        "peak_gpu_memory_gb": peak_gpu_memory_gb(),
         "global_steps": trainer.state.global_step,
     })
     print(f"done in {train_seconds:.1f} s; best eval loss {best_eval:.4f}; adapter saved in {run_dir}\n"
