@@ -121,7 +121,7 @@ def test_items(args, run_dir: Path) -> tuple[str, list[dict]]:
         topics = data.load_all_topics(args.test_datasets)
         name = "testsets-" + "+".join(re.sub(r"[^A-Za-z0-9.-]+", "_", d) for d in args.test_datasets)
     else:
-        topics = data.split_from_json(rundir.read_json(run_dir / rundir.SPLIT_FILE))["test"]
+        topics = data.split_from_json(rundir.read_run_file(run_dir, rundir.SPLIT_FILE))["test"]
         name = "test"
     return name, [vars(t).copy() for t in topics]
 
@@ -136,10 +136,9 @@ def prepare_queries(items: list[dict], tokenizer) -> list[str]:
     return queries
 
 
-def load_model(args, config: dict, run_dir: Path, device: str):
+def load_model(args, base: str, gguf: str | None, run_dir: Path, device: str):
     from peft import PeftModel
 
-    base, gguf = check_base_model(args, config)
     quantization = "none" if args.merge else modeling.resolve_quantization(args.quantization, device)
     model = modeling.load_base_model(base, gguf, quantization, device)
     model = PeftModel.from_pretrained(model, str(run_dir))
@@ -198,11 +197,12 @@ def main(args: argparse.Namespace) -> int:
     validate(args)
     device = modeling.resolve_device(args.device)
     run_dir = rundir.resolve_run(Path(args.output_dir), args.run, "python training.py --resume")
-    config = rundir.read_json(run_dir / rundir.CONFIG_FILE)
+    config = rundir.read_run_file(run_dir, rundir.CONFIG_FILE)
+    base, gguf = check_base_model(args, config)
     name, items = test_items(args, run_dir)
     tokenizer = modeling.load_tokenizer(str(run_dir))
     queries = prepare_queries(items, tokenizer)
-    model = load_model(args, config, run_dir, device)
+    model = load_model(args, base, gguf, run_dir, device)
     scorer = Scorer(args.sbert_model) if (items[0]["description"] is not None or args.num_candidates > 1) else None
 
     outputs = {}

@@ -195,16 +195,21 @@ def latest_complete_checkpoint(run_dir: Path) -> Path | None:
     """The newest Trainer checkpoint whose files were all written.
 
     The Trainer writes trainer_state.json last, so a checkpoint without it (or without its
-    optimizer/scheduler state) was cut off mid-write and is skipped.
+    optimizer/scheduler state) was cut off mid-write: it is skipped and removed.
     """
     needed = ("trainer_state.json", "optimizer.pt", "scheduler.pt", rundir.ADAPTER_CONFIG_FILE)
     folder = run_dir / rundir.TRAINER_DIR
     candidates = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if folder.is_dir() else []
+    complete = None
     for checkpoint in reversed(candidates):
-        if all((checkpoint / name).is_file() for name in needed):
-            return checkpoint
-        log.warning("skipping the incomplete checkpoint %s", checkpoint)
-    return None
+        if complete is None and all((checkpoint / name).is_file() for name in needed):
+            complete = checkpoint
+        elif complete is None:
+            # Cut off mid-write. Removed, so the Trainer's checkpoint rotation never takes it
+            # for the newest one and deletes a good checkpoint instead.
+            log.warning("removing the incomplete checkpoint %s", checkpoint)
+            shutil.rmtree(checkpoint)
+    return complete
 
 
 def find_run_to_resume(args) -> Path:
@@ -289,9 +294,9 @@ def prepare_run(args, device: str, quantization: str):
     """Settle the run directory, the split and the config, without writing anything yet."""
     if args.resume is not None:
         run_dir = find_run_to_resume(args)
-        config = rundir.read_json(run_dir / rundir.CONFIG_FILE)
+        config = rundir.read_run_file(run_dir, rundir.CONFIG_FILE)
         restore_args(args, config)
-        split = data.split_from_json(rundir.read_json(run_dir / rundir.SPLIT_FILE))
+        split = data.split_from_json(rundir.read_run_file(run_dir, rundir.SPLIT_FILE))
         return run_dir, config, split, None
     run_dir = Path(args.output_dir) / (args.run_name or default_run_name(args.model, args.gguf_file))
     rundir.prepare_new_run_dir(run_dir, args.overwrite)
@@ -372,7 +377,6 @@ def main(args: argparse.Namespace) -> int:
 
     save_final_adapter(trainer.model, tokenizer, run_dir)
     write_loss_outputs(run_dir, trainer.state.log_history)
-    shutil.rmtree(run_dir / rundir.TRAINER_DIR, ignore_errors=True)
     best_eval = trainer.state.best_metric
     rundir.atomic_write_json(run_dir / rundir.FINISHED_FILE, {
         "finished_at": datetime.now(timezone.utc).isoformat(),
@@ -386,6 +390,8 @@ def main(args: argparse.Namespace) -> int:
         "peak_gpu_memory_gb": peak_gpu_memory_gb(),
         "global_steps": trainer.state.global_step,
     })
+    # Only once the run is marked finished are the resumable checkpoints no longer needed.
+    shutil.rmtree(run_dir / rundir.TRAINER_DIR, ignore_errors=True)
     print(f"done in {train_seconds:.1f} s; best eval loss {best_eval:.4f}; adapter saved in {run_dir}\n"
           f"test it with: python testing_finetuned_model.py --run {run_dir}")
     return 0

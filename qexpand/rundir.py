@@ -50,6 +50,17 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def read_run_file(run_dir: Path, name: str):
+    """A JSON file of a run directory; a missing or damaged one is a user error, not a crash."""
+    try:
+        return read_json(Path(run_dir) / name)
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"the run directory {run_dir} is damaged: {name} could not be read ({error}). "
+            "Train the run again, or restore the file."
+        ) from None
+
+
 def move_files_into(source: Path, target: Path) -> None:
     """Move every file of `source` into `target` by rename (atomic per file on one filesystem)."""
     for item in Path(source).iterdir():

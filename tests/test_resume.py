@@ -1,0 +1,109 @@
+"""A run killed with SIGKILL mid-training resumes from its last complete checkpoint and ends where an
+uninterrupted run with the same seed ends; secrets never reach the run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, run_script
+from tests.fixtures import write_topic_files
+
+TRAIN_ARGS = ("--split", "30", "5", "5", "--epochs", "4", "--batch-size", "2", "--save-every", "5")
+FAKE_TOKEN = "hf_" + "Q" * 34
+
+
+def train_command(tiny_model, out, name, *extra):
+    return [sys.executable, str(REPO / "training.py"), "--model", str(tiny_model), *TRAIN_ARGS,
+            "--output-dir", str(out), "--run-name", name, *extra]
+
+
+def kill_after_first_checkpoint(command, env, run_dir, timeout=300):
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            done = list((run_dir / "trainer_checkpoints").glob("checkpoint-*/trainer_state.json"))
+            if done:
+                break
+            assert process.poll() is None, "training ended before it could be killed"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    return process.returncode
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("resume")
+    write_topic_files(root / "irds")
+    env = {**os.environ, "IR_DATASETS_HOME": str(root / "irds"), "HF_HUB_OFFLINE": "1", "HF_TOKEN": FAKE_TOKEN}
+    out = root / "runs"
+    straight = subprocess.run(train_command(tiny_model, out, "straight"), env=env, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    code = kill_after_first_checkpoint(train_command(tiny_model, out, "killed"), env, out / "killed")
+    assert code == -signal.SIGKILL
+    assert not (out / "killed" / "finished.json").exists()
+    split_before = (out / "killed" / "split.json").read_bytes()
+    # A checkpoint the kill cut off mid-write: no trainer_state.json, optimizer state missing.
+    partial = out / "killed" / "trainer_checkpoints" / "checkpoint-99999"
+    partial.mkdir()
+    (partial / "adapter_config.json").write_text("{}")
+    resumed = subprocess.run(
+        [sys.executable, str(REPO / "training.py"), "--output-dir", str(out), "--resume", "killed"],
+        env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return {"root": root, "out": out, "resumed": resumed, "split_before": split_before}
+
+
+def eval_losses(run_dir):
+    return [e["eval_loss"] for e in json.loads((run_dir / "loss_log.json").read_text()) if "eval_loss" in e]
+
+
+def test_resumed_run_matches_uninterrupted_run(runs):
+    out = runs["out"]
+    assert "resuming from" in runs["resumed"].stdout
+    assert "checkpoint-99999" in runs["resumed"].stderr and not (out / "killed" / "trainer_checkpoints").exists()
+    straight = json.loads((out / "straight" / "finished.json").read_text())
+    killed = json.loads((out / "killed" / "finished.json").read_text())
+    assert killed["global_steps"] == straight["global_steps"]
+    assert killed["best_eval_loss"] == pytest.approx(straight["best_eval_loss"], rel=1e-4)
+    assert eval_losses(out / "killed") == pytest.approx(eval_losses(out / "straight"), rel=1e-4)
+
+
+def test_resume_reuses_the_split(runs):
+    assert (runs["out"] / "killed" / "split.json").read_bytes() == runs["split_before"]
+
+
+def test_resumed_run_is_testable(runs):
+    result = run_script("testing_finetuned_model.py", "--output-dir", runs["out"], "--run", "killed",
+                        "--max-new-tokens", "4", home=runs["root"] / "irds", cwd=runs["root"])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_token_never_lands_in_a_run_directory(runs):
+    for path in runs["out"].rglob("*"):
+        if path.is_file():
+            assert FAKE_TOKEN.encode() not in path.read_bytes(), path
+    assert FAKE_TOKEN not in runs["resumed"].stdout + runs["resumed"].stderr
+
+
+def test_existing_run_is_kept_without_overwrite_and_replaced_with_it(runs, tiny_model):
+    out, home = runs["out"], runs["root"] / "irds"
+    before = (out / "straight" / "finished.json").read_bytes()
+    refused = run_script("training.py", "--model", tiny_model, *TRAIN_ARGS, "--output-dir", out,
+                         "--run-name", "straight", home=home, cwd=runs["root"])
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr
+    assert (out / "straight" / "finished.json").read_bytes() == before
+    replaced = run_script("training.py", "--model", tiny_model, "--split", "30", "5", "5", "--epochs", "1",
+                          "--output-dir", out, "--run-name", "straight", "--overwrite", home=home, cwd=runs["root"])
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert json.loads((out / "straight" / "run_config.json").read_text())["hyperparameters"]["epochs"] == 1
