@@ -181,6 +181,7 @@ def training_arguments(args, run_dir: Path, device: str, checkpointing: bool, st
         seed=args.seed,
         data_seed=args.seed,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA weight is used in every step
         disable_tqdm=False,
     )
 
@@ -324,12 +325,18 @@ def read_split_file(path: str) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
     validate(args)
+    # One process, or one per GPU under `accelerate launch` / torchrun (data parallel): each rank
+    # holds its own copy of the 4-bit base; only the main process writes files or prints.
     device = modeling.resolve_device(args.device)
+    state = PartialState(cpu=device == "cpu")  # on the CPU, processes talk through gloo
     quantization = modeling.resolve_quantization(args.quantization, device)
+    if args.resume is None and args.run_name is None:
+        args.run_name = shared_run_name(state, args.model, args.gguf_file)
     run_dir, config, split, split_json = prepare_run(args, device, quantization)
     set_seed(args.seed)
 
@@ -338,23 +345,32 @@ def main(args: argparse.Namespace) -> int:
     # Training batches pad on the right, so positions count from each example's first token;
     # generation pads on the left and says so itself.
     tokenizer.padding_side = "right"
-    model = modeling.load_base_model(args.model, args.gguf_file, quantization, device)
+    rank_device = f"cuda:{state.local_process_index}" if device == "cuda" else device
+    model = modeling.load_base_model(args.model, args.gguf_file, quantization, rank_device)
     load_seconds = time.perf_counter() - started
     checkpointing = use_gradient_checkpointing(args.gradient_checkpointing, device)
     if checkpointing:
         model.enable_input_require_grads()  # LoRA inputs need grads for recomputation
     model = get_peft_model(model, modeling.lora_config(args.lora_r, args.lora_alpha, args.lora_dropout))
 
-    if split_json is not None:  # a new run: only now, with data and model loaded, touch the disk
+    if state.is_main_process and split_json is not None:
+        # A new run: only now, with data and model loaded, touch the disk.
         rundir.replace_run_dir(run_dir)
-        config.update(base_model_signature=modeling.model_signature(model.config),
+        config.update(base_model_signature=modeling.model_signature(model.config), processes=state.num_processes,
                       versions=library_versions(), created_at=datetime.now(timezone.utc).isoformat())
         rundir.atomic_write_json(run_dir / rundir.SPLIT_FILE, split_json)
         rundir.atomic_write_json(run_dir / rundir.CONFIG_FILE, config)
+    checkpoint = None
+    if args.resume is not None and state.is_main_process:
+        checkpoint = latest_complete_checkpoint(run_dir)
+    state.wait_for_everyone()
+    if args.resume is not None and not state.is_main_process:
+        checkpoint = latest_complete_checkpoint(run_dir)
 
     train_set = tokenized_dataset(split["train"], tokenizer, args.prompt_template, args.max_length)
     eval_set = tokenized_dataset(split["eval"], tokenizer, args.prompt_template, args.max_length)
-    steps_per_epoch = math.ceil(len(train_set) / (args.batch_size * args.grad_accum))
+    effective_batch = args.batch_size * args.grad_accum * state.num_processes
+    steps_per_epoch = math.ceil(len(train_set) / effective_batch)
     trainer = Trainer(
         model=model,
         args=training_arguments(args, run_dir, device, checkpointing, steps_per_epoch),
@@ -363,18 +379,42 @@ def main(args: argparse.Namespace) -> int:
         # Pads each batch to its own longest example (multiple of 8), labels with IGNORE_INDEX.
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8),
     )
-    print(f"run directory: {run_dir}\nbase model: {args.model} ({quantization}, {device}); "
-          f"topics: {len(train_set)} train / {len(eval_set)} eval / {len(split['test'])} test; "
-          f"{model.get_nb_trainable_parameters()[0]:,} trainable parameters; "
-          f"gradient checkpointing {'on' if checkpointing else 'off'}", flush=True)
-    checkpoint = latest_complete_checkpoint(run_dir) if args.resume is not None else None
-    if checkpoint is not None:
-        print(f"resuming from {checkpoint}", flush=True)
+    if state.is_main_process:
+        print(f"run directory: {run_dir}\nbase model: {args.model} ({quantization}, {device}); "
+              f"topics: {len(train_set)} train / {len(eval_set)} eval / {len(split['test'])} test; "
+              f"{model.get_nb_trainable_parameters()[0]:,} trainable parameters; gradient checkpointing "
+              f"{'on' if checkpointing else 'off'}\n{state.num_processes} process(es) x batch {args.batch_size} x "
+              f"accumulation {args.grad_accum} = effective batch {effective_batch}; learning rate "
+              f"{args.learning_rate:g}; {steps_per_epoch} steps per epoch"
+              + (f"\nresuming from {checkpoint}" if checkpoint else ""), flush=True)
     train_started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - train_started
-    real_tokens = sum(len(ids) for ids in train_set["input_ids"]) * args.epochs
+    if state.is_main_process:
+        finish_run(run_dir, trainer, tokenizer, result, {
+            "train_seconds": round(train_seconds, 2),
+            "model_load_seconds": round(load_seconds, 2),
+            # Tokens of prompt + description + EOS, padding excluded (all epochs, eval time included).
+            "train_real_tokens_per_second": round(
+                sum(len(ids) for ids in train_set["input_ids"]) * args.epochs / train_seconds, 1),
+            "processes": state.num_processes,
+        })
+    state.wait_for_everyone()
+    return 0
 
+
+def shared_run_name(state, model: str, gguf_file: str | None) -> str:
+    """The default run name, made by the main process and sent to the others (clocks may differ)."""
+    from accelerate.utils import broadcast_object_list
+
+    names = [default_run_name(model, gguf_file)]
+    if state.num_processes > 1:
+        broadcast_object_list(names, from_process=0)
+    return names[0]
+
+
+def finish_run(run_dir: Path, trainer, tokenizer, result, measures: dict) -> None:
+    """Save the best adapter, the loss log and plot, then mark the run finished (in that order)."""
     save_final_adapter(trainer.model, tokenizer, run_dir)
     write_loss_outputs(run_dir, trainer.state.log_history)
     best_eval = trainer.state.best_metric
@@ -382,19 +422,15 @@ def main(args: argparse.Namespace) -> int:
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "best_eval_loss": best_eval,
         "train_loss": result.training_loss,
-        "train_seconds": round(train_seconds, 2),
-        "model_load_seconds": round(load_seconds, 2),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
-        # Tokens of prompt + description + EOS, padding excluded (all epochs, including eval time).
-        "train_real_tokens_per_second": round(real_tokens / train_seconds, 1),
         "peak_gpu_memory_gb": peak_gpu_memory_gb(),
         "global_steps": trainer.state.global_step,
+        **measures,
     })
     # Only once the run is marked finished are the resumable checkpoints no longer needed.
     shutil.rmtree(run_dir / rundir.TRAINER_DIR, ignore_errors=True)
-    print(f"done in {train_seconds:.1f} s; best eval loss {best_eval:.4f}; adapter saved in {run_dir}\n"
-          f"test it with: python testing_finetuned_model.py --run {run_dir}")
-    return 0
+    print(f"done in {measures['train_seconds']:.1f} s; best eval loss {best_eval:.4f}; adapter saved in "
+          f"{run_dir}\ntest it with: python testing_finetuned_model.py --run {run_dir}", flush=True)
 
 
 if __name__ == "__main__":
