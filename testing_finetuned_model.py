@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("what to expand")
     group.add_argument("--query", action="append", default=None, metavar="TEXT",
                        help="expand this ad-hoc query (repeatable); no gold, so no scores")
+    group.add_argument("--split-part", choices=("test", "eval"), default="test",
+                       help="which part of the run's split to expand; eval is for tuning decoding without "
+                            "looking at the test topics")
     group.add_argument("--test-datasets", nargs="+", default=None, metavar="ID",
                        help="score on every topic of these ir_datasets topic sets instead of the run's test split")
     group = parser.add_argument_group("model")
@@ -67,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--num-candidates", type=int, default=1,
                        help="sample N expansions per query (1 = greedy); the one closest to the others is scored")
     group.add_argument("--temperature", type=float, default=0.7, help="sampling temperature when N > 1")
+    group.add_argument("--select", choices=("mbr", "anchored"), default="mbr",
+                       help="with N > 1: mbr keeps the candidate closest on average to the others; anchored "
+                            "adds its closeness to the query itself, against drifting off topic")
     group.add_argument("--seed", type=int, default=0, help="sampling seed")
     group = parser.add_argument_group("scores")
     group.add_argument("--baseline", action="store_true",
@@ -121,8 +127,8 @@ def test_items(args, run_dir: Path) -> tuple[str, list[dict]]:
         topics = data.load_all_topics(args.test_datasets)
         name = "testsets-" + "+".join(re.sub(r"[^A-Za-z0-9.-]+", "_", d) for d in args.test_datasets)
     else:
-        topics = data.split_from_json(rundir.read_run_file(run_dir, rundir.SPLIT_FILE))["test"]
-        name = "test"
+        topics = data.split_from_json(rundir.read_run_file(run_dir, rundir.SPLIT_FILE))[args.split_part]
+        name = args.split_part
     return name, [vars(t).copy() for t in topics]
 
 
@@ -146,13 +152,21 @@ def load_model(args, base: str, gguf: str | None, run_dir: Path, device: str):
     return model
 
 
-def pick_candidate(candidates: list[str], scorer: Scorer | None) -> int:
-    """Minimum-Bayes-risk choice: the candidate most similar on average to the other candidates."""
+def pick_candidate(query: str, candidates: list[str], scorer: Scorer | None, select: str) -> int:
+    """Index of the candidate to keep among several sampled ones.
+
+    mbr (minimum Bayes risk): the one most similar on average to the other candidates, i.e. the
+    consensus. anchored: the same plus its similarity to the query, so a fluent candidate that
+    drifted away from the query's topic loses to one that stays on it.
+    """
     if len(candidates) == 1 or scorer is None:
         return 0
     emb = scorer.embed(candidates)
     similarity = emb @ emb.T
-    return int(np.argmax(similarity.sum(axis=1) - np.diag(similarity)))
+    consensus = (similarity.sum(axis=1) - np.diag(similarity)) / (len(candidates) - 1)
+    if select == "anchored":
+        consensus = consensus + emb @ scorer.embed([query])[0]
+    return int(np.argmax(consensus))
 
 
 def expand(model, tokenizer, config, queries, args, scorer) -> tuple[list[str], list[dict], float]:
@@ -164,8 +178,8 @@ def expand(model, tokenizer, config, queries, args, scorer) -> tuple[list[str], 
     )
     seconds = time.perf_counter() - started
     chosen, details = [], []
-    for candidates in generations:
-        index = pick_candidate([g.text for g in candidates], scorer)
+    for query, candidates in zip(queries, generations):
+        index = pick_candidate(query, [g.text for g in candidates], scorer, args.select)
         chosen.append(candidates[index].text)
         details.append({"generated": candidates[index].text, "ended_at_eos": candidates[index].ended_at_eos,
                         "candidates": [vars(g) for g in candidates] if len(candidates) > 1 else None})
@@ -186,7 +200,7 @@ def print_blocks(items: list[dict], queries: list[str], details: list[dict]) -> 
 
 
 def output_paths(run_dir: Path, name: str) -> dict[str, Path]:
-    suffix = "" if name == "test" else f"-{name}"
+    suffix = "" if name == "test" else f"-{name}"  # the run's own test split keeps the plain names
     return {kind: run_dir / f"{stem}{suffix}.{ext}" for kind, stem, ext in (
         ("predictions", "predictions", "jsonl"), ("scores", "scores", "json"), ("table", "scores", "md"))}
 
@@ -237,6 +251,7 @@ def main(args: argparse.Namespace) -> int:
     report = build_report(per_query)
     report.update(run=str(run_dir), evaluation=name, generation_seconds=round(seconds, 3),
                   ended_at_eos=ended, num_candidates=args.num_candidates, merged=args.merge,
+                  select=args.select if args.num_candidates > 1 else "greedy",
                   per_query={row: {m: v.tolist() for m, v in s.items()} for row, s in per_query.items()})
     table = report_markdown(report)
     rundir.atomic_write_json(paths["scores"], report)

@@ -155,7 +155,9 @@ def training_arguments(args, run_dir: Path, device: str, checkpointing: bool, st
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
-        warmup_steps=math.ceil(args.warmup_ratio * steps_per_epoch * args.epochs),
+        # Capped so a run of very few steps still has steps at the full learning rate.
+        warmup_steps=min(math.ceil(args.warmup_ratio * steps_per_epoch * args.epochs),
+                         max(math.ceil(steps_per_epoch * args.epochs) - 1, 0)),
         weight_decay=args.weight_decay,
         lr_scheduler_type="cosine",
         # Fused AdamW on CUDA: one kernel for all LoRA tensors, no paging needed for ~20M params.

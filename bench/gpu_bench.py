@@ -17,12 +17,12 @@ crash or out-of-memory costs one stage only; the JSON is rewritten after every s
 1. build: a random Mistral-7B-v0.1 (exact config, 7.24B parameters) in bf16, saved as safetensors
    with the real Mistral tokenizer into --work-dir (reused by later runs); the training topics
    (ir_datasets under a copy of --topics-home, else lengths recorded from the real topics).
-2. train: the same training examples through five recipes, each timed over --measure-steps optimizer
+2. train: the same training examples through six recipes, each timed over --measure-steps optimizer
    steps after --warmup-steps excluded: original (pad to 512, batch 2 x accum 4, checkpointing, paged
    8-bit AdamW, LoRA incl. lm_head, prepare_model_for_kbit_training), trl (SFTTrainer with its
    defaults and a prompt-completion dataset), default (this project's training.py recipe, built from
    its own functions), default-ckpt (the same with --gradient-checkpointing on), default-b32
-   (--batch-size 32); on request also default-bf16 (--quantization none: plain bf16 base).
+   (--batch-size 32), default-bf16 (--quantization none: the plain bf16 base, no 4-bit).
 3. generate: 35 test descriptions the original way (one prompt at a time; a few timed, the rest
    extrapolated), the project's default (one batch, NF4 + unmerged LoRA) and its --merge path (bf16
    base, merged LoRA). Random weights rarely emit EOS, so nearly every row runs to --gen-new-tokens.
@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib
 import importlib.metadata
 import importlib.util
 import json
@@ -61,7 +62,6 @@ DEFAULT_OUT = REPO / "bench" / "results" / "gpu.json"
 OFFLINE_DATASETS = ("clueweb09/catb/trec-web-2009", "disks45/nocr/trec-robust-2004")
 STAGE_GROUPS = ("train", "generate", "scripts")
 RECIPES = ("original", "trl", "default", "default-ckpt", "default-b32", "default-bf16")
-DEFAULT_RECIPES = RECIPES[:5]  # default-bf16 (plain bf16 base, no 4-bit) only when asked for
 # Order of the subprocess stages: the ones the report needs most come first, so a run cut short
 # by --budget-s still has them.
 STAGE_ORDER = ("train-default", "train-original", "train-trl", "gen-4bit", "gen-merged", "scripts",
@@ -117,18 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark training and generation of the QLoRA query expander on one GPU.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
     )
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON file with all results (rewritten after each stage)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT),
+                        help="JSON file with all results (rewritten after each stage)")
     parser.add_argument("--stages", default=",".join(STAGE_GROUPS),
-                        help=f"comma-separated parts to run, of {','.join(STAGE_GROUPS)} (the model is built when missing)")
-    parser.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
+                        help=f"comma-separated parts to run, of {','.join(STAGE_GROUPS)} "
+                             "(the model is built when missing)")
+    parser.add_argument("--recipes", default=",".join(RECIPES),
                         help=f"training recipes to time, of {','.join(RECIPES)}")
     parser.add_argument("--tiny", action="store_true",
                         help="2-layer random Mistral and a few steps: checks every code path in minutes on a CPU")
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to run the model stages")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="where to run the model stages")
     parser.add_argument("--work-dir", default=None,
                         help="folder for the model, data, adapters and runs; kept and reused "
                              "(default: <tmp>/qexpand-gpu-bench, -tiny with --tiny)")
-    parser.add_argument("--rebuild", action="store_true", help="build the random model again even if --work-dir has one")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="build the random model again even if --work-dir has one")
     parser.add_argument("--tokenizer", "--tokenizer-model", dest="tokenizer", default=None,
                         help="Mistral tokenizer: a tokenizer.model file (needs sentencepiece and protobuf) or a folder "
                              "saved by transformers with tokenizer.json (needs neither); default: mistral-common's "
@@ -336,7 +340,9 @@ def build_model_folder(opts, paths: Paths, device: str) -> dict:
     with torch.device(device):
         model, init_s = timed(lambda: AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16), device)
     n_params = sum(p.numel() for p in model.parameters())
-    _, save_s = timed(lambda: model.save_pretrained(str(partial), max_shard_size="5GB"), device)
+    started = time.perf_counter()
+    model.save_pretrained(str(partial), max_shard_size="5GB")
+    save_s = time.perf_counter() - started
     del model
     free_memory(device)
     tokenizer_class = install_tokenizer(find_tokenizer_source(opts.tokenizer), partial)
@@ -402,7 +408,7 @@ def recorded_topics() -> list:
     queries = [int(c, 16) for c in RECORDED_QUERY_TOKENS]
     descriptions = [int(n) for n in RECORDED_DESCRIPTION_TOKENS.split()]
     return [Topic("recorded", str(i), words(q, i), words(d, i + 7))
-            for i, (q, d) in enumerate(zip(queries, descriptions))]
+            for i, (q, d) in enumerate(zip(queries, descriptions, strict=True))]
 
 
 def cycle_to(items: list, count: int) -> list:
@@ -447,22 +453,37 @@ def build_tiny_sbert(paths: Paths) -> None:
     The real all-MiniLM-L6-v2 package is ~90 MB, too big to carry; the score is meaningless on a
     random model anyway, and a tiny encoder keeps the test script's whole path running.
     """
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from transformers import BertConfig, BertModel
 
-    if (paths.sbert / "config.json").is_file():
-        return
-    paths.sbert.mkdir(parents=True, exist_ok=True)
+    from qexpand import modeling
+
+    shutil.rmtree(paths.sbert, ignore_errors=True)
+    paths.sbert.mkdir(parents=True)
     config = BertConfig(vocab_size=32000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=512)
     BertModel(config).save_pretrained(str(paths.sbert))
-    AutoTokenizer.from_pretrained(str(paths.model)).save_pretrained(str(paths.sbert))
+    # sentence-transformers pads its batches, so the saved tokenizer needs a pad token.
+    modeling.load_tokenizer(str(paths.model)).save_pretrained(str(paths.sbert))
+
+
+def check_imports() -> dict:
+    """Each package a later stage needs: its version, or why it does not import (e.g. a carried
+    wheel that does not fit the image's pyarrow), so one look at the JSON says what is missing."""
+    found = {}
+    for module in ("bitsandbytes", "peft", "trl", "datasets", "ir_datasets", "sentence_transformers",
+                   "rouge_score", "sacrebleu", "matplotlib"):
+        try:
+            found[module] = getattr(importlib.import_module(module), "__version__", "?")
+        except Exception as error:  # noqa: BLE001 - reported, the stage that needs it fails on its own
+            found[module] = f"IMPORT FAILED: {type(error).__name__}: {error}"[:300]
+    return found
 
 
 def stage_build(opts, paths: Paths) -> dict:
     import torch
 
     device = resolve_device(opts.device)
-    result = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda}
+    result = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "imports": check_imports()}
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         result.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 1024**3, 1),
@@ -555,7 +576,7 @@ def recipe_original(opts, paths: Paths, device: str, train_topics: list) -> dict
     """The original notebook-style recipe: everything padded to 512, batch 2 x accum 4,
     prepare_model_for_kbit_training, gradient checkpointing, paged 8-bit AdamW, LoRA incl. lm_head."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
     from qexpand import modeling
     from qexpand.prompt import PROMPT_TEMPLATE, tokenize_example
@@ -916,7 +937,10 @@ def run_stage_process(run: Run, stage: str) -> None:
         except subprocess.TimeoutExpired:
             code = "timeout"
     seconds = time.perf_counter() - started
-    result = read_json(result_file) if result_file.is_file() else {"error": f"stage process ended ({code}) without a result"}
+    if result_file.is_file():
+        result = read_json(result_file)
+    else:
+        result = {"error": f"stage process ended ({code}) without a result"}
     if code != 0:
         result["log_tail"] = log_tail(log_file)
         result.setdefault("error", f"exit {code}")
@@ -937,8 +961,9 @@ def run_script(run: Run, name: str, args: list[str]) -> tuple[dict, float]:
     started = time.perf_counter()
     with open(log_file, "w") as log:
         try:
-            code = subprocess.run([sys.executable, str(REPO / name), *args], stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=left, env=environment_without_hub(run.paths), cwd=str(run.paths.work)).returncode
+            code = subprocess.run([sys.executable, str(REPO / name), *args], stdout=log,
+                                  stderr=subprocess.STDOUT, timeout=left, env=environment_without_hub(run.paths),
+                                  cwd=str(run.paths.work)).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
     seconds = time.perf_counter() - started
@@ -1022,6 +1047,7 @@ def summarise(report: dict) -> None:
     stages = report["stages"]
     build = stages.get("build", {})
     report["gpu"] = build.get("gpu") or build.get("device")
+    report["import_failures"] = {k: v for k, v in build.get("imports", {}).items() if v.startswith("IMPORT FAILED")}
     for stage, result in stages.items():
         if stage.startswith("train-") and "error" not in result:
             key = stage[len("train-"):].replace("-", "_")
@@ -1063,9 +1089,13 @@ def ratios(report: dict) -> dict:
             values = report[metric]
             if values.get("default") and values.get(base):
                 out[f"default_over_{base}_{metric}"] = round(values["default"] / values[base], 2)
+    speed = report["real_tokens_per_s"]
+    if speed.get("default_bf16") and speed.get("default"):
+        out["default_bf16_over_default_real_tokens_per_s"] = round(speed["default_bf16"] / speed["default"], 2)
     gen = report["generate_35_s"]
-    if gen.get("default") and gen.get("original"):
-        out["generate_original_over_default_s"] = round(gen["original"] / gen["default"], 2)
+    for slow, fast in (("original", "default"), ("default", "merged")):
+        if gen.get(slow) and gen.get(fast):
+            out[f"generate_{slow}_over_{fast}_s"] = round(gen[slow] / gen[fast], 2)
     return out
 
 
@@ -1085,9 +1115,11 @@ def print_table(report: dict) -> None:
         if "error" in result:
             print(f"{name:<14}FAILED: {result['error'].splitlines()[0][:80]}")
             continue
-        setup = f"batch {result['batch_size']}x{result['grad_accum']}, ckpt {'on' if result['checkpointing'] else 'off'}, {result['optim']}"
+        setup = (f"batch {result['batch_size']}x{result['grad_accum']}, "
+                 f"ckpt {'on' if result['checkpointing'] else 'off'}, {result['optim']}")
         print(f"{name:<14}{fmt(result['samples_per_s']):>10}{fmt(result['real_tokens_per_s']):>12}"
-              f"{fmt(result['padded_tokens_per_s']):>14}{fmt(result['peak_gb'], 2):>9}{fmt(result['mfu']['mfu'], 3):>8}  {setup}")
+              f"{fmt(result['padded_tokens_per_s']):>14}{fmt(result['peak_gb'], 2):>9}"
+              f"{fmt(result['mfu']['mfu'], 3):>8}  {setup}")
     print(f"\n{'generation (35 prompts)':<26}{'seconds':>9}{'tokens/s':>10}")
     for key, seconds in report["generate_35_s"].items():
         print(f"{key:<26}{fmt(seconds, 2):>9}{fmt(report['generate_tokens_per_s'].get(key)):>10}")
@@ -1098,6 +1130,8 @@ def print_table(report: dict) -> None:
         print("ratios: " + ", ".join(f"{k} {v}" for k, v in report["ratios"].items()))
     for stage, error in report["errors"].items():
         print(f"ERROR in {stage}: {error.splitlines()[0][:300]}")
+    for module, error in report.get("import_failures", {}).items():
+        print(f"{module}: {error}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,6 @@ import contextlib
 import gc
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import shlex
@@ -51,7 +50,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+# Before torch (and its OpenMP runtime) loads: by default idle OpenMP threads spin, and when the
+# CPU is shared with other work, 2 spinning threads on 2 busy cores made generation 30x slower
+# here (141 s instead of 5 s) and training steps 2.5x slower. Passive threads sleep instead.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # `python bench/quality.py` puts bench/ on sys.path, not the repository root with the two scripts.
@@ -76,8 +80,9 @@ FOLD_RECORD = "bench_fold.json"  # written into each fold's run dir: what it was
 TINY = {"limit_topics": 40, "folds": 2, "epochs": 1.0, "batch_size": 4, "eval_size": 8, "max_new_tokens": 32}
 # Decoding variant specs: short and long key names -> testing_finetuned_model option.
 VARIANT_KEYS = {"n": "num_candidates", "num-candidates": "num_candidates", "t": "temperature",
-                "temperature": "temperature", "m": "max_new_tokens", "max-new-tokens": "max_new_tokens"}
-DEFAULT_VARIANTS = ("greedy", "n=4,t=0.7")
+                "temperature": "temperature", "m": "max_new_tokens", "max-new-tokens": "max_new_tokens",
+                "s": "select", "select": "select"}
+DEFAULT_VARIANTS = ("greedy", "n=8,t=0.7,s=mbr", "n=8,t=0.7,s=anchored")
 
 log = logging.getLogger("bench.quality")
 
@@ -147,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--num-candidates", type=int, default=gdef("num_candidates"),
                        help="sampled expansions per query (1 = greedy); the most central one is scored")
     group.add_argument("--temperature", type=float, default=gdef("temperature"), help="sampling temperature when N > 1")
+    group.add_argument("--select", choices=("mbr", "anchored"), default=gdef("select"),
+                       help="how one of N > 1 sampled candidates is kept (see testing_finetuned_model.py)")
     group.add_argument("--max-new-tokens", type=int, default=gdef("max_new_tokens"), help="cap on generated tokens")
     group.add_argument("--gen-batch-size", type=int, default=gdef("batch_size"), help="queries per generate() call")
     group.add_argument("--merge", action="store_true", help="merge the adapter into an unquantized base for generation")
@@ -171,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--runs-dir", default=None,
                        help="keep the fold run directories here and reuse finished ones trained from the same "
                             "split and recipe (default: a temporary folder, deleted at the end)")
+    group.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: torch's choice, one per core); 1 helps on a busy CPU")
     group.add_argument("--verbose", action="store_true",
                        help="show the scripts' own output (per-query blocks) instead of writing it to log files")
     return parser
@@ -203,7 +212,9 @@ def parse_variant(spec: str) -> dict:
         name = VARIANT_KEYS.get(key.strip())
         if name is None or not value:
             raise ValueError(f"'{part}' is not KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)}")
-        options[name] = float(value) if name == "temperature" else int(value)
+        if name == "select" and value not in ("mbr", "anchored"):
+            raise ValueError(f"'{part}': s= takes mbr or anchored")
+        options[name] = value if name == "select" else float(value) if name == "temperature" else int(value)
     return options
 
 
@@ -211,6 +222,8 @@ def validate(args: argparse.Namespace) -> None:
     problems = []
     if args.folds < 2:
         problems.append(f"--folds must be at least 2 (got {args.folds})")
+    if args.threads is not None and args.threads < 1:
+        problems.append("--threads must be at least 1")
     if args.eval_size < 1:
         problems.append("--eval-size must be at least 1")
     if args.limit_topics is not None and args.limit_topics < 2 * args.folds:
@@ -232,6 +245,20 @@ def validate(args: argparse.Namespace) -> None:
         except ValueError as error:
             problems.append(f"--{name.replace('_', '-')}: {error}")
     fail_if_problems(problems, "See `python bench/quality.py --help`.")
+    check_passed_options(args)
+
+
+def check_passed_options(args: argparse.Namespace) -> None:
+    """Parse the options meant for the two scripts now, so a typo in --train-args/--test-args
+    stops the benchmark before any fold is trained (argparse prints what is wrong)."""
+    for name, parser, argv in (
+        ("--train-args", training.build_parser(), training_argv(args, Path("split.json"), Path("runs"), "fold0")),
+        ("--test-args", testing.build_parser(), testing_argv(args, Path("run"), {}, baseline=True)),
+    ):
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            raise UserError(f"{name}: the options passed on were rejected (see above).") from None
 
 
 # ----------------------------------------------------------------------------- topics and folds
@@ -321,7 +348,8 @@ def testing_argv(args, run_dir: Path, decoding: dict, baseline: bool) -> list[st
             "--batch-size", str(args.gen_batch_size),
             "--max-new-tokens", str(decoding.get("max_new_tokens", args.max_new_tokens)),
             "--num-candidates", str(decoding.get("num_candidates", args.num_candidates)),
-            "--temperature", str(decoding.get("temperature", args.temperature))]
+            "--temperature", str(decoding.get("temperature", args.temperature)),
+            "--select", decoding.get("select", args.select), "--split-part", decoding.get("split_part", "test")]
     argv += ["--baseline"] * baseline + ["--merge"] * args.merge
     return argv + shlex.split(args.test_args)
 
@@ -356,27 +384,11 @@ def train_fold(args, split_file: Path, runs_dir: Path, name: str, log_file: Path
 
 
 def test_run(args, run_dir: Path, decoding: dict, baseline: bool, log_file: Path | None) -> dict:
-    """Generate and score the run's test split with testing_finetuned_model.main; its scores.json."""
+    """Generate and score one part of the run's split with testing_finetuned_model.main; its scores."""
     with output_to(log_file):
         testing.main(testing.build_parser().parse_args(testing_argv(args, run_dir, decoding, baseline)))
-    return rundir.read_json(run_dir / "scores.json")
-
-
-def eval_view(run_dir: Path, split: dict[str, list[data.Topic]], args) -> Path:
-    """A copy of the run directory whose split.json has the EVAL topics as its test split.
-
-    testing_finetuned_model.py only scores a run's test split (or whole data sets); this view lets
-    the unchanged script score the eval split. The adapter files are small LoRA weights.
-    """
-    view = run_dir.parent / f"{run_dir.name}-evalview"
-    shutil.rmtree(view, ignore_errors=True)
-    view.mkdir()
-    for item in run_dir.iterdir():
-        if item.is_file() and not item.name.startswith(("predictions", "scores", rundir.SPLIT_FILE)):
-            shutil.copy2(item, view / item.name)
-    as_test = {"train": split["train"], "eval": split["eval"], "test": split["eval"]}
-    rundir.atomic_write_json(view / rundir.SPLIT_FILE, data.split_to_json(as_test, args.seed, args.datasets))
-    return view
+    part = decoding.get("split_part", "test")
+    return rundir.read_json(run_dir / ("scores.json" if part == "test" else f"scores-{part}.json"))
 
 
 # ----------------------------------------------------------------------------- pooling and reports
@@ -411,8 +423,8 @@ def warn_if_adapter_had_no_effect(scores: dict, fold: int) -> None:
 
 def recipe(args) -> dict:
     names = ("epochs", "learning_rate", "batch_size", "grad_accum", "lora_r", "lora_alpha", "lora_dropout",
-             "max_length", "prompt_template", "train_args", "num_candidates", "temperature", "max_new_tokens",
-             "gen_batch_size", "merge", "skip_zero_shot", "test_args", "eval_size", "seed", "limit_topics", "device")
+             "max_length", "prompt_template", "train_args", "num_candidates", "temperature", "select", "max_new_tokens",
+             "gen_batch_size", "merge", "skip_zero_shot", "test_args", "eval_size", "seed", "limit_topics", "device", "threads")
     return {"gguf_file": args.gguf_file, "datasets": list(args.datasets), **{n: getattr(args, n) for n in names}}
 
 
@@ -569,15 +581,13 @@ def tune(args, folds, runs_dir: Path, started: float) -> dict:
     variants = {spec: parse_variant(spec) for spec in args.variants}
 
     def score_fold(i, split, run_dir, reused, train_seconds, log_file):
-        view = eval_view(run_dir, split, args)
         out = {}
         for spec, decoding in variants.items():
             t0 = time.perf_counter()
-            scores = test_run(args, view, decoding, baseline=False, log_file=log_file)
+            scores = test_run(args, run_dir, {**decoding, "split_part": "eval"}, baseline=False, log_file=log_file)
             out[spec] = scores
             print(f"  eval, {spec}: finetuned SBERT {cell(scores['rows']['finetuned']['sbert'])} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        shutil.rmtree(view, ignore_errors=True)
         return out
 
     outcomes = run_folds(args, folds, runs_dir, score_fold)
@@ -626,6 +636,10 @@ def main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     resolve_options(args)
     validate(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     irds_tmp = use_topics_copy(args.topics_home)
     runs_dir = Path(args.runs_dir) if args.runs_dir else Path(tempfile.mkdtemp(prefix="quality-runs-"))
     runs_dir = runs_dir.resolve()
@@ -651,7 +665,8 @@ def main(args: argparse.Namespace) -> int:
             if ok:
                 shutil.rmtree(runs_dir, ignore_errors=True)
             else:  # keep the logs of a failed run
-                print(f"run directories and logs kept in {runs_dir}", file=sys.stderr)
+                print(f"run directories and logs kept in {runs_dir}; `--runs-dir {runs_dir}` reuses its "
+                      "finished folds", file=sys.stderr)
     return 0
 
 
