@@ -1,11 +1,11 @@
 """GPU speed benchmark of the QLoRA recipes: training throughput, generation and whole-script wall times.
 
 One command on one H100 (torch+cu130, transformers, peft and accelerate come with the image; the
-missing packages, the Mistral tokenizer and the TREC topic files are carried in .whl/):
+missing packages, the Mistral tokenizer and the TREC topic files are copied into the git-ignored folder .whl/):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     PYTHONPATH=/tmp/site:$PYTHONPATH python3 bench/gpu_bench.py --tokenizer .whl/tokenizer \
-        --topics-home .whl/irds --out $OUT/gpu.json
+        --topics-home .whl/irds --out bench/results/gpu.json
 
 CPU check of every code path except the CUDA-only calls (a 2-layer random Mistral, a few steps):
 
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompts generated one at a time (the original way); the time is scaled to "
                              "--test-queries (default 6; 2 with --tiny)")
     parser.add_argument("--peak-tflops", type=float, default=H100_SXM_BF16_DENSE_TFLOPS,
-                        help="peak dense bf16 TFLOP/s for MFU (H100 SXM: 989; measured matmul on the lent H100: ~790)")
+                        help="peak dense bf16 TFLOP/s for MFU (H100 SXM: 989; a measured bf16 matmul on an H100: ~790)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="wall-clock budget of the whole run, under the device's 600 s per command; stages "
                              "that would start after it are skipped (default 540; 1800 with --tiny)")
@@ -453,7 +453,7 @@ def split_for_scripts(order: list) -> dict:
 def build_tiny_sbert(paths: Paths) -> None:
     """A random one-layer BERT with the Mistral tokenizer, for the test script's SBERT score.
 
-    The real all-MiniLM-L6-v2 package is ~90 MB, too big to carry; the score is meaningless on a
+    The real all-MiniLM-L6-v2 package is ~90 MB, too big to copy to the GPU machine; the score is meaningless on a
     random model anyway, and a tiny encoder keeps the test script's whole path running.
     """
     from transformers import BertConfig, BertModel
@@ -470,7 +470,7 @@ def build_tiny_sbert(paths: Paths) -> None:
 
 
 def check_imports() -> dict:
-    """Each package a later stage needs: its version, or why it does not import (e.g. a carried
+    """Each package a later stage needs: its version, or why it does not import (e.g. a copied
     wheel that does not fit the image's pyarrow), so one look at the JSON says what is missing."""
     found = {}
     for module in ("bitsandbytes", "peft", "trl", "datasets", "ir_datasets", "sentence_transformers",
