@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("training recipe (passed to training.py)")
     group.add_argument("--epochs", type=float, default=tdef("epochs"), help="passes over the training topics")
     group.add_argument("--learning-rate", type=float, default=tdef("learning_rate"), help="peak AdamW learning rate")
-    group.add_argument("--batch-size", type=int, default=tdef("batch_size"), help="training examples per step")
+    # training.py picks its batch by device (None = 32 on CUDA, 16 on the CPU); the benchmark records
+    # the number it uses, the CPU one unless told otherwise.
+    group.add_argument("--batch-size", type=int, default=tdef("batch_size") or 16, help="training examples per step")
     group.add_argument("--grad-accum", type=int, default=tdef("grad_accum"), help="gradient accumulation steps")
     group.add_argument("--lora-r", type=int, default=tdef("lora_r"), help="LoRA rank")
     group.add_argument("--lora-alpha", type=int, default=tdef("lora_alpha"), help="LoRA scaling alpha")

@@ -22,7 +22,9 @@ def fail_if_problems(problems: list[str], hint: str = "") -> None:
 
 
 def _print_paragraph(prefix: str, message: str) -> None:
-    print(textwrap.fill(f"{prefix}: {message}", width=100), file=sys.stderr)
+    # No breaks inside words or at hyphens, so options like --batch-size stay whole for copying.
+    text = textwrap.fill(f"{prefix}: {message}", width=100, break_on_hyphens=False, break_long_words=False)
+    print(text, file=sys.stderr)
 
 
 def run_cli(main: Callable[[], int | None], oom_hint: str, interrupt_hint: str = "") -> None:
