@@ -127,5 +127,5 @@ def test_out_of_memory_becomes_a_hint(capsys):
     with pytest.raises(SystemExit) as stop:
         run_cli(runs_out, "Lower --batch-size.")
     assert stop.value.code == 2
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())  # the paragraph is wrapped
     assert "ran out of memory" in err and "Lower --batch-size." in err and "Traceback" not in err
