@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--quantization", choices=modeling.QUANTIZATION_CHOICES, default="auto",
                        help="nf4 = 4-bit NF4 + double quantization + bf16 compute; auto = nf4 on CUDA, none on CPU")
     group.add_argument("--device", choices=modeling.DEVICE_CHOICES, default="auto", help="where to train")
+    group.add_argument("--precision", choices=modeling.PRECISION_CHOICES, default="auto",
+                       help="bf16: base weights in bfloat16 and bf16 autocast (LoRA weights stay float32); "
+                            "fp32: float32 throughout (NF4 still computes in bf16); auto = bf16 on CUDA, fp32 on "
+                            "the CPU (bf16 is 1.2-1.35x faster there on CPUs with AVX512-BF16 or AMX)")
 
     group = parser.add_argument_group("data")
     group.add_argument("--datasets", nargs="+", default=list(data.DEFAULT_DATASETS), metavar="ID",
@@ -142,6 +146,7 @@ def resolve_recipe_defaults(args, device: str) -> None:
         args.batch_size = 32 if device == "cuda" else 16
     if args.gradient_checkpointing == "auto":
         args.gradient_checkpointing = "on" if device == "cuda" else "off"
+    args.precision = modeling.resolve_precision(args.precision, device)
 
 
 def tokenized_dataset(topics: list[data.Topic], tokenizer, template: str, max_length: int):
@@ -169,7 +174,7 @@ def training_arguments(args, run_dir: Path, device: str, checkpointing: bool, st
         lr_scheduler_type="cosine",
         # Fused AdamW on CUDA: one kernel for all LoRA tensors, no paging needed for ~20M params.
         optim="adamw_torch_fused" if cuda else "adamw_torch",
-        bf16=cuda,
+        bf16=args.precision == "bf16",  # autocast; on the CPU too
         use_cpu=not cuda,
         gradient_checkpointing=checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
@@ -253,7 +258,7 @@ def settings_from_args(args, device: str, quantization: str) -> dict:
         "hyperparameters": {
             name: getattr(args, name)
             for name in ("epochs", "learning_rate", "batch_size", "grad_accum", "warmup_ratio", "weight_decay",
-                         "lora_r", "lora_alpha", "lora_dropout", "gradient_checkpointing", "save_every")
+                         "lora_r", "lora_alpha", "lora_dropout", "gradient_checkpointing", "save_every", "precision")
         },
     }
 
@@ -334,6 +339,7 @@ def read_split_file(path: str) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
     from accelerate import PartialState
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
@@ -342,6 +348,7 @@ def main(args: argparse.Namespace) -> int:
     # One process, or one per GPU under `accelerate launch` / torchrun (data parallel): each rank
     # holds its own copy of the 4-bit base; only the main process writes files or prints.
     device = modeling.resolve_device(args.device)
+    modeling.keep_freed_memory(device)
     state = PartialState(cpu=device == "cpu")  # on the CPU, processes talk through gloo
     quantization = modeling.resolve_quantization(args.quantization, device)
     resolve_recipe_defaults(args, device)
@@ -356,7 +363,8 @@ def main(args: argparse.Namespace) -> int:
     # generation pads on the left and says so itself.
     tokenizer.padding_side = "right"
     rank_device = f"cuda:{state.local_process_index}" if device == "cuda" else device
-    model = modeling.load_base_model(args.model, args.gguf_file, quantization, rank_device)
+    weights_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32  # unless NF4
+    model = modeling.load_base_model(args.model, args.gguf_file, quantization, rank_device, dtype=weights_dtype)
     load_seconds = time.perf_counter() - started
     checkpointing = args.gradient_checkpointing == "on"
     if checkpointing:
@@ -390,7 +398,7 @@ def main(args: argparse.Namespace) -> int:
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8),
     )
     if state.is_main_process:
-        print(f"run directory: {run_dir}\nbase model: {args.model} ({quantization}, {device}); "
+        print(f"run directory: {run_dir}\nbase model: {args.model} ({quantization}, {device}); precision {args.precision}; "
               f"topics: {len(train_set)} train / {len(eval_set)} eval / {len(split['test'])} test; "
               f"{model.get_nb_trainable_parameters()[0]:,} trainable parameters; gradient checkpointing "
               f"{'on' if checkpointing else 'off'}\n{state.num_processes} process(es) x batch {args.batch_size} x "

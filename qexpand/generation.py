@@ -2,6 +2,16 @@
 
 Prompts are sorted by length so each batch carries little padding, generated in batches, and
 returned in the caller's order.
+
+Two things keep generation cheap on a CPU, where every row of a batch costs a full forward pass
+at every step until the last row of the batch ends:
+- A batch stops early once only a few of its rows are still running, and those rows go on in a
+  small batch of their own (prompt plus what they have so far). Of 1,800 sampled candidates of a
+  fine-tuned SmolLM2 the median was 17 new tokens but 30 ran to the 64-token limit, so nearly
+  every batch of 192 rows ran all 64 steps for a handful of rows.
+- Nucleus (top-p) filtering ranks only the k most likely tokens rather than the whole vocabulary
+  (the library's sort of 192 x 49,152 logits took about 0.7 s of a 2 s step on 2 cores).
+Together they cut sampling 6 candidates for 32 queries (64 tokens at most) from 135 s to 64 s.
 """
 
 from __future__ import annotations
@@ -10,8 +20,12 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from qexpand.prompt import prompt_ids
+
+# A batch stops once at most this share of its rows are still running; they continue on their own.
+STRAGGLER_SHARE = 0.1
 
 
 @dataclass
@@ -21,12 +35,71 @@ class Generation:
     new_tokens: int
 
 
+class TemperedNucleus(LogitsProcessor):
+    """Temperature, then top-p filtering over the `k` best tokens (probabilities over the whole vocabulary).
+
+    It keeps exactly the tokens that full-vocabulary top-p keeps whenever that nucleus has at most
+    `k` tokens (after temperature 0.7 it is far smaller); a larger nucleus is cut to its best `k`.
+    Temperature is applied here because the library runs processors passed in before its own
+    temperature step, and the nucleus must be taken on the tempered distribution.
+    """
+
+    def __init__(self, temperature: float, top_p: float, k: int = 256):
+        self.temperature, self.top_p, self.k = temperature, top_p, k
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores / self.temperature
+        best, index = scores.topk(min(self.k, scores.shape[-1]), dim=-1)  # sorted, most likely first
+        probs = (best - scores.logsumexp(dim=-1, keepdim=True)).exp()
+        mass_before = probs.cumsum(dim=-1) - probs
+        kept = torch.where(mass_before < self.top_p, best, torch.full_like(best, -float("inf")))
+        return torch.full_like(scores, -float("inf")).scatter(-1, index, kept)
+
+
+class StopForStragglers(StoppingCriteria):
+    """Ends a batch once at most `STRAGGLER_SHARE` of its rows have not produced EOS yet."""
+
+    def __init__(self, prompt_length: int, eos_token_id: int, rows: int):
+        self.prompt_length, self.eos = prompt_length, eos_token_id
+        self.limit = int(STRAGGLER_SHARE * rows)
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        running = ~(input_ids[:, self.prompt_length :] == self.eos).any(dim=-1)
+        stop = bool(running.sum() <= self.limit)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
 def _decode_row(tokenizer, row: list[int]) -> Generation:
     eos = tokenizer.eos_token_id
     ended = eos in row
     kept = row[: row.index(eos)] if ended else row
     # Padding after EOS (finished rows in a batch) is dropped with the EOS cut above.
     return Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), ended, len(kept) + int(ended))
+
+
+def _generate_rows(model, tokenizer, prompts: list[list[int]], copies: int, budget: int, sampling: dict) -> list[list[int]]:
+    """New token ids for `copies` rows per prompt (prompt-major), each ending at EOS or after `budget` tokens."""
+    device = next(model.parameters()).device
+    padded = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(device)
+    width = padded["input_ids"].shape[1]
+    eos = tokenizer.eos_token_id
+    # Only on the CPU: a GPU step costs about the same for 3 rows as for 300, so stopping early saves nothing.
+    stop_early = [StopForStragglers(width, eos, len(prompts) * copies)] if device.type == "cpu" else []
+    output = model.generate(
+        **padded, max_new_tokens=budget, num_return_sequences=copies, eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id, use_cache=True, stopping_criteria=StoppingCriteriaList(stop_early),
+        **sampling,
+    )
+    rows = output[:, width:].tolist()
+    stragglers = [i for i, row in enumerate(rows) if eos not in row and len(row) < budget]
+    if stragglers:
+        # Each straggler goes on from its own prompt plus the tokens it has so far.
+        tails = _generate_rows(
+            model, tokenizer, [prompts[i // copies] + rows[i] for i in stragglers], 1, budget - len(rows[stragglers[0]]), sampling
+        )
+        for i, tail in zip(stragglers, tails):
+            rows[i] = rows[i] + tail
+    return rows
 
 
 @torch.inference_mode()
@@ -47,29 +120,17 @@ def generate_descriptions(
     encoded = [prompt_ids(tokenizer, template, q) for q in queries]
     order = sorted(range(len(queries)), key=lambda i: len(encoded[i]))
     results: list[list[Generation]] = [[] for _ in queries]
-    sampling = num_candidates > 1
-    if sampling:
+    if num_candidates > 1:
         torch.manual_seed(seed)
-    device = next(model.parameters()).device
+        # temperature 1, top_p 1 and top_k 0 switch off the library's own steps; TemperedNucleus does them.
+        sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                    "logits_processor": LogitsProcessorList([TemperedNucleus(temperature, top_p)])}
+    else:
+        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     model.eval()
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
-        padded = tokenizer.pad(
-            {"input_ids": [encoded[i] for i in batch]}, padding_side="left", return_tensors="pt"
-        ).to(device)
-        output = model.generate(
-            **padded,
-            max_new_tokens=max_new_tokens,
-            do_sample=sampling,
-            temperature=temperature if sampling else None,
-            top_p=top_p if sampling else None,
-            top_k=None,
-            num_return_sequences=num_candidates,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
-        )
-        new_tokens = output[:, padded["input_ids"].shape[1] :].tolist()
-        for row_number, row in enumerate(new_tokens):
+        rows = _generate_rows(model, tokenizer, [encoded[i] for i in batch], num_candidates, max_new_tokens, sampling)
+        for row_number, row in enumerate(rows):
             results[batch[row_number // num_candidates]].append(_decode_row(tokenizer, row))
     return results

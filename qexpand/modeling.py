@@ -6,6 +6,8 @@ benchmarks all load models through it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 
@@ -16,6 +18,7 @@ from qexpand.errors import UserError
 DEFAULT_MODEL = "mistralai/Mistral-7B-v0.1"
 QUANTIZATION_CHOICES = ("auto", "nf4", "none")
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
+PRECISION_CHOICES = ("auto", "bf16", "fp32")
 # Config fields that must agree between the model an adapter was trained on and the one it is
 # loaded onto; a local copy of the same model passes, a different model does not.
 SIGNATURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -35,6 +38,26 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def keep_freed_memory(device: str) -> None:
+    """On the CPU, have glibc keep large freed blocks for reuse instead of handing them back.
+
+    Each generation or training step allocates logits of tens of MB (360 rows x 49,152 tokens x 4
+    bytes = 70 MB). glibc gives blocks that large their own mapping and unmaps them when freed, so
+    every step page-faults them in anew: generating 24 tokens for 360 rows with SmolLM2-135M on 2
+    cores took 93.7 s and 28 M page faults, and 55.8 s with 0.8 M after raising the mmap and trim
+    thresholds here. Nothing happens on CUDA or where the C library is not glibc.
+    """
+    if device != "cpu":
+        return
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h> constants
+    mallopt(m_mmap_threshold, 1 << 30)
+    mallopt(m_trim_threshold, 1 << 30)
+
+
 def resolve_quantization(requested: str, device: str) -> str:
     """NF4 on CUDA by default. On the CPU the default is plain float32: bitsandbytes' CPU 4-bit
     kernels work but are slower than float32 for the small models one trains on a CPU."""
@@ -45,6 +68,19 @@ def resolve_quantization(requested: str, device: str) -> str:
 
 def compute_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def resolve_precision(requested: str, device: str) -> str:
+    """bf16 on CUDA; float32 on the CPU unless bf16 is asked for.
+
+    On a CPU with native bf16 matrix units (AVX512-BF16 or AMX) bf16 pays off: on 2 cores of an
+    AMD EPYC with AVX512-BF16, a LoRA training step of SmolLM2-135M (batch 16, equal lengths) took
+    5.9 s instead of 8.0 s, and a 3-epoch fold of bench/quality.py about 250 s instead of 300 s.
+    Without them bf16 is emulated and slower, hence not the CPU default.
+    """
+    if requested == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    return requested
 
 
 def check_model_source(model: str, gguf_file: str | None) -> list[str]:

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
+from qexpand import data
 from qexpand.errors import run_cli
 from tests.conftest import run_script, snapshot
-from tests.fixtures import tiny_mistral_folder, write_topic_files
+from tests.fixtures import SUBJECTS, tiny_mistral_folder, write_topic_files
 
 SPLIT = ("--split", "30", "5", "5")
 
@@ -29,6 +30,10 @@ def world(tmp_path_factory, tiny_model):
         (runs / name / "run_config.json").write_text(json.dumps(config))
         if finished:
             (runs / name / "finished.json").write_text(json.dumps({"finished_at": "2026-01-01T00:00:00"}))
+    # The finished run was trained on every query of the Web 2009 stand-in.
+    web = [data.Topic("clueweb09/catb/trec-web-2009", str(i), s, "d") for i, s in enumerate(SUBJECTS[:12], 1)]
+    split = data.split_to_json({"train": web, "eval": [], "test": []}, 42, ["clueweb09/catb/trec-web-2009"])
+    (runs / "done" / "split.json").write_text(json.dumps(split))
     (runs / "not-a-run").mkdir()
     return root
 
@@ -98,6 +103,7 @@ def test_topic_file_that_cannot_be_downloaded(world, tiny_model, tmp_path):
     (("--run", "done", "--query", "   "), "empty or whitespace-only query"),
     (("--run", "done", "--device", "cuda"), "PyTorch sees no CUDA GPU"),
     (("--run", "done", "--batch-size", "0"), "--batch-size must be positive"),
+    (("--run", "done", "--test-datasets", "clueweb09/catb/trec-web-2009"), "has a query this run was trained"),
 ])
 def test_testing_bad_input(world, args, match):
     message = expect_error(world, "testing_finetuned_model.py", *args, match=match)

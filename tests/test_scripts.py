@@ -108,6 +108,20 @@ def test_adhoc_queries_with_candidates(trained_run, workspace):
     assert all(len(r["candidates"]) == 3 and r["generated"] in [c["text"] for c in r["candidates"]] for r in records)
 
 
+def test_other_topic_sets_are_scored_without_the_seen_queries(trained_run, workspace):
+    result = run_script("testing_finetuned_model.py", "--run", trained_run, "--test-datasets", "gov/trec-web-2002",
+                        "--max-new-tokens", "4", home=workspace / "irds", cwd=workspace)
+    assert result.returncode == 0, result.stderr[-3000:]
+    split = json.loads((trained_run / "split.json").read_text())
+    seen = {t["query"] for t in split["train"] + split["eval"]}
+    gov_seen = sum(t["dataset"] == "gov/trec-web-2002" for t in split["train"] + split["eval"])
+    assert gov_seen > 0 and f"left out {gov_seen} of 10 topics" in result.stdout
+    lines = (trained_run / "predictions-testsets-gov_trec-web-2002.jsonl").read_text().splitlines()
+    queries = [json.loads(line)["query"] for line in lines]
+    assert len(queries) == 10 - gov_seen and not seen & set(queries)
+    assert (trained_run / "scores-testsets-gov_trec-web-2002.json").is_file()
+
+
 def test_four_bit_path_trains_and_tests(workspace, tiny_model):
     out = workspace / "runs-nf4"
     out.mkdir()

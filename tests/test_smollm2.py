@@ -26,12 +26,16 @@ def test_gguf_model_trains_and_tests(tmp_path):
     out = tmp_path / "runs"
     trained = run_script("training.py", "--model", smollm2_folder(), "--gguf-file", GGUF, "--split", "16", "4", "4",
                          "--epochs", "1", "--batch-size", "8", "--output-dir", out, "--run-name", "smol",
+                         "--precision", "bf16",
                          home=tmp_path / "irds", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
     config = json.loads((out / "smol" / "run_config.json").read_text())
     assert config["gguf_file"] == GGUF and config["base_model_signature"]["model_type"] == "llama"
+    assert config["hyperparameters"]["precision"] == "bf16" and "precision bf16" in trained.stdout
     tested = run_script("testing_finetuned_model.py", "--run", out / "smol", "--max-new-tokens", "24",
                         home=tmp_path / "irds", cwd=tmp_path)
     assert tested.returncode == 0, tested.stderr[-3000:]
     predictions = [json.loads(line) for line in (out / "smol" / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 4 and all(p["generated"] for p in predictions)
+    # Generation follows the run's precision unless told otherwise (bf16 autocast on the CPU).
+    assert json.loads((out / "smol" / "scores.json").read_text())["precision"] == "bf16"
