@@ -200,7 +200,10 @@ def pick_candidate(query: str, candidates: list[str], scorer: Scorer | None, sel
     return int(np.argmax(consensus))
 
 
-def generation_precision(args, config: dict) -> str:
+def generation_precision(args, config: dict, device: str) -> str:
+    """bf16 on CUDA; on the CPU --precision, or with auto the precision the run was trained with."""
+    if device.startswith("cuda"):
+        return "bf16"
     return args.precision if args.precision != "auto" else config["hyperparameters"].get("precision", "fp32")
 
 
@@ -212,7 +215,7 @@ def cpu_autocast(args, config: dict, device: str):
     """
     import torch
 
-    if device == "cpu" and generation_precision(args, config) == "bf16":
+    if device == "cpu" and generation_precision(args, config, device) == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -305,7 +308,7 @@ def main(args: argparse.Namespace) -> int:
     report = build_report(per_query)
     report.update(run=str(run_dir), evaluation=name, generation_seconds=round(seconds, 3),
                   ended_at_eos=ended, num_candidates=args.num_candidates, merged=merge,
-                  precision="bf16" if device == "cuda" else generation_precision(args, config),
+                  precision=generation_precision(args, config, device),
                   select=args.select if args.num_candidates > 1 else "greedy",
                   per_query={row: {m: v.tolist() for m, v in s.items()} for row, s in per_query.items()})
     table = report_markdown(report)

