@@ -10,16 +10,17 @@ Other uses:
     python testing_finetuned_model.py --query "internet privacy" --query "hubble telescope"
     python testing_finetuned_model.py --test-datasets clueweb09/catb/trec-web-2010   # another topic set
 
-Everything about the run (base model, prompt, split) is read from its run directory. Per query it
-prints QUERY / GENERATED / FROM DATASET, then a table of SBERT cosine, ROUGE-L and BLEU with 95%
-bootstrap intervals for the fine-tuned model and the baselines. Predictions (JSONL) and scores
-(JSON and Markdown) are written into the run directory.
+Everything about the run (base model, prompt, split, quantization, precision) is read from its run
+directory, which is checked file by file before any model is loaded. Per query it prints QUERY /
+GENERATED / FROM DATASET, then a table of scores with 95% bootstrap intervals for the fine-tuned
+model and the baselines. Predictions (JSONL) and scores (JSON and Markdown) are written into the run
+directory. From Python: `main(parse_config([...]))` returns the report.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import json
 import logging
 import re
 import time
@@ -27,113 +28,52 @@ from pathlib import Path
 
 import numpy as np
 
-from qexpand import data, modeling, rundir
-from qexpand.errors import UserError, fail_if_problems, run_cli
+from qexpand import data, modeling, options, quiet, rundir, runcheck
+from qexpand.config import TestConfig, validate_testing
+from qexpand.errors import UserError, run_cli
 from qexpand.generation import generate_descriptions
 from qexpand.metrics import Scorer, baseline_candidates, build_report, report_markdown
 from qexpand.prompt import truncate_query
+from qexpand.recipes import settle_testing
 
+DESCRIPTION = "Expand test queries with a fine-tuned adapter and score them against the gold descriptions."
 MAX_QUERY_TOKENS = 64
 OOM_HINT = "Lower --batch-size, or leave out --merge (the 4-bit base needs less memory)."
-
 log = logging.getLogger("testing")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Expand test queries with a fine-tuned adapter and score them against the gold descriptions.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
-    )
-    parser.add_argument("--run", default=None, help="run directory or its name under --output-dir (default: newest finished)")
-    parser.add_argument("--output-dir", default="checkpoints", help="folder holding the run directories")
-    group = parser.add_argument_group("what to expand")
-    group.add_argument("--query", action="append", default=None, metavar="TEXT",
-                       help="expand this ad-hoc query (repeatable); no gold, so no scores")
-    group.add_argument("--split-part", choices=("test", "eval"), default="test",
-                       help="which part of the run's split to expand; eval is for tuning decoding without "
-                            "looking at the test topics")
-    group.add_argument("--test-datasets", nargs="+", default=None, metavar="ID",
-                       help="score on every topic of these ir_datasets topic sets instead of the run's test split")
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default=None,
-                       help="base model (hub id or local folder); default: the one recorded in the run")
-    group.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
-    group.add_argument("--device", choices=modeling.DEVICE_CHOICES, default="auto", help="where to generate")
-    group.add_argument("--quantization", choices=modeling.QUANTIZATION_CHOICES, default="auto",
-                       help="auto = nf4 on CUDA, none on CPU")
-    group.add_argument("--precision", choices=modeling.PRECISION_CHOICES, default="auto",
-                       help="on the CPU, bf16 generates under bf16 autocast over float32 weights (1.25x faster "
-                            "on CPUs with AVX512-BF16 or AMX); auto = the precision the run was trained with. "
-                            "On CUDA generation computes in bf16 either way")
-    group.add_argument("--merge", action="store_true",
-                       help="load the base unquantized (bf16 on CUDA) and merge the adapter: faster generation. "
-                            "Done anyway whenever the base is unquantized, as on the CPU")
-    group = parser.add_argument_group("generation")
-    group.add_argument("--batch-size", type=int, default=64, help="queries per generate() call")
-    group.add_argument("--max-new-tokens", type=int, default=96, help="cap on generated tokens (EOS stops earlier)")
-    group.add_argument("--num-candidates", type=int, default=1,
-                       help="sample N expansions per query (1 = greedy); the one closest to the others is scored")
-    group.add_argument("--temperature", type=float, default=0.7, help="sampling temperature when N > 1")
-    group.add_argument("--select", choices=("mbr", "anchored"), default="mbr",
-                       help="with N > 1: mbr keeps the candidate closest on average to the others; anchored "
-                            "adds its closeness to the query itself, against drifting off topic")
-    group.add_argument("--seed", type=int, default=0, help="sampling seed")
-    group = parser.add_argument_group("scores")
-    group.add_argument("--baseline", action="store_true",
-                       help="also generate with the base model alone (zero-shot, same prompt) and score it")
-    group.add_argument("--sbert-model", default=None,
-                       help="sentence-transformers model for the cosine score (default: all-MiniLM-L6-v2)")
-    return parser
+def parse_config(argv: list[str] | None = None) -> TestConfig:
+    return options.parse_config(TestConfig, argv, DESCRIPTION)
 
 
-def validate(args: argparse.Namespace) -> None:
-    problems = []
-    for name in ("batch_size", "max_new_tokens", "num_candidates"):
-        if getattr(args, name) <= 0:
-            problems.append(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
-    if args.temperature <= 0:
-        problems.append("--temperature must be positive")
-    if args.query is not None:
-        if any(not q.strip() for q in args.query):
-            problems.append("--query got an empty or whitespace-only query; give the words to expand")
-        if args.test_datasets:
-            problems.append("--query and --test-datasets exclude each other")
-    if args.merge and args.quantization == "nf4":
-        problems.append("--merge loads the base unquantized, so it cannot go with --quantization nf4")
-    if args.model:
-        problems += modeling.check_model_source(args.model, args.gguf_file)
-    fail_if_problems(problems, "See `python testing_finetuned_model.py --help`.")
-
-
-def check_base_model(args, config: dict) -> tuple[str, str | None]:
+def choose_base_model(config: TestConfig, record: runcheck.RunRecord) -> tuple[str, str | None]:
     """The base model to load: the recorded one, or --model if it has the same architecture."""
-    if not args.model:
-        return config["base_model"], config["gguf_file"]
-    if (args.model, args.gguf_file) == (config["base_model"], config["gguf_file"]):
-        return args.model, args.gguf_file
-    wanted = config.get("base_model_signature", {})
-    found = modeling.model_signature(modeling.load_config(args.model, args.gguf_file))
+    trained = record.config
+    if not config.model or (config.model, config.gguf_file) == (trained.model, trained.gguf_file):
+        return trained.model, trained.gguf_file
+    wanted = record.base_model_signature
+    found = modeling.model_signature(modeling.load_config(config.model, config.gguf_file))
     if wanted and found != wanted:
         differ = ", ".join(f"{k} {wanted[k]} vs {found[k]}" for k in wanted if wanted[k] != found.get(k))
         raise UserError(
-            f"the adapter in this run was trained on '{config['base_model']}', and --model "
-            f"'{args.model}' is a different model ({differ}). Leave --model out to use the recorded "
+            f"the adapter in this run was trained on '{trained.model}', and --model "
+            f"'{config.model}' is a different model ({differ}). Leave --model out to use the recorded "
             "base, or give a copy of that same model."
         )
-    return args.model, args.gguf_file
+    return config.model, config.gguf_file
 
 
-def test_items(args, run_dir: Path) -> tuple[str, list[dict]]:
+def topics_to_expand(config: TestConfig, run_dir: Path) -> tuple[str, list[dict]]:
     """(name of the evaluation, items with query and, when known, gold description)."""
-    if args.query:
-        return "adhoc", [{"dataset": None, "query_id": None, "query": q, "description": None} for q in args.query]
-    if args.test_datasets:
-        topics = unseen_topics(data.load_all_topics(args.test_datasets), run_dir, args.test_datasets)
-        name = "testsets-" + "+".join(re.sub(r"[^A-Za-z0-9.-]+", "_", d) for d in args.test_datasets)
+    if config.query:
+        return "adhoc", [{"dataset": None, "query_id": None, "query": q, "description": None, "narrative": None}
+                         for q in config.query]
+    if config.test_datasets:
+        topics = unseen_topics(data.load_all_topics(config.test_datasets), run_dir, config.test_datasets)
+        name = "testsets-" + "+".join(re.sub(r"[^A-Za-z0-9.-]+", "_", d) for d in config.test_datasets)
     else:
-        topics = data.split_from_json(rundir.read_run_file(run_dir, rundir.SPLIT_FILE))[args.split_part]
-        name = args.split_part
+        topics = runcheck.read_split(run_dir)[config.split_part]
+        name = config.split_part
     return name, [vars(t).copy() for t in topics]
 
 
@@ -142,7 +82,7 @@ def unseen_topics(topics: list[data.Topic], run_dir: Path, dataset_ids: list[str
 
     Topic sets overlap (Robust04 holds TREC 6-8's topics 301-450), so this is checked by query text.
     """
-    split = data.split_from_json(rundir.read_run_file(run_dir, rundir.SPLIT_FILE))
+    split = runcheck.read_split(run_dir)
     seen = {data.query_key(t.query) for t in split["train"] + split["eval"]}
     kept = [t for t in topics if data.query_key(t.query) not in seen]
     if not kept:
@@ -167,15 +107,24 @@ def prepare_queries(items: list[dict], tokenizer) -> list[str]:
     return queries
 
 
-def load_model(base: str, gguf: str | None, run_dir: Path, device: str, quantization: str, merge: bool):
+def cpu_autocast(config: TestConfig) -> bool:
+    """bf16 on the CPU means bf16 autocast over float32 weights: bfloat16 weights generated more
+    slowly there than float32 ones (bench/RESULTS.md)."""
+    return config.device == "cpu" and config.precision == "bf16"
+
+
+def load_model(base: str, gguf: str | None, run_dir: Path, config: TestConfig):
+    """The base model with the run's adapter, merged into it whenever the base is unquantized
+    (nothing is lost and the merged model generates faster; bench/RESULTS.md)."""
     import torch
     from peft import PeftModel
 
-    model = modeling.load_base_model(base, gguf, quantization, device)
+    precision = "fp32" if cpu_autocast(config) else config.precision
+    model = modeling.load_base_model(base, gguf, config.quantization, config.device, precision)
     model = PeftModel.from_pretrained(model, str(run_dir))
-    if device == "cuda" and not merge:
+    if config.device == "cuda" and config.quantization == "nf4":
         # LoRA weights load in float32; in bf16 they skip two casts per LoRA layer and token, which
-        # made generating 35 descriptions with Mistral-7B twice as fast on an H100 (8.9 s -> 4.3 s).
+        # halved generation time on an H100 (bench/RESULTS.md).
         for name, parameter in model.named_parameters():
             if "lora_" in name:
                 parameter.data = parameter.data.to(torch.bfloat16)
@@ -183,7 +132,7 @@ def load_model(base: str, gguf: str | None, run_dir: Path, device: str, quantiza
     return model
 
 
-def pick_candidate(query: str, candidates: list[str], scorer: Scorer | None, select: str) -> int:
+def pick_candidate(query: str, candidates: list[str], scorer: Scorer | None, select: str | None) -> int:
     """Index of the candidate to keep among several sampled ones.
 
     mbr (minimum Bayes risk): the one most similar on average to the other candidates, i.e. the
@@ -200,42 +149,25 @@ def pick_candidate(query: str, candidates: list[str], scorer: Scorer | None, sel
     return int(np.argmax(consensus))
 
 
-def generation_precision(args, config: dict, device: str) -> str:
-    """bf16 on CUDA; on the CPU --precision, or with auto the precision the run was trained with."""
-    if device.startswith("cuda"):
-        return "bf16"
-    return args.precision if args.precision != "auto" else config["hyperparameters"].get("precision", "fp32")
-
-
-def cpu_autocast(args, config: dict, device: str):
-    """bf16 autocast for generation on the CPU when asked for (or trained so); else nothing.
-
-    The weights stay float32: with bfloat16 weights generation on the CPU was slower (28 s instead
-    of 16 s for 96 x 32 tokens of SmolLM2-135M on 2 AVX512-BF16 cores), autocast alone faster (20 s in fp32).
-    """
+def expand(model, tokenizer, template: str, queries: list[str], config: TestConfig, scorer) -> tuple[list[dict], float]:
+    """One detail record per query (chosen text, EOS, candidates) and the generation time."""
     import torch
 
-    if device == "cpu" and generation_precision(args, config, device) == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def expand(model, tokenizer, config, queries, args, scorer) -> tuple[list[str], list[dict], float]:
     started = time.perf_counter()
-    with cpu_autocast(args, config, str(next(model.parameters()).device)):
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cpu_autocast(config) else contextlib.nullcontext()
+    with autocast:
         generations = generate_descriptions(
-            model, tokenizer, config["prompt_template"], queries, batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens, num_candidates=args.num_candidates,
-            temperature=args.temperature, seed=args.seed,
+            model, tokenizer, template, queries, batch_size=config.batch_size,
+            max_new_tokens=config.max_new_tokens, num_candidates=config.num_candidates,
+            temperature=config.temperature, seed=config.seed,
         )
     seconds = time.perf_counter() - started
-    chosen, details = [], []
+    details = []
     for query, candidates in zip(queries, generations):
-        index = pick_candidate(query, [g.text for g in candidates], scorer, args.select)
-        chosen.append(candidates[index].text)
-        details.append({"generated": candidates[index].text, "ended_at_eos": candidates[index].ended_at_eos,
+        chosen = candidates[pick_candidate(query, [g.text for g in candidates], scorer, config.select)]
+        details.append({"generated": chosen.text, "ended_at_eos": chosen.ended_at_eos,
                         "candidates": [vars(g) for g in candidates] if len(candidates) > 1 else None})
-    return chosen, details, seconds
+    return details, seconds
 
 
 def print_blocks(items: list[dict], queries: list[str], details: list[dict]) -> None:
@@ -244,82 +176,85 @@ def print_blocks(items: list[dict], queries: list[str], details: list[dict]) -> 
         print(f"\n[{number}/{len(items)}]{source}")
         print(f"QUERY:        {query}")
         print(f"GENERATED:    {detail['generated']}" + ("" if detail["ended_at_eos"] else "  [cut: no EOS]"))
-        if detail.get("candidates"):
-            for k, cand in enumerate(detail["candidates"], start=1):
-                print(f"  candidate {k}: {cand['text']}")
+        for k, candidate in enumerate(detail["candidates"] or [], start=1):
+            print(f"  candidate {k}: {candidate['text']}")
         if item["description"] is not None:
             print(f"FROM DATASET: {item['description']}")
 
 
-def output_paths(run_dir: Path, name: str) -> dict[str, Path]:
-    suffix = "" if name == "test" else f"-{name}"  # the run's own test split keeps the plain names
-    return {kind: run_dir / f"{stem}{suffix}.{ext}" for kind, stem, ext in (
-        ("predictions", "predictions", "jsonl"), ("scores", "scores", "json"), ("table", "scores", "md"))}
-
-
-def main(args: argparse.Namespace) -> int:
-    import json
-
-    validate(args)
-    device = modeling.resolve_device(args.device)
-    modeling.keep_freed_memory(device)
-    run_dir = rundir.resolve_run(Path(args.output_dir), args.run, "python training.py --resume")
-    config = rundir.read_run_file(run_dir, rundir.CONFIG_FILE)
-    base, gguf = check_base_model(args, config)
-    name, items = test_items(args, run_dir)
-    tokenizer = modeling.load_tokenizer(str(run_dir))
-    queries = prepare_queries(items, tokenizer)
-    quantization = "none" if args.merge else modeling.resolve_quantization(args.quantization, device)
-    # An unquantized base loses nothing by merging, and the merged model generates faster: the
-    # LoRA layers cost a third of each step on the CPU (27.9 s -> 19.1 s for 192 rows x 12 tokens).
-    merge = args.merge or quantization == "none"
-    model = load_model(base, gguf, run_dir, device, quantization, merge)
-    scorer = Scorer(args.sbert_model) if (items[0]["description"] is not None or args.num_candidates > 1) else None
-
-    outputs = {}
-    if args.baseline:
-        with model.disable_adapter():
-            outputs["zero_shot"] = expand(model, tokenizer, config, queries, args, scorer)
-    if merge:
-        model = model.merge_and_unload()
-    outputs["finetuned"] = expand(model, tokenizer, config, queries, args, scorer)
-    predictions, details, seconds = outputs["finetuned"]
-    print_blocks(items, queries, details)
-
-    paths = output_paths(run_dir, name)
+def write_predictions(path: Path, items: list[dict], queries: list[str], outputs: dict) -> None:
     lines = []
     for i, (item, query) in enumerate(zip(items, queries)):
-        record = {**item, "query": query, **details[i]}
+        record = {**item, "query": query, **outputs["finetuned"][0][i]}
         if "zero_shot" in outputs:
-            record["zero_shot"] = outputs["zero_shot"][1][i]["generated"]
+            record["zero_shot"] = outputs["zero_shot"][0][i]["generated"]
         lines.append(json.dumps(record, ensure_ascii=False))
-    rundir.atomic_write_text(paths["predictions"], "\n".join(lines) + "\n")
-    ended = sum(d["ended_at_eos"] for d in details)
-    print(f"\n{len(items)} queries expanded in {seconds:.1f} s; {ended}/{len(items)} generations ended at EOS.")
-    print(f"predictions: {paths['predictions']}")
+    rundir.atomic_write_text(path, "\n".join(lines) + "\n")
 
-    if items[0]["description"] is None:
-        return 0
+
+def score(items: list[dict], queries: list[str], outputs: dict, scorer: Scorer) -> dict:
     gold = [item["description"] for item in items]
-    rows = {row: output[0] for row, output in outputs.items()}
+    rows = {row: [d["generated"] for d in details] for row, (details, _) in outputs.items()}
     rows.update(baseline_candidates(queries))
     order = [r for r in ("finetuned", "zero_shot", "title", "template") if r in rows]
     per_query = {row: scorer.score(rows[row], gold) for row in order}
     report = build_report(per_query)
-    report.update(run=str(run_dir), evaluation=name, generation_seconds=round(seconds, 3),
-                  ended_at_eos=ended, num_candidates=args.num_candidates, merged=merge,
-                  precision=generation_precision(args, config, device),
-                  select=args.select if args.num_candidates > 1 else "greedy",
-                  per_query={row: {m: v.tolist() for m, v in s.items()} for row, s in per_query.items()})
+    report["per_query"] = {row: {m: v.tolist() for m, v in s.items()} for row, s in per_query.items()}
+    return report
+
+
+def main(config: TestConfig) -> dict:
+    """Expand and score; returns the report written to scores*.json (ad-hoc queries: the predictions)."""
+    validate_testing(config)
+    run_dir = rundir.resolve_run(Path(config.output_dir), config.run, "python training.py --resume")
+    record = runcheck.check_finished_run(run_dir)  # every file, before any model is loaded
+    config = settle_testing(config, record.config)
+    base, gguf = choose_base_model(config, record)
+    evaluation, items = topics_to_expand(config, run_dir)
+    tokenizer = modeling.load_tokenizer(str(run_dir))
+    runcheck.verify_tokenizer(tokenizer, record.tokenizer_check, f"saved in {run_dir}")
+    queries = prepare_queries(items, tokenizer)
+    modeling.keep_freed_memory(config.device)
+    model = load_model(base, gguf, run_dir, config)
+    loaded = modeling.describe_loaded(model)
+    scorer = Scorer(config.sbert_model) if (items[0]["description"] is not None or config.num_candidates > 1) else None
+    template = record.config.prompt_template
+
+    outputs = {}
+    if config.baseline:
+        with model.disable_adapter():
+            outputs["zero_shot"] = expand(model, tokenizer, template, queries, config, scorer)
+    merged = config.quantization == "none"
+    if merged:
+        model = model.merge_and_unload()
+    outputs["finetuned"] = expand(model, tokenizer, template, queries, config, scorer)
+    details, seconds = outputs["finetuned"]
+    print_blocks(items, queries, details)
+    paths = rundir.output_paths(run_dir, evaluation)
+    write_predictions(paths["predictions"], items, queries, outputs)
+    ended = sum(d["ended_at_eos"] for d in details)
+    print(f"\n{len(items)} queries expanded in {seconds:.1f} s; {ended}/{len(items)} generations ended at EOS.")
+    print(f"predictions: {paths['predictions']}")
+    if items[0]["description"] is None:
+        return {"run": str(run_dir), "evaluation": evaluation, "predictions": [d["generated"] for d in details]}
+
+    report = score(items, queries, outputs, scorer)
+    report.update(run=str(run_dir), evaluation=evaluation, generation_seconds=round(seconds, 3), ended_at_eos=ended,
+                  num_candidates=config.num_candidates, select=config.select or "greedy", merged=merged,
+                  precision=config.precision, loaded=loaded)
     table = report_markdown(report)
     rundir.atomic_write_json(paths["scores"], report)
     rundir.atomic_write_text(paths["table"], table)
     print("\n" + table)
     print(f"scores: {paths['scores']} and {paths['table']}")
+    return report
+
+
+def cli() -> int:
+    main(parse_config())
     return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cli_args = build_parser().parse_args()
-    run_cli(lambda: main(cli_args), OOM_HINT)
+    quiet.setup_logging()
+    run_cli(cli, OOM_HINT)

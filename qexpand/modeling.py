@@ -1,11 +1,12 @@
 """Loading the tokenizer and the base model (4-bit NF4 or plain), and the LoRA configuration.
 
-This is the one place that knows about quantization and devices; training, testing and the
-benchmarks all load models through it.
+Training, testing and the benchmarks all load models through it; which device, quantization and
+precision to use is decided beforehand, once, in qexpand.recipes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -16,26 +17,11 @@ import torch
 from qexpand.errors import UserError
 
 DEFAULT_MODEL = "mistralai/Mistral-7B-v0.1"
-QUANTIZATION_CHOICES = ("auto", "nf4", "none")
-DEVICE_CHOICES = ("auto", "cuda", "cpu")
-PRECISION_CHOICES = ("auto", "bf16", "fp32")
 # Config fields that must agree between the model an adapter was trained on and the one it is
 # loaded onto; a local copy of the same model passes, a different model does not.
 SIGNATURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            "--device cuda was asked for, but PyTorch sees no CUDA GPU (torch "
-            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). Install a CUDA build "
-            "of torch on a GPU machine, or run with --device cpu (slow for 7B models)."
-        )
-    return requested
 
 
 def keep_freed_memory(device: str) -> None:
@@ -58,29 +44,10 @@ def keep_freed_memory(device: str) -> None:
     mallopt(m_trim_threshold, 1 << 30)
 
 
-def resolve_quantization(requested: str, device: str) -> str:
-    """NF4 on CUDA by default. On the CPU the default is plain float32: bitsandbytes' CPU 4-bit
-    kernels work but are slower than float32 for the small models one trains on a CPU."""
-    if requested == "auto":
-        return "nf4" if device == "cuda" else "none"
-    return requested
-
-
-def compute_dtype(device: str) -> torch.dtype:
-    return torch.bfloat16 if device == "cuda" else torch.float32
-
-
-def resolve_precision(requested: str, device: str) -> str:
-    """bf16 on CUDA; float32 on the CPU unless bf16 is asked for.
-
-    On a CPU with native bf16 matrix units (AVX512-BF16 or AMX) bf16 pays off: on 2 cores of an
-    AMD EPYC with AVX512-BF16, a LoRA training step of SmolLM2-135M (batch 16, equal lengths) took
-    5.9 s instead of 8.0 s, and a 3-epoch fold of bench/quality.py about 250 s instead of 300 s.
-    Without them bf16 is emulated and slower, hence not the CPU default.
-    """
-    if requested == "auto":
-        return "bf16" if device == "cuda" else "fp32"
-    return requested
+def weights_dtype(quantization: str, precision: str) -> torch.dtype:
+    """The dtype of the base weights that are not 4-bit: bf16 next to NF4 (its compute dtype) or
+    with --precision bf16, else float32."""
+    return torch.bfloat16 if quantization == "nf4" or precision == "bf16" else torch.float32
 
 
 def check_model_source(model: str, gguf_file: str | None) -> list[str]:
@@ -115,6 +82,11 @@ def load_tokenizer(model: str, gguf_file: str | None = None):
     except (OSError, ValueError) as error:
         raise _load_error(model, error) from None
     choose_pad_token(tokenizer)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "BPE":
+        # transformers skips this clean-up for BPE vocabularies anyway, and warns on every decode
+        # while it is set; turning it off changes no output.
+        tokenizer.clean_up_tokenization_spaces = False
     return tokenizer
 
 
@@ -158,20 +130,19 @@ def quantization_config():
     )
 
 
-def load_base_model(model: str, gguf_file: str | None, quantization: str, device: str, dtype=None):
+def load_base_model(model: str, gguf_file: str | None, quantization: str, device: str, precision: str):
     """The base model on `device`, 4-bit when quantization == 'nf4', SDPA attention."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"attn_implementation": "sdpa", "device_map": {"": device}}
+    kwargs = {"attn_implementation": "sdpa", "device_map": {"": device},
+              "dtype": weights_dtype(quantization, precision)}
     if quantization == "nf4":
         kwargs["quantization_config"] = quantization_config()
-        kwargs["dtype"] = torch.bfloat16
-    else:
-        kwargs["dtype"] = dtype or compute_dtype(device)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        with no_progress_bars(bool(gguf_file)):
+            loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
     except (OSError, ValueError) as error:
         raise _load_error(model, error) from None
     if gguf_file and quantization != "nf4" and getattr(loaded, "hf_quantizer", None) is not None:
@@ -182,11 +153,50 @@ def load_base_model(model: str, gguf_file: str | None, quantization: str, device
     return loaded
 
 
-def lora_config(rank: int, alpha: int, dropout: float):
+@contextlib.contextmanager
+def no_progress_bars(hide: bool = True):
+    """Hide the library's progress bars for work of a few seconds (de-quantizing a small GGUF file,
+    writing the adapter), where they are noise."""
+    from transformers.utils import logging as hf_logging
+
+    if not hide or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def describe_loaded(model) -> dict:
+    """What was really loaded, read off the model (not the settings): device, 4-bit or not, dtype."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameter = next(base.parameters())
+    return {"device": parameter.device.type, "quantization": "nf4" if getattr(base, "is_loaded_in_4bit", False)
+            else "none", "dtype": str(base.dtype).replace("torch.", "")}
+
+
+def peak_gpu_memory_gb() -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 1024**3, 2) if torch.cuda.is_available() else None
+
+
+def lora_target_modules(model, targets: str):
+    """peft's target_modules for --lora-targets.
+
+    "all-linear" is every linear layer of the transformer blocks (attention and MLP projections),
+    not the output head, whatever the model family calls them. With "+lm_head" the names of those
+    layers are listed explicitly, since peft's "all-linear" always leaves the head out.
+    """
+    if targets == "all-linear":
+        return "all-linear"
+    linear_like = ("Linear", "Linear4bit")
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if type(module).__name__ in linear_like and name})
+
+
+def lora_config(model, rank: int, alpha: int, dropout: float, targets: str):
     from peft import LoraConfig
 
-    # "all-linear": every linear layer of the transformer blocks (attention and MLP projections),
-    # not the output head, whatever the model family calls them.
-    return LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"
-    )
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                      target_modules=lora_target_modules(model, targets), task_type="CAUSAL_LM")

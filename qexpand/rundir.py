@@ -14,6 +14,8 @@ checkpoints/<run-name>/
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -31,15 +33,27 @@ TRAINER_DIR = "trainer_checkpoints"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 
+def write_failed(path: Path, error: OSError) -> UserError:
+    full = " The disk is full: free some space and run again." if error.errno == errno.ENOSPC else ""
+    return UserError(f"could not write {path} ({error.strerror or error}); nothing was replaced, so any "
+                     f"earlier version of that file is intact.{full}")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    """Write to a temporary file in the same folder, then rename: readers never see half a file, and
+    a write that fails part-way (a full disk) leaves the earlier file as it was."""
     path = Path(path)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
-                                     encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
+                                         encoding="utf-8")
+    try:
+        with handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except OSError as error:
+        Path(handle.name).unlink(missing_ok=True)
+        raise write_failed(path, error) from None
 
 
 def atomic_write_json(path: Path, data) -> None:
@@ -59,6 +73,31 @@ def read_run_file(run_dir: Path, name: str):
             f"the run directory {run_dir} is damaged: {name} could not be read ({error}). "
             "Train the run again, or restore the file."
         ) from None
+
+
+def lock_run(run_dir: Path):
+    """Hold an exclusive lock on a run name until the process ends; refuse if another process has it.
+
+    The lock file sits beside the run directory (which may not exist yet). The operating system
+    drops the lock when the process ends in any way, kill -9 included, so a stale file is harmless.
+    """
+    run_dir = Path(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir.parent / f".{run_dir.name}.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(f"another training process is already writing the run {run_dir}. Wait for it to "
+                        "end, or choose another --run-name.") from None
+    return handle
+
+
+def output_paths(run_dir: Path, evaluation: str) -> dict[str, Path]:
+    """Where the test script writes its files for one evaluation (test, eval, adhoc, testsets-...)."""
+    suffix = "" if evaluation == "test" else f"-{evaluation}"  # the run's own test split keeps the plain names
+    return {kind: Path(run_dir) / f"{stem}{suffix}.{ext}" for kind, stem, ext in (
+        ("predictions", "predictions", "jsonl"), ("scores", "scores", "json"), ("table", "scores", "md"))}
 
 
 def move_files_into(source: Path, target: Path) -> None:

@@ -35,7 +35,7 @@ def test_a_nucleus_wider_than_k_is_cut_to_the_k_best():
 def test_stragglers_continue_to_the_same_greedy_text(monkeypatch):
     tokenizer = modeling.load_tokenizer(str(smollm2_folder()), GGUF)
     modeling.choose_pad_token(tokenizer)
-    model = modeling.load_base_model(str(smollm2_folder()), GGUF, "none", "cpu")
+    model = modeling.load_base_model(str(smollm2_folder()), GGUF, "none", "cpu", "fp32")
     template = "<|im_start|>user\nWrite one short search question about: {query}<|im_end|>\n<|im_start|>assistant\n"
     queries = ["internet privacy", "hubble telescope", "obama family tree", "hoboken", "cheap internet",
                "compost pile", "french lick resort", "toilets"]

@@ -1,0 +1,187 @@
+"""The two scripts' settings: one dataclass each, parsed once from the command line and validated once.
+
+`TrainConfig` is also what `run_config.json` holds (written out after every choice is settled), so
+the test script and `--resume` read a run's settings back into the same dataclass. Options whose
+default depends on the recipe or the device are None (or 'auto') until `qexpand.recipes.settle_*`
+decides them; None therefore also means "not given" when a resumed run checks for conflicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qexpand.errors import fail_if_problems
+from qexpand.options import flag_name, option
+
+MODEL, DATA, TRAINING, RUN = "model", "data", "training recipe (defaults from --recipe)", "run directory"
+DEVICE_CHOICES = ("auto", "cuda", "cpu")
+QUANTIZATION_CHOICES = ("auto", "nf4", "none")
+PRECISION_CHOICES = ("auto", "bf16", "fp32")
+OPTIMIZER_CHOICES = ("adamw", "paged_adamw_8bit")
+LORA_TARGET_CHOICES = ("all-linear", "all-linear+lm_head")
+SELECT_CHOICES = ("mbr", "anchored")
+# Settings of a run that are about where it is written, not what is trained.
+INVOCATION_FIELDS = ("output_dir", "run_name", "overwrite", "resume")
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = option(None, "base model: hub id or local folder (default: mistralai/Mistral-7B-v0.1)", MODEL)
+    gguf_file: str | None = option(None, "GGUF file inside --model to load instead of safetensors", MODEL)
+    quantization: str = option("auto", "nf4 = 4-bit NF4 + double quantization + bf16 compute; auto = nf4 on "
+                               "CUDA, none on the CPU", MODEL, choices=QUANTIZATION_CHOICES)
+    device: str = option("auto", "where to train; auto = CUDA when PyTorch sees a GPU", MODEL,
+                         choices=DEVICE_CHOICES)
+    precision: str = option("auto", "bf16: base weights in bfloat16 and bf16 autocast (LoRA weights stay "
+                            "float32); fp32: float32 throughout (NF4 still computes in bf16); auto = bf16 on "
+                            "CUDA, fp32 on the CPU (bf16 pays off on CPUs with AVX512-BF16 or AMX)", MODEL,
+                            choices=PRECISION_CHOICES)
+    datasets: list[str] | None = option(None, "ir_datasets topic sets with title/query and description fields "
+                                        "(default: the three of the README)", DATA, metavar="ID")
+    split: list[int] | None = option(None, "number of topics in each split (default: 280 35 35)", DATA,
+                                     nargs=3, metavar=("TRAIN", "EVAL", "TEST"))
+    split_file: str | None = option(None, "use the train/eval/test topics of this split.json (from a run or a "
+                                    "benchmark) instead of loading --datasets and splitting", DATA)
+    seed: int | None = option(None, "seed of the split and of training (default: 42)", DATA)
+    prompt_template: str | None = option(None, "prompt with a {query} placeholder; the description follows it "
+                                         "(default: the one in qexpand/prompt.py)", DATA)
+    max_length: int | None = option(None, "longest prompt + description, in tokens", DATA)
+    recipe: str | None = option(None, "named preset for every option below: default (this project's) or "
+                                "original (the original work's hyper-parameters); see the README", TRAINING,
+                                choices=("default", "original"))
+    epochs: float | None = option(None, "passes over the training topics", TRAINING)
+    max_steps: int | None = option(None, "stop after this many optimizer steps (0 = no cap; the original "
+                                   "recipe caps at 100)", TRAINING)
+    learning_rate: float | None = option(None, "peak AdamW learning rate", TRAINING)
+    batch_size: int | None = option(None, "examples per device per step (default recipe: 32 on CUDA, 16 on "
+                                    "the CPU)", TRAINING)
+    grad_accum: int | None = option(None, "gradient accumulation steps", TRAINING)
+    warmup_ratio: float | None = option(None, "share of steps with linear warm-up", TRAINING)
+    weight_decay: float | None = option(None, "AdamW weight decay", TRAINING)
+    optimizer: str | None = option(None, "adamw (fused on CUDA) or paged_adamw_8bit (bitsandbytes, CUDA only)",
+                                   TRAINING, choices=OPTIMIZER_CHOICES)
+    lora_r: int | None = option(None, "LoRA rank", TRAINING)
+    lora_alpha: int | None = option(None, "LoRA scaling alpha", TRAINING)
+    lora_dropout: float | None = option(None, "dropout on the LoRA input", TRAINING)
+    lora_targets: str | None = option(None, "layers that get LoRA adapters: every linear layer of the "
+                                      "transformer blocks, optionally also the output head", TRAINING,
+                                      choices=LORA_TARGET_CHOICES)
+    pad_to: int | None = option(None, "pad every example to this many tokens (0 = pad each batch to its own "
+                                "longest example)", TRAINING)
+    gradient_checkpointing: str = option("auto", "recompute activations to save memory; auto = on with CUDA, "
+                                         "off on the CPU", TRAINING, choices=("auto", "on", "off"))
+    save_every: int | None = option(None, "save a resumable checkpoint and compute the eval loss every N "
+                                    "optimizer steps (0 = once per epoch)", TRAINING)
+    logging_steps: int | None = option(None, "log the training loss every N steps", TRAINING)
+    output_dir: str = option("checkpoints", "folder holding the run directories", RUN)
+    run_name: str | None = option(None, "name of the run directory (default: model + time)", RUN)
+    overwrite: bool = option(False, "replace an existing run directory of that name", RUN)
+    resume: str | None = option(None, "continue an interrupted run (its name or path; alone: the newest "
+                                "unfinished run) with its recorded settings", RUN, nargs="?", const="",
+                                metavar="RUN")
+
+
+POSITIVE_TRAIN = ("epochs", "learning_rate", "batch_size", "grad_accum", "lora_r", "lora_alpha", "max_length",
+                  "logging_steps")
+UNIT_INTERVAL_TRAIN = ("lora_dropout", "warmup_ratio")
+NON_NEGATIVE_TRAIN = ("max_steps", "pad_to", "save_every", "weight_decay")
+
+
+def numeric_problems(config, positive=(), unit_interval=(), non_negative=()) -> list[str]:
+    """Range problems of the numeric options that were given."""
+    problems = []
+    for names, ok, rule in ((positive, lambda v: v > 0, "must be positive"),
+                            (unit_interval, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+                            (non_negative, lambda v: v >= 0, "must be >= 0")):
+        for name in names:
+            value = getattr(config, name)
+            if value is not None and not ok(value):
+                problems.append(f"{flag_name(name)} {rule} (got {value})")
+    return problems
+
+
+def validate_training(config: TrainConfig) -> None:
+    """Every problem with the options that is visible without loading anything, in one error."""
+    from qexpand.modeling import check_model_source
+
+    problems = numeric_problems(config, POSITIVE_TRAIN, UNIT_INTERVAL_TRAIN, NON_NEGATIVE_TRAIN)
+    if config.split is not None and min(config.split) <= 0:
+        problems.append(f"--split {' '.join(map(str, config.split))}: each count must be at least 1")
+    if config.prompt_template is not None and "{query}" not in config.prompt_template:
+        problems.append("--prompt-template must contain the placeholder {query}")
+    if config.split_file and (config.datasets or config.split):
+        problems.append("--split-file brings its own topics, so it cannot go with --datasets or --split")
+    if config.resume is not None and config.overwrite:
+        problems.append("--resume and --overwrite exclude each other")
+    if config.resume is not None and config.run_name:
+        problems.append("--resume names the run itself, so it cannot go with --run-name")
+    if config.model is not None:
+        problems += check_model_source(config.model, config.gguf_file)
+    elif config.gguf_file:
+        problems.append("--gguf-file names a file inside --model, so it needs --model")
+    fail_if_problems(problems, "See `python training.py --help`.")
+
+
+EXPAND, GENERATION, SCORES = "what to expand", "generation", "scores"
+
+
+@dataclass
+class TestConfig:
+    run: str | None = option(None, "run directory or its name under --output-dir (default: the newest "
+                             "finished run)", RUN)
+    output_dir: str = option("checkpoints", "folder holding the run directories", RUN)
+    query: list[str] | None = option(None, "expand this ad-hoc query (repeatable); no gold, so no scores",
+                                     EXPAND, action="append", nargs=None, metavar="TEXT")
+    split_part: str | None = option(None, "which part of the run's split to expand (default: test); eval is "
+                                    "for tuning decoding without looking at the test topics", EXPAND,
+                                    choices=("test", "eval"))
+    test_datasets: list[str] | None = option(None, "score on every topic of these ir_datasets topic sets "
+                                             "instead of the run's test split", EXPAND, metavar="ID")
+    model: str | None = option(None, "a local copy of the run's base model (hub id or folder); default: the "
+                               "one recorded in the run", MODEL)
+    gguf_file: str | None = option(None, "GGUF file inside --model", MODEL)
+    device: str = option("auto", "where to generate; auto = CUDA when PyTorch sees a GPU", MODEL,
+                         choices=DEVICE_CHOICES)
+    quantization: str = option("auto", "auto = as the run was trained", MODEL, choices=QUANTIZATION_CHOICES)
+    precision: str = option("auto", "bf16 or fp32 for an unquantized base (on the CPU bf16 means bf16 "
+                            "autocast over float32 weights); auto = as the run was trained", MODEL,
+                            choices=PRECISION_CHOICES)
+    merge: bool = option(False, "load the base unquantized and merge the adapter into it (faster generation; "
+                         "done anyway whenever the base is unquantized)", MODEL)
+    batch_size: int = option(64, "queries per generate() call", GENERATION)
+    max_new_tokens: int = option(96, "cap on generated tokens (EOS stops earlier)", GENERATION)
+    num_candidates: int = option(1, "sample N expansions per query (1 = greedy) and keep one (--select)",
+                                 GENERATION)
+    temperature: float | None = option(None, "sampling temperature when N > 1 (default: 0.7)", GENERATION)
+    select: str | None = option(None, "with N > 1: mbr keeps the candidate closest on average to the others; "
+                                "anchored adds its closeness to the query (default: mbr)", GENERATION,
+                                choices=SELECT_CHOICES)
+    seed: int = option(0, "sampling seed", GENERATION)
+    baseline: bool = option(False, "also generate with the base model alone (zero-shot, same prompt) and "
+                            "score it", SCORES)
+    sbert_model: str | None = option(None, "sentence-transformers model for the cosine score (default: "
+                                     "all-MiniLM-L6-v2)", SCORES)
+
+
+def validate_testing(config: TestConfig) -> None:
+    from qexpand.modeling import check_model_source
+
+    problems = numeric_problems(config, ("batch_size", "max_new_tokens", "num_candidates", "temperature"))
+    if config.query is not None:
+        if any(not q.strip() for q in config.query):
+            problems.append("--query got an empty or whitespace-only query; give the words to expand")
+        if config.test_datasets:
+            problems.append("--query and --test-datasets exclude each other")
+    if config.split_part and (config.query is not None or config.test_datasets):
+        problems.append("--split-part picks a part of the run's split, so it cannot go with --query or "
+                        "--test-datasets")
+    if config.num_candidates == 1 and (config.temperature is not None or config.select):
+        problems.append("--temperature and --select only apply when sampling, i.e. with --num-candidates 2 "
+                        "or more")
+    if config.merge and config.quantization == "nf4":
+        problems.append("--merge loads the base unquantized, so it cannot go with --quantization nf4")
+    if config.model:
+        problems += check_model_source(config.model, config.gguf_file)
+    elif config.gguf_file:
+        problems.append("--gguf-file names a file inside --model, so it needs --model")
+    fail_if_problems(problems, "See `python testing_finetuned_model.py --help`.")

@@ -1,0 +1,92 @@
+"""Named training recipes, and the one place where device-dependent choices are settled.
+
+A recipe fills every training option the user did not give. `default` is this project's recipe;
+`original` reproduces the hyper-parameters of the original work's code while keeping the
+correctness fixes (loss on the description only, EOS learned, seeded split). The README has a
+table of the differences and why ours differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from qexpand import data
+from qexpand.config import TestConfig, TrainConfig
+from qexpand.errors import UserError
+from qexpand.modeling import DEFAULT_MODEL
+from qexpand.prompt import PROMPT_TEMPLATE
+
+COMMON = {
+    "model": DEFAULT_MODEL, "datasets": list(data.DEFAULT_DATASETS), "split": list(data.DEFAULT_SPLIT),
+    "seed": data.DEFAULT_SEED, "prompt_template": PROMPT_TEMPLATE, "epochs": 3.0, "warmup_ratio": 0.05,
+    "weight_decay": 0.0, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "save_every": 0,
+    "logging_steps": 1,
+}
+RECIPES = {
+    # Batch per device: 32 with recomputation on CUDA (small batches leave the GPU idle between many
+    # small LoRA kernels; bench/RESULTS.md), 16 on the CPU (more optimizer steps for few topics).
+    "default": {**COMMON, "max_length": 256, "max_steps": 0, "learning_rate": 2e-4, "grad_accum": 1,
+                "optimizer": "adamw", "lora_targets": "all-linear", "pad_to": 0,
+                "batch_size": {"cuda": 32, "cpu": 16}, "gradient_checkpointing": {"cuda": "on", "cpu": "off"}},
+    "original": {**COMMON, "max_length": 512, "max_steps": 100, "learning_rate": 2.5e-5, "grad_accum": 4,
+                 "optimizer": "paged_adamw_8bit", "lora_targets": "all-linear+lm_head", "pad_to": 512,
+                 "batch_size": 2, "gradient_checkpointing": "on"},
+}
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            "--device cuda was asked for, but PyTorch sees no CUDA GPU (torch "
+            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). Install a CUDA build "
+            "of torch on a GPU machine, or run with --device cpu (slow for 7B models)."
+        )
+    return requested
+
+
+def _per_device(value, device: str):
+    return value[device] if isinstance(value, dict) else value
+
+
+def settle_training(config: TrainConfig) -> TrainConfig:
+    """A copy of `config` with every default decided for this device: nothing is 'auto' or None
+    afterwards except the optional gguf_file, split_file, run_name and resume."""
+    device = resolve_device(config.device)
+    recipe_name = config.recipe or "default"
+    recipe = RECIPES[recipe_name]
+    values = {}
+    for name, preset in recipe.items():
+        given = getattr(config, name)
+        if config.split_file and name in ("datasets", "split"):
+            continue  # the split file brings its own (filled in when it is read)
+        values[name] = given if given not in (None, "auto") else _per_device(preset, device)
+    values["quantization"] = config.quantization if config.quantization != "auto" else (
+        "nf4" if device == "cuda" else "none")
+    values["precision"] = config.precision if config.precision != "auto" else (
+        "bf16" if device == "cuda" else "fp32")
+    settled = dataclasses.replace(config, **values, device=device, recipe=recipe_name)
+    if settled.optimizer == "paged_adamw_8bit" and device != "cuda":
+        raise UserError("the optimizer paged_adamw_8bit (bitsandbytes' paged 8-bit AdamW, used by the original "
+                        "recipe) needs CUDA. On the CPU pass --optimizer adamw.")
+    return settled
+
+
+def settle_testing(config: TestConfig, trained: TrainConfig) -> TestConfig:
+    """A copy of `config` with device, quantization, precision and decoding decided: the run's own
+    choices unless the user gave others."""
+    device = resolve_device(config.device)
+    quantization = "none" if config.merge else (
+        config.quantization if config.quantization != "auto" else trained.quantization)
+    precision = config.precision if config.precision != "auto" else trained.precision
+    if quantization == "nf4" and config.precision == "fp32":
+        raise UserError("--precision fp32 cannot go with a 4-bit NF4 base, which always computes in bf16; "
+                        "add --quantization none (or --merge) to generate with float32 weights.")
+    return dataclasses.replace(
+        config, device=device, quantization=quantization, precision=precision,
+        split_part=config.split_part or "test", temperature=config.temperature or 0.7,
+        select=config.select or ("mbr" if config.num_candidates > 1 else None),
+    )
