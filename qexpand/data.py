@@ -77,14 +77,18 @@ def _load_dataset(dataset_id: str):
         ) from None
 
 
-def load_topics(dataset_id: str) -> list[Topic]:
-    """All topics of one ir_datasets topic set, with whitespace normalised."""
+def load_topics(dataset_id: str, require_description: bool = True) -> list[Topic]:
+    """All topics of one ir_datasets topic set, with whitespace normalised.
+
+    With `require_description` off (expanding queries needs none), a topic set without
+    descriptions is read too, and a missing description is the empty string.
+    """
     dataset = _load_dataset(dataset_id)
     if not dataset.has_queries():
         raise UserError(f"data set '{dataset_id}' has no topics (queries); choose a topic set.")
     fields = dataset.queries_cls()._fields
     query_field = next((f for f in QUERY_FIELDS if f in fields), None)
-    if query_field is None or DESCRIPTION_FIELD not in fields:
+    if query_field is None or (require_description and DESCRIPTION_FIELD not in fields):
         raise UserError(
             f"the topics of '{dataset_id}' have the fields {', '.join(fields)}, but a title/query "
             f"field and a '{DESCRIPTION_FIELD}' field are needed. Choose a topic set with "
@@ -97,8 +101,8 @@ def load_topics(dataset_id: str) -> list[Topic]:
     topics = []
     for item in raw:
         query = normalise_whitespace(getattr(item, query_field) or "")
-        description = normalise_whitespace(getattr(item, DESCRIPTION_FIELD) or "")
-        if query and description:
+        description = normalise_whitespace(getattr(item, DESCRIPTION_FIELD, "") or "")
+        if query and (description or not require_description):
             topics.append(Topic(dataset_id, str(item.query_id), query, description))
     if not topics:
         raise UserError(f"no topic of '{dataset_id}' has both a query and a description.")

@@ -1,0 +1,129 @@
+"""The resumable expansion driver: a killed run continues without regenerating what it wrote, a torn
+journal line is dropped, outputs are atomic, and '-' in and out works in a pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qexpand.errors import UserError
+from qexpand.expandtopics import expand_topics, journal_path
+from qexpand.topicfiles import QueryTopic
+
+REPO = Path(__file__).resolve().parent.parent
+TOPICS = [QueryTopic(str(300 + i), f"subject {i}") for i in range(10)]
+
+# A child process that expands TOPICS in batches of 2, slowly after its first batch, so it can be killed mid-run.
+CHILD = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from qexpand.expandtopics import expand_topics
+from qexpand.topicfiles import QueryTopic
+calls = []
+def slow(queries):
+    calls.append(queries)
+    if len(calls) > 1:
+        time.sleep(30)
+    return [("about " + q, ["about " + q]) for q in queries]
+expand_topics([QueryTopic(str(300 + i), f"subject {{i}}") for i in range(10)], slow, {out!r}, batch_size=2)
+"""
+
+
+class Recorder:
+    """An expand_batch that records which queries it was asked to expand."""
+
+    def __init__(self):
+        self.asked: list[str] = []
+
+    def __call__(self, queries):
+        self.asked += queries
+        return [(f"about {q}", [f"about {q}", "other"]) for q in queries]
+
+
+def journal_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in journal_path(str(out)).read_text().splitlines()]
+
+
+def test_killed_run_resumes_without_regenerating(tmp_path):
+    out = tmp_path / "expanded.tsv"
+    child = subprocess.Popen([sys.executable, "-c", CHILD.format(repo=str(REPO), out=str(out))],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (journal_path(str(out)).exists() and len(journal_lines(out)) >= 3):
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    written = [r["query_id"] for r in journal_lines(out)[1:]]
+    assert written == ["300", "301"] and not out.exists()
+
+    again = Recorder()
+    records = expand_topics(TOPICS, again, str(out), batch_size=2)
+    assert again.asked == [f"subject {i}" for i in range(2, 10)]
+    assert [r["query_id"] for r in records] == [t.query_id for t in TOPICS]
+    assert out.read_text().splitlines()[0] == "300\tsubject 0 about subject 0"
+    assert len(out.read_text().splitlines()) == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["expanded.tsv", "expanded.tsv.journal.jsonl"]
+
+
+def test_torn_last_line_is_dropped_and_regenerated(tmp_path):
+    out = tmp_path / "expanded.jsonl"
+    expand_topics(TOPICS[:4], Recorder(), str(out), output_format="jsonl", batch_size=2)
+    journal = journal_path(str(out))
+    journal.write_bytes(journal.read_bytes()[:-25])  # the last record cut mid-line, as by a kill during a write
+    again = Recorder()
+    records = expand_topics(TOPICS[:5], again, str(out), output_format="jsonl", batch_size=2)
+    assert again.asked == ["subject 3", "subject 4"]
+    assert [json.loads(line)["query_id"] for line in out.read_text().splitlines()] == [t.query_id for t in TOPICS[:5]]
+    assert records[0]["candidates"] == ["about subject 0", "other"]
+    assert [r.get("query_id") for r in journal_lines(out)[1:]] == ["300", "301", "302", "303", "304"]
+
+
+def test_rewriting_another_format_costs_no_generation(tmp_path):
+    expand_topics(TOPICS[:3], Recorder(), str(tmp_path / "x.tsv"))
+    again = Recorder()
+    expand_topics(TOPICS[:3], again, str(tmp_path / "x.tsv"), query_form="expansion")
+    assert again.asked == [] and (tmp_path / "x.tsv").read_text().startswith("300\tabout subject 0\n")
+
+
+def test_journal_of_other_topics_or_settings_is_refused(tmp_path):
+    out = str(tmp_path / "x.tsv")
+    expand_topics(TOPICS[:2], Recorder(), out, settings={"run": "a"})
+    before = (tmp_path / "x.tsv").read_text()
+    with pytest.raises(UserError, match="written with other settings"):
+        expand_topics(TOPICS[:2], Recorder(), out, settings={"run": "b"})
+    with pytest.raises(UserError, match="holds topic '300' with the query 'subject 0'"):
+        expand_topics([QueryTopic("300", "lunar eclipse")], Recorder(), out, settings={"run": "a"})
+    assert (tmp_path / "x.tsv").read_text() == before
+
+
+def test_bad_output_is_refused_before_generating(tmp_path):
+    recorder = Recorder()
+    with pytest.raises(UserError, match="the format 'csv' is none of tsv, trec, jsonl; the output folder .* does not exist"):
+        expand_topics(TOPICS, recorder, str(tmp_path / "missing" / "x.tsv"), output_format="csv")
+    assert recorder.asked == []
+
+
+def test_stdin_to_stdout_pipeline(tmp_path):
+    script = ("import sys; sys.path.insert(0, %r)\n"
+              "from qexpand.expandtopics import expand_topics\n"
+              "from qexpand.topicfiles import read_topics\n"
+              "expand_topics(read_topics('-'), lambda qs: [('about ' + q, []) for q in qs], '-')\n") % str(REPO)
+    result = subprocess.run([sys.executable, "-c", script], input="1\tsolar panels\n2\tcoral\treefs\n",
+                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode != 0 and "line 2" in result.stderr  # a tab inside a query is refused
+    result = subprocess.run([sys.executable, "-c", script], input="1\tsolar panels\n2\tcoral reefs\n",
+                            capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                            env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "1\tsolar panels about solar panels\n2\tcoral reefs about coral reefs\n"
+    assert "expanding" in result.stderr and "wrote stdout" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no journal for standard output
