@@ -19,7 +19,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from qexpand.errors import UserError
-from qexpand.topicfiles import (OUTPUT_FORMATS, QUERY_FORMS, STDIO, QueryTopic, expanded_query,
+from qexpand.topicfiles import (OUTPUT_FORMATS, QUERY_FORMS, STDIO, QueryTopic, check_tsv_ids, expanded_query,
                                 jsonl_text, trec_text, tsv_text, write_output)
 
 # expand_batch(queries) -> one (chosen expansion, candidates) pair a query, in order; candidates
@@ -117,8 +117,10 @@ def expand_topics(
     Returns the records in the order of `topics`; progress and messages go to stderr only.
     """
     _check_output(out, output_format, query_form, repeat_query)
+    if output_format == "tsv":
+        check_tsv_ids([t.query_id for t in topics])  # before hours of generation, not after
     journal = Path(journal) if journal is not None else journal_path(out)
-    settings = settings or {}
+    settings = json.loads(json.dumps(settings or {}))  # as the journal will give it back (tuples as lists)
     done = _read_journal(journal, settings) if journal else {}
     _check_reused(done, topics, journal)
     todo = [t for t in topics if t.query_id not in done]

@@ -74,7 +74,7 @@ def _read_text(path: Path) -> str:
         except (OSError, EOFError) as error:
             raise UserError(f"{path} looks gzipped but could not be unpacked ({error}).") from None
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a byte-order mark would otherwise stick to the first query id
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
         raise UserError(f"{path}, line {line}: the file is not UTF-8 text ({error.reason}); save it as UTF-8.") from None
@@ -210,12 +210,16 @@ def expanded_query(query: str, expansion: str, form: str, repeat: int = 1) -> st
     return " ".join([query] * repeat + [expansion])
 
 
-def tsv_text(rows: list[tuple[str, str]]) -> str:
-    """qid<TAB>query lines, no header; the query on one line, never empty."""
-    for qid, _ in rows:
+def check_tsv_ids(query_ids: list[str]) -> None:
+    for qid in query_ids:
         if ":" in qid or qid.startswith("#"):
             raise UserError(f"the query id '{qid}' holds a colon or starts with '#': PyTerrier's singleline "
                             "reader would misread it. Rename the topic, or write --format trec or jsonl.")
+
+
+def tsv_text(rows: list[tuple[str, str]]) -> str:
+    """qid<TAB>query lines, no header; the query on one line, never empty."""
+    check_tsv_ids([qid for qid, _ in rows])
     return "".join(f"{qid}\t{data.normalise_whitespace(text)}\n" for qid, text in rows)
 
 

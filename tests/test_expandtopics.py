@@ -96,12 +96,15 @@ def test_rewriting_another_format_costs_no_generation(tmp_path):
 
 def test_journal_of_other_topics_or_settings_is_refused(tmp_path):
     out = str(tmp_path / "x.tsv")
-    expand_topics(TOPICS[:2], Recorder(), out, settings={"run": "a"})
+    expand_topics(TOPICS[:2], Recorder(), out, settings={"run": "a", "datasets": ("x", "y")})
     before = (tmp_path / "x.tsv").read_text()
     with pytest.raises(UserError, match="written with other settings"):
         expand_topics(TOPICS[:2], Recorder(), out, settings={"run": "b"})
     with pytest.raises(UserError, match="holds topic '300' with the query 'subject 0'"):
-        expand_topics([QueryTopic("300", "lunar eclipse")], Recorder(), out, settings={"run": "a"})
+        expand_topics([QueryTopic("300", "lunar eclipse")], Recorder(), out, settings={"run": "a", "datasets": ("x", "y")})
+    unchanged = Recorder()
+    expand_topics(TOPICS[:2], unchanged, out, settings={"run": "a", "datasets": ("x", "y")})
+    assert unchanged.asked == []
     assert (tmp_path / "x.tsv").read_text() == before
 
 
@@ -109,6 +112,8 @@ def test_bad_output_is_refused_before_generating(tmp_path):
     recorder = Recorder()
     with pytest.raises(UserError, match="the format 'csv' is none of tsv, trec, jsonl; the output folder .* does not exist"):
         expand_topics(TOPICS, recorder, str(tmp_path / "missing" / "x.tsv"), output_format="csv")
+    with pytest.raises(UserError, match="'a:1' holds a colon"):
+        expand_topics([QueryTopic("a:1", "solar")], recorder, str(tmp_path / "x.tsv"))
     assert recorder.asked == []
 
 

@@ -62,7 +62,7 @@ def write(tmp_path, name: str, text: str, gz: bool = False):
 
 
 def test_tsv_with_header_crlf_and_blank_lines(tmp_path):
-    path = write(tmp_path, "q.tsv", "qid\tquery\r\n301\tinternet   privacy\r\n\n302\thubble telescope\n", gz=True)
+    path = write(tmp_path, "q.tsv", "\ufeffqid\tquery\r\n301\tinternet   privacy\r\n\n302\thubble telescope\n", gz=True)
     assert read_topics(path) == [QueryTopic("301", "internet privacy"), QueryTopic("302", "hubble telescope")]
 
 
