@@ -19,6 +19,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from qexpand.errors import UserError
+from qexpand.rundir import write_failed
 from qexpand.topicfiles import (OUTPUT_FORMATS, QUERY_FORMS, STDIO, QueryTopic, check_tsv_ids, expanded_query,
                                 jsonl_text, trec_text, tsv_text, write_output)
 
@@ -163,6 +164,9 @@ def _record(topic: QueryTopic, chosen: str, candidates: list) -> dict:
 
 def _append(handle, records: list[dict]) -> None:
     """One write a batch, then fsync: a kill leaves whole batches and at most one torn line."""
-    handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    handle.flush()
-    os.fsync(handle.fileno())
+    try:
+        handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        handle.flush()
+        os.fsync(handle.fileno())
+    except OSError as error:  # a full disk: the batches written before stay, the next run resumes from them
+        raise write_failed(Path(handle.name), error) from None
