@@ -4,8 +4,8 @@ Finished expansions are appended to a JSONL journal (one record a topic, flushed
 after every batch). A run that is killed leaves a journal of whole batches, perhaps with a torn
 last line; the next run with the same output drops that line, skips every topic already in the
 journal and generates only the rest. The outputs are written at the end, atomically. The journal
-stays beside the output: writing the same expansions in another format or query form costs no
-generation; delete it to generate afresh.
+stays beside the output (expanded.journal.jsonl for expanded.tsv): writing the same expansions in
+another format (expanded.trec) or query form costs no generation; delete it to generate afresh.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ JOURNAL_KIND = "qexpand topic expansions"
 
 
 def journal_path(out: str) -> Path | None:
-    """Where the journal of an output lives: beside it; none for standard output."""
-    return None if out == STDIO else Path(out).with_name(Path(out).name + ".journal.jsonl")
+    """Where the journal of an output lives: beside it, named by its stem, so that expanded.tsv,
+    expanded.trec and expanded.jsonl share one; none for standard output."""
+    return None if out == STDIO else Path(out).with_suffix(".journal.jsonl")
 
 
 def _read_journal(path: Path, settings: dict) -> dict[str, dict]:

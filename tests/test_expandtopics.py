@@ -71,7 +71,7 @@ def test_killed_run_resumes_without_regenerating(tmp_path):
     assert [r["query_id"] for r in records] == [t.query_id for t in TOPICS]
     assert out.read_text().splitlines()[0] == "300\tsubject 0 about subject 0"
     assert len(out.read_text().splitlines()) == 10
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["expanded.tsv", "expanded.tsv.journal.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["expanded.journal.jsonl", "expanded.tsv"]
 
 
 def test_torn_last_line_is_dropped_and_regenerated(tmp_path):
@@ -91,7 +91,9 @@ def test_rewriting_another_format_costs_no_generation(tmp_path):
     expand_topics(TOPICS[:3], Recorder(), str(tmp_path / "x.tsv"))
     again = Recorder()
     expand_topics(TOPICS[:3], again, str(tmp_path / "x.tsv"), query_form="expansion")
+    expand_topics(TOPICS[:3], again, str(tmp_path / "x.trec"), output_format="trec")
     assert again.asked == [] and (tmp_path / "x.tsv").read_text().startswith("300\tabout subject 0\n")
+    assert (tmp_path / "x.trec").read_text().startswith("<top>\n<num> Number: 300\n")
 
 
 def test_journal_of_other_topics_or_settings_is_refused(tmp_path):
