@@ -16,7 +16,7 @@ Corpus, qrels and topics come from an ir_datasets id whose documents are at hand
 
 (docs.jsonl: one {"doc_id", "text"} a line, an optional "title" is prepended; qrels in TREC form;
 --topics: any topic source qexpand.topicfiles reads, for titles and gold descriptions; without it
-they come from the expansions file). Only topics with judgements, and with an expansion where
+they come from the expansions file). Only topics with a relevant document, and with an expansion where
 expansions are given, are scored, so every form is compared on the same queries.
 
 BM25 is bm25s (Lucene's BM25 variant, Snowball English stemmer, English stop words) with
@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from qexpand.data import query_key  # noqa: E402
 from qexpand.errors import UserError, run_cli  # noqa: E402
 from qexpand.rundir import atomic_write_json  # noqa: E402
 from qexpand.topicfiles import QueryTopic, expanded_query, read_topics  # noqa: E402
@@ -186,9 +187,15 @@ def scored_topics(topics, expansions, qrels) -> list[QueryTopic]:
         if not all(r.get("query") for r in expansions.values()):
             raise UserError("the expansions file lacks the query text of some topics; give the topics with --topics.")
         topics = [QueryTopic(q, r["query"], r.get("description") or "") for q, r in expansions.items()]
-    kept = [t for t in topics if qrels.get(t.query_id) and (expansions is None or t.query_id in expansions)]
+    judged = {q for q, docs in qrels.items() if any(relevance > 0 for relevance in docs.values())}
+    kept = [t for t in topics if t.query_id in judged and (expansions is None or t.query_id in expansions)]
     if not kept:
-        raise UserError("no topic has both judgements in the qrels and an expansion: do the query ids match?")
+        raise UserError("no topic has both a relevant document in the qrels and an expansion: do the query ids match?")
+    other = [t for t in kept if expansions and "query" in expansions[t.query_id]
+             and query_key(expansions[t.query_id]["query"]) != query_key(t.query)]
+    if other:
+        print(f"warning: {len(other)} expansions were made for another query than the topic's (e.g. "
+              f"{other[0].query_id}: {expansions[other[0].query_id]['query']!r}, topic {other[0].query!r})", file=sys.stderr)
     return kept
 
 
@@ -210,6 +217,8 @@ def markdown(report: dict) -> str:
 def main(args) -> int:
     if bool(args.dataset) == bool(args.corpus) or bool(args.corpus) != bool(args.qrels):
         raise UserError("give either --dataset ID, or --corpus FILE with --qrels FILE.")
+    if args.hits < 1 or args.repeat_query < 0:
+        raise UserError("--hits must be at least 1 and --repeat-query at least 0.")
     expansions = expansion_records(args.expansions) if args.expansions else None
     doc_ids, texts, qrels, topics = load_corpus(args)
     if not doc_ids:

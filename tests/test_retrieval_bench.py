@@ -65,7 +65,7 @@ def test_bad_input_is_one_error_without_traceback(tmp_path):
     (tmp_path / "other.jsonl").write_text('{"query_id": "99", "query": "jaguar", "generated": "x"}\n')
     result = run_bench("--corpus", paths["docs.jsonl"], "--qrels", paths["qrels.txt"], "--expansions",
                        tmp_path / "other.jsonl", cwd=tmp_path)
-    assert result.returncode == 2 and "no topic has both judgements in the qrels and an expansion" in result.stderr
+    assert result.returncode == 2 and "no topic has both a relevant document in the qrels and an expansion" in result.stderr
 
 
 def test_corpus_and_qrels_from_an_ir_datasets_id(tmp_path, capsys):
