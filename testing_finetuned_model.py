@@ -9,6 +9,7 @@ Other uses:
     python testing_finetuned_model.py --run checkpoints/RUN --baseline      # add the zero-shot base model row
     python testing_finetuned_model.py --query "internet privacy" --query "hubble telescope"
     python testing_finetuned_model.py --test-datasets clueweb09/catb/trec-web-2010   # another topic set
+    python testing_finetuned_model.py --topics topics.tsv --out expanded.tsv        # for pyserini / PyTerrier
 
 Everything about the run (base model, prompt, split, quantization, precision) is read from its run
 directory, which is checked file by file before any model is loaded. Per query it prints QUERY /
@@ -31,6 +32,8 @@ import numpy as np
 from qexpand import data, modeling, options, quiet, rundir, runcheck
 from qexpand.config import TestConfig, validate_testing
 from qexpand.errors import UserError, run_cli
+from qexpand.expandtopics import expand_topics
+from qexpand.topicfiles import QueryTopic, read_topics
 from qexpand.generation import generate_descriptions
 from qexpand.metrics import Scorer, baseline_candidates, build_report, report_markdown
 from qexpand.prompt import truncate_query
@@ -149,7 +152,8 @@ def pick_candidate(query: str, candidates: list[str], scorer: Scorer | None, sel
     return int(np.argmax(consensus))
 
 
-def expand(model, tokenizer, template: str, queries: list[str], config: TestConfig, scorer) -> tuple[list[dict], float]:
+def expand(model, tokenizer, template: str, queries: list[str], config: TestConfig, scorer,
+           progress: bool = True) -> tuple[list[dict], float]:
     """One detail record per query (chosen text, EOS, candidates) and the generation time."""
     import torch
 
@@ -159,7 +163,7 @@ def expand(model, tokenizer, template: str, queries: list[str], config: TestConf
         generations = generate_descriptions(
             model, tokenizer, template, queries, batch_size=config.batch_size,
             max_new_tokens=config.max_new_tokens, num_candidates=config.num_candidates,
-            temperature=config.temperature, seed=config.seed,
+            temperature=config.temperature, seed=config.seed, progress=progress,
         )
     seconds = time.perf_counter() - started
     details = []
@@ -203,31 +207,55 @@ def score(items: list[dict], queries: list[str], outputs: dict, scorer: Scorer) 
     return report
 
 
-def main(config: TestConfig) -> dict:
-    """Expand and score; returns the report written to scores*.json (ad-hoc queries: the predictions)."""
-    validate_testing(config)
-    run_dir = rundir.resolve_run(Path(config.output_dir), config.run, "python training.py --resume")
-    record = runcheck.check_finished_run(run_dir)  # every file, before any model is loaded
-    config = settle_testing(config, record.config)
+def warn_if_seen(topics: list[QueryTopic], run_dir: Path) -> None:
+    split = runcheck.read_split(run_dir)
+    seen = {data.query_key(t.query) for t in split["train"] + split["eval"]}
+    count = sum(data.query_key(t.query) in seen for t in topics)
+    if count:
+        log.warning("%d of %d topics have a query this run was trained or tuned on; their expansions echo "
+                    "training descriptions, which flatters any retrieval figure made with them", count, len(topics))
+
+
+def expand_topic_file(config: TestConfig, topics: list[QueryTopic], model, tokenizer, template: str, scorer,
+                      run_dir: Path) -> dict:
+    """--topics: expand every topic, resumably, and write the file a retrieval toolkit reads."""
+
+    def expand_batch(queries: list[str]) -> list[tuple[str, list]]:
+        prepared = prepare_queries([{"query": q} for q in queries], tokenizer)
+        details, _ = expand(model, tokenizer, template, prepared, config, scorer, progress=False)
+        return [(d["generated"], d["candidates"] or [d["generated"]]) for d in details]
+
+    settings = {"run": str(run_dir.resolve()), "num_candidates": config.num_candidates, "seed": config.seed,
+                "temperature": config.temperature, "select": config.select, "max_new_tokens": config.max_new_tokens}
+    records = expand_topics(topics, expand_batch, config.out, config.format, config.query_form,
+                            config.repeat_query, batch_size=config.batch_size, settings=settings)
+    return {"run": str(run_dir), "evaluation": "topics", "out": config.out, "expansions": records}
+
+
+def load_for_generation(config: TestConfig, record: runcheck.RunRecord, run_dir: Path, needs_scorer: bool):
+    """The run's tokenizer (checked against the ids training used), the model with its adapter, and
+    the SBERT scorer when scores or candidate selection need it."""
     base, gguf = choose_base_model(config, record)
-    evaluation, items = topics_to_expand(config, run_dir)
     tokenizer = modeling.load_tokenizer(str(run_dir))
     runcheck.verify_tokenizer(tokenizer, record.tokenizer_check, f"saved in {run_dir}")
-    queries = prepare_queries(items, tokenizer)
     modeling.keep_freed_memory(config.device)
     model = load_model(base, gguf, run_dir, config)
-    loaded = modeling.describe_loaded(model)
-    scorer = Scorer(config.sbert_model) if (items[0]["description"] is not None or config.num_candidates > 1) else None
-    template = record.config.prompt_template
+    scorer = Scorer(config.sbert_model) if needs_scorer or config.num_candidates > 1 else None
+    return model, tokenizer, scorer
 
+
+def evaluate(config: TestConfig, run_dir: Path, template: str, evaluation: str, items: list[dict], model,
+             tokenizer, scorer) -> dict:
+    """Expand the items (fine-tuned, and zero-shot with --baseline), print and write them, score them."""
+    queries = prepare_queries(items, tokenizer)
+    loaded = modeling.describe_loaded(model)
     outputs = {}
     if config.baseline:
         with model.disable_adapter():
             outputs["zero_shot"] = expand(model, tokenizer, template, queries, config, scorer)
     merged = config.quantization == "none"
-    if merged:
-        model = model.merge_and_unload()
-    outputs["finetuned"] = expand(model, tokenizer, template, queries, config, scorer)
+    outputs["finetuned"] = expand(model.merge_and_unload() if merged else model, tokenizer, template, queries,
+                                  config, scorer)
     details, seconds = outputs["finetuned"]
     print_blocks(items, queries, details)
     paths = rundir.output_paths(run_dir, evaluation)
@@ -248,6 +276,25 @@ def main(config: TestConfig) -> dict:
     print("\n" + table)
     print(f"scores: {paths['scores']} and {paths['table']}")
     return report
+
+
+def main(config: TestConfig) -> dict:
+    """Expand and score (returns the report written to scores*.json; ad-hoc queries: the predictions),
+    or with --topics expand a topic file (returns the expansions)."""
+    validate_testing(config)
+    run_dir = rundir.resolve_run(Path(config.output_dir), config.run, "python training.py --resume")
+    record = runcheck.check_finished_run(run_dir)  # every file, before any model is loaded
+    config = settle_testing(config, record.config)
+    template = record.config.prompt_template
+    if config.topics:
+        topics = read_topics(config.topics)
+        warn_if_seen(topics, run_dir)
+        model, tokenizer, scorer = load_for_generation(config, record, run_dir, needs_scorer=False)
+        model = model.merge_and_unload() if config.quantization == "none" else model
+        return expand_topic_file(config, topics, model, tokenizer, template, scorer, run_dir)
+    evaluation, items = topics_to_expand(config, run_dir)
+    model, tokenizer, scorer = load_for_generation(config, record, run_dir, items[0]["description"] is not None)
+    return evaluate(config, run_dir, template, evaluation, items, model, tokenizer, scorer)
 
 
 def cli() -> int:

@@ -46,7 +46,6 @@ class Plan:
     split: dict[str, list[data.Topic]]
     split_json: dict | None  # None when resuming: the run directory already holds it
     record: runcheck.RunRecord | None  # the recorded run, when resuming
-    lock: object = None  # held while this process writes the run (main process only)
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
@@ -92,11 +91,10 @@ def settle_resumed(config: TrainConfig, run_dir: Path, record: runcheck.RunRecor
     return dataclasses.replace(record.config, output_dir=config.output_dir, resume=str(run_dir))
 
 
-def make_plan(settled: TrainConfig, run_dir: Path, record: runcheck.RunRecord | None, is_main: bool) -> Plan:
-    """Lock the run, then read (resume) or make (new run) its split; nothing is written yet."""
-    lock = rundir.lock_run(run_dir) if is_main else None
+def make_plan(settled: TrainConfig, run_dir: Path, record: runcheck.RunRecord | None) -> Plan:
+    """Read (resume) or make (new run) the split; nothing is written yet."""
     if record is not None:
-        return Plan(settled, run_dir, runcheck.read_split(run_dir), None, record, lock)
+        return Plan(settled, run_dir, runcheck.read_split(run_dir), None, record)
     rundir.prepare_new_run_dir(run_dir, settled.overwrite)
     if settled.split_file:
         split_json = read_split_file(settled.split_file)
@@ -106,7 +104,7 @@ def make_plan(settled: TrainConfig, run_dir: Path, record: runcheck.RunRecord | 
     else:
         split = data.split_topics(data.load_all_topics(settled.datasets), tuple(settled.split), settled.seed)
         split_json = data.split_to_json(split, settled.seed, settled.datasets)
-    return Plan(settled, run_dir, split, split_json, None, lock)
+    return Plan(settled, run_dir, split, split_json, None)
 
 
 def read_split_file(path: str) -> dict:
@@ -144,13 +142,16 @@ def check_texts(config: TrainConfig, topics: list[data.Topic]) -> list[str]:
 def start_run_dir(plan: Plan, model, tokenizer, processes: int) -> runcheck.RunRecord:
     """Create a new run directory: split, tokenizer (checked against the ids training uses), settings."""
     config, run_dir = plan.config, plan.run_dir
-    rundir.replace_run_dir(run_dir)
-    rundir.atomic_write_json(run_dir / rundir.SPLIT_FILE, plan.split_json)
-    tokenizer.save_pretrained(str(run_dir))
     texts = [format_prompt(config.prompt_template, t.query) for t in plan.split["train"]]
     texts += [t.description for t in plan.split["train"]]
-    runcheck.verify_tokenizer(modeling.load_tokenizer(str(run_dir)), runcheck.tokenizer_check(tokenizer, texts),
-                              f"saved in {run_dir}")
+    # The tokenizer is saved and checked before an earlier run of this name (--overwrite) is removed.
+    with tempfile.TemporaryDirectory(dir=run_dir.parent, prefix=f".{run_dir.name}-tokenizer-") as staging:
+        tokenizer.save_pretrained(staging)
+        runcheck.verify_tokenizer(modeling.load_tokenizer(staging), runcheck.tokenizer_check(tokenizer, texts),
+                                  f"saved for {run_dir}")
+        rundir.replace_run_dir(run_dir)
+        rundir.move_files_into(Path(staging), run_dir)
+    rundir.atomic_write_json(run_dir / rundir.SPLIT_FILE, plan.split_json)
     record = runcheck.RunRecord(
         config=config, base_model_signature=modeling.model_signature(model.config),
         tokenizer_check=runcheck.tokenizer_check(tokenizer, check_texts(config, plan.split["train"])),
@@ -268,7 +269,6 @@ def load_model(config: TrainConfig, rank_device: str, tokenizer_dir: Path | None
 def main(config: TrainConfig) -> Path:
     """Train one run (or resume one) and return its run directory."""
     from accelerate import PartialState
-    from transformers import Trainer, set_seed
 
     validate_training(config)
     record = None
@@ -285,21 +285,26 @@ def main(config: TrainConfig) -> Path:
     if record is None:
         settled.run_name = shared_run_name(state, settled)
         run_dir = Path(settled.output_dir) / settled.run_name
-    plan = make_plan(settled, run_dir, record, state.is_main_process)
-    set_seed(settled.seed)
+    lock = rundir.RunLock(run_dir) if state.is_main_process else None
+    try:
+        fit(make_plan(settled, run_dir, record), state)
+    finally:
+        if lock:
+            lock.release()
+    return run_dir
 
+
+def fit(plan: Plan, state) -> None:
+    """Load, train with the Trainer (resuming from the last complete checkpoint), finish the run."""
+    from transformers import Trainer, set_seed
+
+    settled, run_dir = plan.config, plan.run_dir
+    set_seed(settled.seed)
     started = time.perf_counter()
     rank_device = f"cuda:{state.local_process_index}" if settled.device == "cuda" else settled.device
     model, tokenizer = load_model(settled, rank_device, tokenizer_dir=run_dir if plan.record else None)
     load_seconds = time.perf_counter() - started
-    if plan.record:
-        runcheck.verify_tokenizer(tokenizer, plan.record.tokenizer_check, f"saved in {run_dir}")
-    elif state.is_main_process:
-        start_run_dir(plan, model, tokenizer, state.num_processes)
-    checkpoint = latest_complete_checkpoint(run_dir) if plan.record and state.is_main_process else None
-    state.wait_for_everyone()
-    if plan.record and not state.is_main_process:
-        checkpoint = latest_complete_checkpoint(run_dir)
+    checkpoint = open_run_dir(plan, model, tokenizer, state)
 
     train_set = tokenized_dataset(plan.split["train"], tokenizer, settled.prompt_template, settled.max_length)
     eval_set = tokenized_dataset(plan.split["eval"], tokenizer, settled.prompt_template, settled.max_length)
@@ -329,7 +334,20 @@ def main(config: TrainConfig) -> Path:
             "loaded": modeling.describe_loaded(model),
         })
     state.wait_for_everyone()
-    return run_dir
+
+
+def open_run_dir(plan: Plan, model, tokenizer, state) -> Path | None:
+    """Start a new run directory, or check a resumed one; the checkpoint to resume from."""
+    if plan.record:
+        runcheck.verify_tokenizer(tokenizer, plan.record.tokenizer_check, f"saved in {plan.run_dir}")
+    elif state.is_main_process:
+        start_run_dir(plan, model, tokenizer, state.num_processes)
+    # The main process removes checkpoints cut off mid-write before the others look.
+    checkpoint = latest_complete_checkpoint(plan.run_dir) if plan.record and state.is_main_process else None
+    state.wait_for_everyone()
+    if plan.record and not state.is_main_process:
+        checkpoint = latest_complete_checkpoint(plan.run_dir)
+    return checkpoint
 
 
 def print_plan(plan: Plan, model, n_train: int, n_eval: int, processes: int, steps_per_epoch: int, checkpoint) -> None:

@@ -123,6 +123,8 @@ def validate_training(config: TrainConfig) -> None:
 
 
 EXPAND, GENERATION, SCORES = "what to expand", "generation", "scores"
+RETRIEVAL = "expand a topic file for retrieval toolkits (no scores)"
+TOPIC_OUTPUT_FIELDS = ("out", "format", "query_form", "repeat_query")
 
 
 @dataclass
@@ -137,6 +139,18 @@ class TestConfig:
                                     choices=("test", "eval"))
     test_datasets: list[str] | None = option(None, "score on every topic of these ir_datasets topic sets "
                                              "instead of the run's test split", EXPAND, metavar="ID")
+    topics: str | None = option(None, "expand every topic of this TSV (qid<TAB>query), TREC topic file, "
+                                "ir_datasets topic-set id, or - (a TSV on standard input), and write them with "
+                                "--out; a killed run continues where it stopped", RETRIEVAL, metavar="SOURCE")
+    out: str | None = option(None, "output file of --topics (- = standard output)", RETRIEVAL, metavar="PATH")
+    format: str | None = option(None, "tsv (qid<TAB>expanded query: pyserini, PyTerrier), trec (<top> topics "
+                                "with the expansion as description) or jsonl (every candidate) (default: tsv)",
+                                RETRIEVAL, choices=("tsv", "trec", "jsonl"))
+    query_form: str | None = option(None, "the expanded query: the expansion alone, or the query (repeated "
+                                    "--repeat-query times) followed by it (default: query+expansion)", RETRIEVAL,
+                                    choices=("expansion", "query+expansion"))
+    repeat_query: int | None = option(None, "how often the query precedes the expansion (default: 1; query2doc "
+                                      "used 5)", RETRIEVAL)
     model: str | None = option(None, "a local copy of the run's base model (hub id or folder); default: the "
                                "one recorded in the run", MODEL)
     gguf_file: str | None = option(None, "GGUF file inside --model", MODEL)
@@ -166,7 +180,17 @@ class TestConfig:
 def validate_testing(config: TestConfig) -> None:
     from qexpand.modeling import check_model_source
 
-    problems = numeric_problems(config, ("batch_size", "max_new_tokens", "num_candidates", "temperature"))
+    problems = numeric_problems(config, ("batch_size", "max_new_tokens", "num_candidates", "temperature",
+                                         "repeat_query"))
+    if config.topics is not None:
+        if config.out is None:
+            problems.append("--topics needs --out, the file to write (- for standard output)")
+        others = [flag_name(n) for n in ("query", "test_datasets", "split_part", "baseline") if getattr(config, n)]
+        if others:
+            problems.append(f"--topics expands a topic file, so it cannot go with {', '.join(others)}")
+    elif any(getattr(config, n) is not None for n in TOPIC_OUTPUT_FIELDS):
+        problems.append("--out, --format, --query-form and --repeat-query describe the output of --topics; "
+                        "give --topics too")
     if config.query is not None:
         if any(not q.strip() for q in config.query):
             problems.append("--query got an empty or whitespace-only query; give the words to expand")

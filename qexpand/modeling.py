@@ -27,11 +27,10 @@ log = logging.getLogger(__name__)
 def keep_freed_memory(device: str) -> None:
     """On the CPU, have glibc keep large freed blocks for reuse instead of handing them back.
 
-    Each generation or training step allocates logits of tens of MB (360 rows x 49,152 tokens x 4
-    bytes = 70 MB). glibc gives blocks that large their own mapping and unmaps them when freed, so
-    every step page-faults them in anew: generating 24 tokens for 360 rows with SmolLM2-135M on 2
-    cores took 93.7 s and 28 M page faults, and 55.8 s with 0.8 M after raising the mmap and trim
-    thresholds here. Nothing happens on CUDA or where the C library is not glibc.
+    Each generation or training step allocates logits of tens of MB (rows x vocabulary x 4 bytes).
+    glibc gives blocks that large their own mapping and unmaps them when freed, so every step
+    page-faults them in anew; raising the mmap and trim thresholds here avoids that (measured in
+    bench/RESULTS.md). Nothing happens on CUDA or where the C library is not glibc.
     """
     if device != "cpu":
         return

@@ -89,4 +89,6 @@ def settle_testing(config: TestConfig, trained: TrainConfig) -> TestConfig:
         config, device=device, quantization=quantization, precision=precision,
         split_part=config.split_part or "test", temperature=config.temperature or 0.7,
         select=config.select or ("mbr" if config.num_candidates > 1 else None),
+        format=config.format or "tsv", query_form=config.query_form or "query+expansion",
+        repeat_query=config.repeat_query or 1,
     )

@@ -75,22 +75,33 @@ def read_run_file(run_dir: Path, name: str):
         ) from None
 
 
-def lock_run(run_dir: Path):
-    """Hold an exclusive lock on a run name until the process ends; refuse if another process has it.
+class RunLock:
+    """An exclusive lock on a run name, held while one process writes that run; a second process
+    asking for it is refused at once.
 
-    The lock file sits beside the run directory (which may not exist yet). The operating system
-    drops the lock when the process ends in any way, kill -9 included, so a stale file is harmless.
+    The lock file sits beside the run directory (which may not exist yet) and is removed on
+    release. If a process is killed, the operating system drops its lock and the stale file is
+    simply locked again by the next process.
     """
-    run_dir = Path(run_dir)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir.parent / f".{run_dir.name}.lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise UserError(f"another training process is already writing the run {run_dir}. Wait for it to "
-                        "end, or choose another --run-name.") from None
-    return handle
+
+    def __init__(self, run_dir: Path):
+        run_dir = Path(run_dir)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir.parent / f".{run_dir.name}.lock"
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # The holder before us may have removed the file between our open and our lock.
+            if os.stat(self.path).st_ino != os.fstat(self.handle.fileno()).st_ino:
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
+            self.handle.close()
+            raise UserError(f"another training process is already writing the run {run_dir}. Wait for it to "
+                            "end, or choose another --run-name.") from None
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.handle.close()
 
 
 def output_paths(run_dir: Path, evaluation: str) -> dict[str, Path]:

@@ -91,3 +91,34 @@ def tiny_mistral_folder(folder: Path, seed: int = 0) -> Path:
     )
     MistralForCausalLM(config).save_pretrained(str(folder))
     return Path(folder)
+
+
+def finished_run(run_dir: Path, model_folder: Path, split_json: dict) -> Path:
+    """A finished run directory made the way training.py makes one, with an untrained LoRA adapter
+    (its B matrices are zero), for tests of the test script's checks that need no training."""
+    import json
+    from dataclasses import asdict
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qexpand import modeling, runcheck
+    from qexpand.config import TrainConfig
+    from qexpand.recipes import settle_training
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True)
+    config = settle_training(TrainConfig(model=str(model_folder), device="cpu", run_name=run_dir.name,
+                                         output_dir=str(run_dir.parent)))
+    tokenizer = modeling.load_tokenizer(str(model_folder))
+    tokenizer.save_pretrained(str(run_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_folder))
+    lora = modeling.lora_config(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    get_peft_model(model, lora).save_pretrained(str(run_dir))
+    texts = [config.prompt_template.format(query="internet privacy"), "What is online privacy?"]
+    record = runcheck.RunRecord(config, modeling.model_signature(model.config),
+                                runcheck.tokenizer_check(tokenizer, texts), 1, {}, "2026-01-01T00:00:00+00:00")
+    (run_dir / "run_config.json").write_text(json.dumps(asdict(record)))
+    (run_dir / "split.json").write_text(json.dumps(split_json))
+    (run_dir / "finished.json").write_text(json.dumps({"finished_at": "2026-01-01T00:00:00+00:00"}))
+    return run_dir

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +14,7 @@ import torch
 from qexpand import data
 from qexpand.errors import run_cli
 from tests.conftest import run_script, snapshot
-from tests.fixtures import SUBJECTS, tiny_mistral_folder, write_topic_files
+from tests.fixtures import SUBJECTS, finished_run, tiny_mistral_folder, write_topic_files
 
 SPLIT = ("--split", "30", "5", "5")
 
@@ -21,21 +25,23 @@ def world(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("errors")
     write_topic_files(root / "irds")
     runs = root / "runs"
-    signature = {"model_type": "mistral", "hidden_size": 64, "num_hidden_layers": 2,
-                 "num_attention_heads": 4, "vocab_size": 32000}
-    for name, finished in (("done", True), ("cut", False)):
-        (runs / name).mkdir(parents=True)
-        config = {"base_model": str(tiny_model), "gguf_file": None, "base_model_signature": signature,
-                  "prompt_template": "{query}"}
-        (runs / name / "run_config.json").write_text(json.dumps(config))
-        if finished:
-            (runs / name / "finished.json").write_text(json.dumps({"finished_at": "2026-01-01T00:00:00"}))
     # The finished run was trained on every query of the Web 2009 stand-in.
     web = [data.Topic("clueweb09/catb/trec-web-2009", str(i), s, "d") for i, s in enumerate(SUBJECTS[:12], 1)]
-    split = data.split_to_json({"train": web, "eval": [], "test": []}, 42, ["clueweb09/catb/trec-web-2009"])
-    (runs / "done" / "split.json").write_text(json.dumps(split))
+    split = data.split_to_json({"train": web, "eval": web[:1], "test": web[:2]}, 42, ["clueweb09/catb/trec-web-2009"])
+    finished_run(runs / "done", tiny_model, split)
+    shutil.copytree(runs / "done", runs / "cut")
+    (runs / "cut" / "finished.json").unlink()
     (runs / "not-a-run").mkdir()
     return root
+
+
+def damaged_copy(world, name: str, damage) -> str:
+    """A copy of the finished run with one file damaged by `damage(run_dir)`; its name."""
+    target = world / "runs" / name
+    if not target.exists():
+        shutil.copytree(world / "runs" / "done", target)
+        damage(target)
+    return name
 
 
 def expect_error(world, script, *args, match: str):
@@ -61,6 +67,9 @@ def expect_error(world, script, *args, match: str):
     (("--gguf-file", "missing.gguf"), "--gguf-file missing.gguf: no such file"),
     (("--resume", "not-a-run"), "is not a run directory"),
     (("--resume", "done"), "has already finished"),
+    (("--resume", "cut", "--run-name", "x"), "cannot go with --run-name"),
+    (("--split-file", "s.json", "--datasets", "a/b"), "cannot go with --datasets or --split"),
+    (("--optimizer", "paged_adamw_8bit"), "needs CUDA"),
 ])
 def test_training_bad_input(world, tiny_model, args, match):
     model = ("--model", tiny_model) if "--model" not in args else ()
@@ -71,6 +80,10 @@ def test_training_reports_all_option_problems_at_once(world, tiny_model):
     message = expect_error(world, "training.py", "--model", tiny_model, "--epochs", "0", "--lora-dropout", "1.5",
                            "--batch-size", "-2", match="--epochs must be positive")
     assert "--lora-dropout must be in [0, 1)" in message and "--batch-size must be positive" in message
+
+
+def test_gguf_file_needs_a_model_folder(world):
+    expect_error(world, "training.py", *SPLIT, "--gguf-file", "x.gguf", match="needs --model")
 
 
 def test_unknown_model_offline(world):
@@ -104,6 +117,10 @@ def test_topic_file_that_cannot_be_downloaded(world, tiny_model, tmp_path):
     (("--run", "done", "--device", "cuda"), "PyTorch sees no CUDA GPU"),
     (("--run", "done", "--batch-size", "0"), "--batch-size must be positive"),
     (("--run", "done", "--test-datasets", "clueweb09/catb/trec-web-2009"), "has a query this run was trained"),
+    (("--run", "done", "--gguf-file", "x.gguf"), "needs --model"),
+    (("--run", "done", "--query", "jazz", "--split-part", "eval"), "cannot go with --query or --test-datasets"),
+    (("--run", "done", "--temperature", "0.5"), "only apply when sampling"),
+    (("--run", "done", "--quantization", "nf4", "--precision", "fp32"), "always computes in bf16"),
 ])
 def test_testing_bad_input(world, args, match):
     message = expect_error(world, "testing_finetuned_model.py", *args, match=match)
@@ -135,3 +152,104 @@ def test_out_of_memory_becomes_a_hint(capsys):
     assert stop.value.code == 2
     err = " ".join(capsys.readouterr().err.split())  # the paragraph is wrapped
     assert "ran out of memory" in err and "Lower --batch-size." in err and "Traceback" not in err
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def drop_key(name, *keys):
+    def damage(run_dir):
+        content = json.loads((run_dir / name).read_text())
+        inner = content
+        for key in keys[:-1]:
+            inner = inner[key]
+        del inner[keys[-1]]
+        (run_dir / name).write_text(json.dumps(content))
+    return damage
+
+
+def set_key(name, key, value):
+    def damage(run_dir):
+        content = json.loads((run_dir / name).read_text())
+        content[key] = value
+        (run_dir / name).write_text(json.dumps(content))
+    return damage
+
+
+def drop_merges(run_dir):
+    """A tokenizer that splits words into single characters, as a GGUF conversion once saved one."""
+    content = json.loads((run_dir / "tokenizer.json").read_text())
+    content["model"]["merges"] = []
+    (run_dir / "tokenizer.json").write_text(json.dumps(content))
+
+
+@pytest.mark.parametrize("name, damage, match", [
+    ("truncated", lambda d: truncate(d / "adapter_model.safetensors"),
+     "adapter_model.safetensors cannot be read"),
+    ("no-seed", drop_key("run_config.json", "config", "seed"), "missing key 'seed'"),
+    ("no-check", drop_key("run_config.json", "tokenizer_check"), "missing key 'tokenizer_check'"),
+    ("bad-type", lambda d: set_key("run_config.json", "processes", "two")(d), "'processes' should be"),
+    ("wrong-rank", set_key("adapter_config.json", "r", 4), "does not match adapter_config.json (rank 4)"),
+    ("not-lora", drop_key("adapter_config.json", "r"), "is not a LoRA adapter config"),
+    ("no-tokenizer", lambda d: (d / "tokenizer_config.json").unlink(), "the tokenizer is missing"),
+    ("bad-split", set_key("split.json", "train", 5), "split.json is not a train/eval/test split"),
+    ("bad-finished", drop_key("finished.json", "finished_at"), "finished.json has no 'finished_at'"),
+    ("no-merges", drop_merges, "does not give the token ids that training used"),
+])
+def test_damaged_run_directory_is_named_before_loading(world, name, damage, match):
+    run = damaged_copy(world, name, damage)
+    message = expect_error(world, "testing_finetuned_model.py", "--run", run, match=match)
+    assert str(world / "runs" / run) in message
+
+
+def test_second_training_process_on_the_same_run_name_refuses(world, tiny_model):
+    from qexpand import rundir
+
+    lock = rundir.RunLock(world / "runs" / "busy")  # as a first training process holds it
+    try:
+        expect_error(world, "training.py", "--model", tiny_model, *SPLIT, "--run-name", "busy",
+                     match="another training process is already writing the run")
+    finally:
+        lock.release()
+
+
+def test_a_write_that_fails_part_way_keeps_the_earlier_file(tmp_path, monkeypatch):
+    from qexpand import rundir
+    from qexpand.errors import UserError
+
+    target = tmp_path / "scores.json"
+    target.write_text('{"old": true}')
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(UserError) as error:
+        rundir.atomic_write_json(target, {"new": True})
+    assert "earlier version of that file is intact" in str(error.value) and "disk is full" in str(error.value)
+    assert json.loads(target.read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["scores.json"]  # no temporary file left behind
+
+
+def test_training_refuses_a_tokenizer_that_does_not_save_faithfully(world, tiny_model, monkeypatch):
+    import training
+    from transformers import PreTrainedTokenizerBase
+
+    from qexpand.errors import UserError
+
+    faithful_save = PreTrainedTokenizerBase.save_pretrained
+
+    def lossy_save(self, folder, *args, **kwargs):
+        saved = faithful_save(self, folder, *args, **kwargs)
+        drop_merges(Path(folder))
+        return saved
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", lossy_save)
+    monkeypatch.setenv("IR_DATASETS_HOME", str(world / "irds"))
+    before = snapshot(world / "runs")
+    config = training.parse_config(["--model", str(tiny_model), *SPLIT, "--output-dir", str(world / "runs"),
+                                    "--run-name", "lossy"])
+    with pytest.raises(UserError, match="does not give the token ids that training used"):
+        training.main(config)
+    assert snapshot(world / "runs") == before  # refused before anything was trained or written

@@ -15,7 +15,9 @@ import pytest
 from tests.conftest import REPO, run_script
 from tests.fixtures import write_topic_files
 
-TRAIN_ARGS = ("--split", "30", "5", "5", "--epochs", "4", "--batch-size", "2", "--save-every", "5")
+# 4-bit NF4 on the CPU: a resumed run must load the base as it was recorded, not by the device default.
+TRAIN_ARGS = ("--split", "30", "5", "5", "--epochs", "4", "--batch-size", "2", "--save-every", "5",
+              "--quantization", "nf4")
 FAKE_TOKEN = "hf_" + "Q" * 34
 
 
@@ -57,11 +59,13 @@ def runs(tmp_path_factory, tiny_model):
     partial = out / "killed" / "trainer_checkpoints" / "checkpoint-99999"
     partial.mkdir()
     (partial / "adapter_config.json").write_text("{}")
+    conflicting = run_script("training.py", "--output-dir", out, "--resume", "killed", "--epochs", "9",
+                             "--quantization", "none", home=root / "irds", cwd=root)
     resumed = subprocess.run(
         [sys.executable, str(REPO / "training.py"), "--output-dir", str(out), "--resume", "killed"],
         env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    return {"root": root, "out": out, "resumed": resumed, "split_before": split_before}
+    return {"root": root, "out": out, "resumed": resumed, "split_before": split_before, "conflicting": conflicting}
 
 
 def eval_losses(run_dir):
@@ -77,6 +81,26 @@ def test_resumed_run_matches_uninterrupted_run(runs):
     assert killed["global_steps"] == straight["global_steps"]
     assert killed["best_eval_loss"] == pytest.approx(straight["best_eval_loss"], rel=1e-4)
     assert eval_losses(out / "killed") == pytest.approx(eval_losses(out / "straight"), rel=1e-4)
+
+
+def test_resumed_run_keeps_its_recorded_settings(runs):
+    out = runs["out"]
+    assert "(nf4, cpu)" in runs["resumed"].stdout
+    assert json.loads((out / "killed" / "finished.json").read_text())["loaded"]["quantization"] == "nf4"
+    conflicting = runs["conflicting"]
+    message = " ".join(conflicting.stderr.split())
+    assert conflicting.returncode == 2 and "Traceback" not in conflicting.stderr
+    assert "--epochs 9.0 differs from the run's recorded 4.0" in message
+    assert "--quantization none differs from the run's recorded nf4" in message
+
+
+def test_resumed_throughput_counts_only_the_resumed_steps(runs):
+    finished = json.loads((runs["out"] / "killed" / "finished.json").read_text())
+    steps_per_epoch = 30 // 2
+    resumed_steps = finished["global_steps"] - finished["resumed_from_step"]
+    assert finished["resumed_from_step"] > 0 and resumed_steps > 0
+    samples = finished["train_samples_per_second"] * finished["train_seconds"]
+    assert samples == pytest.approx(30 * resumed_steps / steps_per_epoch, rel=0.02)
 
 
 def test_resume_reuses_the_split(runs):
@@ -106,4 +130,4 @@ def test_existing_run_is_kept_without_overwrite_and_replaced_with_it(runs, tiny_
     replaced = run_script("training.py", "--model", tiny_model, "--split", "30", "5", "5", "--epochs", "1",
                           "--output-dir", out, "--run-name", "straight", "--overwrite", home=home, cwd=runs["root"])
     assert replaced.returncode == 0, replaced.stderr[-3000:]
-    assert json.loads((out / "straight" / "run_config.json").read_text())["hyperparameters"]["epochs"] == 1
+    assert json.loads((out / "straight" / "run_config.json").read_text())["config"]["epochs"] == 1

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from qexpand import rundir
-from tests.conftest import run_script, snapshot
+from tests.conftest import REPO, run_script
 from tests.fixtures import write_topic_files
 
 SPLIT = ("--split", "30", "5", "5")
@@ -53,10 +55,13 @@ def test_run_directory_holds_everything_the_test_script_needs(trained_run, tiny_
                    "run_config.json", "loss_log.json", "loss_curve.png", "finished.json"):
         assert needed in names, needed
     assert rundir.TRAINER_DIR not in names  # resumable checkpoints are cleaned up once finished
-    config = json.loads((trained_run / "run_config.json").read_text())
-    assert config["base_model"] == str(tiny_model)
+    config = json.loads((trained_run / "run_config.json").read_text())["config"]
+    assert config["model"] == str(tiny_model) and config["recipe"] == "default"
     assert "{query}" in config["prompt_template"]
-    assert config["hyperparameters"]["lora_r"] == 8 and config["hyperparameters"]["lora_alpha"] == 16
+    assert config["lora_r"] == 8 and config["lora_alpha"] == 16
+    # Every device-dependent choice is recorded as decided, none as "auto".
+    assert (config["device"], config["quantization"], config["precision"]) == ("cpu", "none", "fp32")
+    assert (config["batch_size"], config["gradient_checkpointing"]) == (8, "off")
     split = json.loads((trained_run / "split.json").read_text())
     assert split["counts"] == {"train": 30, "eval": 5, "test": 5}
     log = json.loads((trained_run / "loss_log.json").read_text())
@@ -129,9 +134,48 @@ def test_four_bit_path_trains_and_tests(workspace, tiny_model):
                    "--epochs", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(nf4, cpu)" in result.stdout
-    config = json.loads((out / "nf4" / "run_config.json").read_text())
+    config = json.loads((out / "nf4" / "run_config.json").read_text())["config"]
     assert config["quantization"] == "nf4"
-    result = run_script("testing_finetuned_model.py", "--output-dir", out, "--quantization", "nf4",
+    assert json.loads((out / "nf4" / "finished.json").read_text())["loaded"]["quantization"] == "nf4"
+    # The test script loads the base as the run was trained (4-bit), without being told.
+    result = run_script("testing_finetuned_model.py", "--output-dir", out, "--max-new-tokens", "4",
+                        home=workspace / "irds", cwd=workspace)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "nf4" / "scores.json").read_text())["loaded"]["quantization"] == "nf4"
+
+
+def test_topic_file_is_expanded_for_retrieval_toolkits(trained_run, workspace):
+    from qexpand.topicfiles import parse_tsv
+
+    topics = workspace / "topics.tsv"
+    topics.write_text("q1\tsolar panels\nq2\thubble telescope\n")
+    out = workspace / "expanded.tsv"
+    result = run_script("testing_finetuned_model.py", "--run", trained_run, "--topics", topics, "--out", out,
                         "--max-new-tokens", "4", home=workspace / "irds", cwd=workspace)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (out / "nf4" / "scores.json").is_file()
+    expanded = parse_tsv(out.read_text(), str(out))
+    assert [t.query_id for t in expanded] == ["q1", "q2"]
+    assert expanded[0].query.startswith("solar panels ")  # the query, then its expansion
+    # Standard input to standard output, for pipelines: nothing but the TSV on stdout.
+    piped = subprocess.run([sys.executable, str(REPO / "testing_finetuned_model.py"), "--run", str(trained_run),
+                            "--topics", "-", "--out", "-", "--query-form", "expansion", "--max-new-tokens", "4"],
+                           input="7\tcoral reefs\n", capture_output=True, text=True, cwd=workspace,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    lines = piped.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("7\t")
+
+
+def test_original_recipe_preset(workspace, tiny_model):
+    from safetensors import safe_open
+
+    out = workspace / "runs-original"
+    result = train(tiny_model, workspace / "irds", out, "--run-name", "orig", "--recipe", "original",
+                   "--optimizer", "adamw", "--max-steps", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "orig" / "run_config.json").read_text())["config"]
+    assert (config["recipe"], config["learning_rate"], config["pad_to"], config["grad_accum"]) == ("original", 2.5e-5, 512, 4)
+    assert config["lora_targets"] == "all-linear+lm_head" and config["batch_size"] == 8  # given on the command line
+    assert json.loads((out / "orig" / "finished.json").read_text())["global_steps"] == 2
+    with safe_open(str(out / "orig" / "adapter_model.safetensors"), framework="pt") as weights:
+        assert any("lm_head.lora_A" in name for name in weights.keys())

@@ -7,7 +7,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
 
 from tests.conftest import run_script
 from tests.fixtures import write_topic_files
@@ -29,9 +28,9 @@ def test_gguf_model_trains_and_tests(tmp_path):
                          "--precision", "bf16",
                          home=tmp_path / "irds", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    config = json.loads((out / "smol" / "run_config.json").read_text())
-    assert config["gguf_file"] == GGUF and config["base_model_signature"]["model_type"] == "llama"
-    assert config["hyperparameters"]["precision"] == "bf16" and "precision bf16" in trained.stdout
+    record = json.loads((out / "smol" / "run_config.json").read_text())
+    assert record["config"]["gguf_file"] == GGUF and record["base_model_signature"]["model_type"] == "llama"
+    assert record["config"]["precision"] == "bf16" and "precision bf16" in trained.stdout
     tested = run_script("testing_finetuned_model.py", "--run", out / "smol", "--max-new-tokens", "24",
                         home=tmp_path / "irds", cwd=tmp_path)
     assert tested.returncode == 0, tested.stderr[-3000:]
