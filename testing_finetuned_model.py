@@ -33,11 +33,11 @@ from qexpand import data, modeling, options, quiet, rundir, runcheck
 from qexpand.config import TestConfig, validate_testing
 from qexpand.errors import UserError, run_cli
 from qexpand.expandtopics import expand_topics
-from qexpand.topicfiles import QueryTopic, read_topics
 from qexpand.generation import generate_descriptions
-from qexpand.metrics import Scorer, baseline_candidates, build_report, report_markdown
+from qexpand.metrics import Scorer, report_markdown, score_rows
 from qexpand.prompt import truncate_query
 from qexpand.recipes import settle_testing
+from qexpand.topicfiles import QueryTopic, read_topics
 
 DESCRIPTION = "Expand test queries with a fine-tuned adapter and score them against the gold descriptions."
 MAX_QUERY_TOKENS = 64
@@ -196,15 +196,12 @@ def write_predictions(path: Path, items: list[dict], queries: list[str], outputs
     rundir.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def score(items: list[dict], queries: list[str], outputs: dict, scorer: Scorer) -> dict:
-    gold = [item["description"] for item in items]
-    rows = {row: [d["generated"] for d in details] for row, (details, _) in outputs.items()}
-    rows.update(baseline_candidates(queries))
-    order = [r for r in ("finetuned", "zero_shot", "title", "template") if r in rows]
-    per_query = {row: scorer.score(rows[row], gold) for row in order}
-    report = build_report(per_query)
-    report["per_query"] = {row: {m: v.tolist() for m, v in s.items()} for row, s in per_query.items()}
-    return report
+def score(items: list[dict], queries: list[str], outputs: dict, scorer: Scorer, run_dir: Path) -> dict:
+    """Every row (model rows and baselines, nearest neighbour from the run's training topics) scored."""
+    train_topics = runcheck.read_split(run_dir)["train"]
+    scored_items = [{**item, "query": query} for item, query in zip(items, queries)]
+    predictions = {row: [d["generated"] for d in details] for row, (details, _) in outputs.items()}
+    return score_rows(scorer, predictions, scored_items, train_topics)
 
 
 def warn_if_seen(topics: list[QueryTopic], run_dir: Path) -> None:
@@ -266,7 +263,10 @@ def evaluate(config: TestConfig, run_dir: Path, template: str, evaluation: str, 
     if items[0]["description"] is None:
         return {"run": str(run_dir), "evaluation": evaluation, "predictions": [d["generated"] for d in details]}
 
-    report = score(items, queries, outputs, scorer)
+    train_topics = runcheck.read_split(run_dir)["train"]
+    scored_items = [{**item, "query": query} for item, query in zip(items, queries)]
+    predictions = {row: [d["generated"] for d in row_details] for row, (row_details, _) in outputs.items()}
+    report = score_rows(scorer, predictions, scored_items, train_topics)
     report.update(run=str(run_dir), evaluation=evaluation, generation_seconds=round(seconds, 3), ended_at_eos=ended,
                   num_candidates=config.num_candidates, select=config.select or "greedy", merged=merged,
                   precision=config.precision, loaded=loaded)

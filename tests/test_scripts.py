@@ -92,12 +92,12 @@ def test_testing_script_reports_the_test_split(trained_run, workspace):
     assert [p["query"] for p in predictions] == [t["query"] for t in split["test"]]
     assert all(p["description"] and "zero_shot" in p for p in predictions)
     scores = json.loads((trained_run / "scores.json").read_text())
-    assert list(scores["rows"]) == ["finetuned", "zero_shot", "title", "template"]
+    assert list(scores["rows"]) == ["finetuned", "zero_shot", "nearest_neighbour", "title", "template"]
     for row in scores["rows"].values():
-        for metric in ("sbert", "rougeL", "bleu"):
+        for metric in ("sbert", "rougeL", "bleu", "content_f1"):
             low, high = row[metric]["ci"]
             assert low <= row[metric]["mean"] <= high
-    assert "finetuned_minus_template" in scores["paired"]
+    assert {"finetuned_minus_template", "finetuned_minus_nearest_neighbour"} <= set(scores["paired"])
     assert "| template |" in (trained_run / "scores.md").read_text()
 
 
