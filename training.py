@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,7 +28,7 @@ from qexpand import data, modeling, options, quiet, rundir, runcheck
 from qexpand.config import INVOCATION_FIELDS, TrainConfig, validate_training
 from qexpand.errors import UserError, fail_if_problems, run_cli
 from qexpand.prompt import format_prompt, tokenize_example
-from qexpand.recipes import resolve_device, settle_training
+from qexpand.recipes import RECIPES, resolve_device, settle_training
 
 DESCRIPTION = "Fine-tune LoRA adapters that expand short search queries into TREC descriptions."
 OOM_HINT = (
@@ -48,8 +49,22 @@ class Plan:
     record: runcheck.RunRecord | None  # the recorded run, when resuming
 
 
+def recipes_epilog() -> str:
+    def shown(value) -> str:
+        if isinstance(value, dict):  # per device
+            return "/".join(map(str, value.values()))
+        return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    lines = ["recipes (what an option you leave out is set to; a/b = CUDA/CPU):"]
+    for name, preset in RECIPES.items():
+        text = ", ".join(f"{options.flag_name(k)} {shown(v)}" for k, v in preset.items()
+                         if k not in ("prompt_template", "datasets", "model"))
+        lines.append(textwrap.fill(f"{name}: {text}", 100, initial_indent="  ", subsequent_indent="    "))
+    return "\n".join(lines)
+
+
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    return options.parse_config(TrainConfig, argv, DESCRIPTION)
+    return options.parse_config(TrainConfig, argv, DESCRIPTION, recipes_epilog())
 
 
 def default_run_name(model: str, gguf_file: str | None) -> str:
