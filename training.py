@@ -59,7 +59,8 @@ def recipes_epilog() -> str:
     for name, preset in RECIPES.items():
         text = ", ".join(f"{options.flag_name(k)} {shown(v)}" for k, v in preset.items()
                          if k not in ("prompt_template", "datasets", "model"))
-        lines.append(textwrap.fill(f"{name}: {text}", 100, initial_indent="  ", subsequent_indent="    "))
+        lines.append(textwrap.fill(f"{name}: {text}", 100, initial_indent="  ", subsequent_indent="    ",
+                                   break_on_hyphens=False))
     return "\n".join(lines)
 
 
