@@ -170,12 +170,14 @@ def test_original_recipe_preset(workspace, tiny_model):
     from safetensors import safe_open
 
     out = workspace / "runs-original"
-    result = train(tiny_model, workspace / "irds", out, "--run-name", "orig", "--recipe", "original",
-                   "--optimizer", "adamw", "--max-steps", "2")
+    result = run_script("training.py", "--model", tiny_model, *SPLIT, "--output-dir", out, "--run-name", "orig",
+                        "--recipe", "original", "--optimizer", "adamw", "--max-steps", "2",
+                        home=workspace / "irds", cwd=workspace)
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((out / "orig" / "run_config.json").read_text())["config"]
     assert (config["recipe"], config["learning_rate"], config["pad_to"], config["grad_accum"]) == ("original", 2.5e-5, 512, 4)
-    assert config["lora_targets"] == "all-linear+lm_head" and config["batch_size"] == 8  # given on the command line
+    assert config["lora_targets"] == "all-linear+lm_head" and config["batch_size"] == 2
+    assert config["optimizer"] == "adamw"  # given on the command line, over the recipe's
     assert json.loads((out / "orig" / "finished.json").read_text())["global_steps"] == 2
     with safe_open(str(out / "orig" / "adapter_model.safetensors"), framework="pt") as weights:
         assert any("lm_head.lora_A" in name for name in weights.keys())
