@@ -23,6 +23,7 @@ held (merged into a bf16 base when the GPU has the memory, else 4-bit) and wheth
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -114,7 +115,7 @@ class GraphedGreedy:
         self.step = torch.zeros(1, dtype=torch.long, device=self.device)  # index of the token being chosen
         self.unfinished = torch.ones(rows, dtype=torch.bool, device=self.device)
         self.next_ids = torch.full((rows, 1), pad_id, dtype=torch.long, device=self.device)
-        self.graphed = False
+        self.graphed, self.capture_s = False, 0.0
 
     def _choose(self, logits: torch.Tensor) -> None:
         """Record the argmax of each row at `step` (pad once a row has ended) and make it the next input."""
@@ -176,8 +177,9 @@ class GraphedGreedy:
     @torch.inference_mode()
     def run(self) -> list[list[int]]:
         self._prefill()
+        started = time.perf_counter()
         graph = self._capture() if self.device.type == "cuda" and self.budget > 1 else None
-        self.graphed = graph is not None
+        self.graphed, self.capture_s = graph is not None, time.perf_counter() - started
         done = 1
         while done < self.budget:
             graph.replay() if graph is not None else self._decode_step()
