@@ -48,7 +48,7 @@ RECIPES = PROJECT_RECIPES + ("trl", "unsloth") + tuple(f"tuning-{v}" for v in TU
 DEFAULT_RECIPES = ("default", "original", "trl", "unsloth")
 # Stages the report needs most come first, so a run cut short by --budget-s still has them.
 FIRST = ("train-default", "generate", "train-original", "train-trl", "train-unsloth", "scripts")
-TINY_DEFAULTS = dict(warmup_steps=1, measure_steps=2, original_examples=4, train_examples=16, gen_new_tokens=8,
+TINY_DEFAULTS = dict(warmup_steps=1, measure_steps=2, original_examples=4, train_examples=24, gen_new_tokens=8,
                      original_gen_prompts=2, budget_s=1800)
 FULL_DEFAULTS = dict(warmup_steps=2, measure_steps=10, original_examples=32, train_examples=280, gen_new_tokens=48,
                      original_gen_prompts=2, budget_s=560)
@@ -238,7 +238,7 @@ def stage_scripts(run: Run) -> None:
         testing = run_logged(python_command("testing_finetuned_model.py", *args), paths, "testing", run.left_s())
         if "error" not in testing:
             scores = read_json(rundir.output_paths(run_dir, "test")["scores"])
-            testing.update({k: scores.get(k) for k in ("generation_seconds", "generation_form", "merged")})
+            testing.update({k: scores.get(k) for k in ("generation_seconds", "merged", "loaded")})
         result["testing"] = testing
     errors = [part["error"] for part in result.values() if "error" in part]
     if errors:

@@ -38,9 +38,9 @@ class Paths:
 
 
 def resolve_device(requested: str) -> str:
-    from qexpand import modeling
+    from qexpand.recipes import resolve_device as settle_device
 
-    return modeling.resolve_device(requested)
+    return settle_device(requested)
 
 
 def sync(device: str) -> None:

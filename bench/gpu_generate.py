@@ -22,8 +22,8 @@ def make_adapter(paths: Paths, device: str) -> None:
 
     if (paths.adapter / "adapter_config.json").is_file():
         return
-    model = modeling.load_base_model(str(paths.model), None, "nf4", device)
-    model = get_peft_model(model, modeling.lora_config(8, 16, 0.05))
+    model = modeling.load_base_model(str(paths.model), None, "nf4", device, "bf16")
+    model = get_peft_model(model, modeling.lora_config(model, 8, 16, 0.05, "all-linear"))
     torch.manual_seed(0)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
@@ -41,7 +41,7 @@ def test_queries(paths: Paths, tokenizer, count: int) -> list[str]:
     return [truncate_query(tokenizer, data.normalise_whitespace(t.query), 64)[0] for t in test_topics(paths, count)]
 
 
-def generate(model, tokenizer, queries: list[str], new_tokens: int, device: str, graphed: bool) -> dict:
+def generate(model, tokenizer, queries: list[str], new_tokens: int, device: str, graphed: bool | None) -> dict:
     """generate_descriptions as the test script calls it (one batch of up to 64 queries, greedy)."""
     from qexpand.generation import generate_descriptions
     from qexpand.prompt import PROMPT_TEMPLATE
@@ -117,9 +117,8 @@ def stage_generate(opts, paths: Paths) -> dict:
     result = {"new_tokens_cap": new, "prompts": len(queries)}
 
     # Today: NF4 base, LoRA layers cast to bf16, the library's generate.
-    today_form = generation.GenerationForm("nf4", False, "the test script's CUDA path before graphs")
-    model, load_s = timed(lambda: generation.load_for_generation(
-        str(paths.model), None, paths.adapter, device, today_form), device)
+    model, load_s = timed(lambda: generation.load_with_adapter(
+        str(paths.model), None, paths.adapter, device, "nf4", "bf16"), device)
     generate(model, tokenizer, queries[:2], 4, device, graphed=False)  # warm-up: CUDA kernels, bnb state
     result["today"] = {"load_s": round(load_s, 2), **generate(model, tokenizer, queries, new, device, False)}
     result["nf4_graphed"] = generate(model, tokenizer, queries, new, device, graphed=True)
@@ -129,17 +128,16 @@ def stage_generate(opts, paths: Paths) -> dict:
     reset_peak(device)
 
     # The new default: whatever choose_generation_form picks for this GPU.
-    form = generation.choose_generation_form(device, "auto", str(paths.model), None)
-    model, load_s = timed(lambda: generation.load_for_generation(str(paths.model), None, paths.adapter, device, form),
-                          device)
+    form = generation.choose_generation_form(device, "auto", "nf4", str(paths.model), None)
+    model, load_s = timed(lambda: generation.load_with_adapter(
+        str(paths.model), None, paths.adapter, device, form.quantization, "bf16"), device)
     if form.merged:
         model, merge_s = timed(model.merge_and_unload, device)
         result["merge_s"] = round(merge_s, 3)
     generate(model, tokenizer, queries[:2], 4, device, graphed=False)
-    result["form"] = {"quantization": form.quantization, "merged": form.merged, "graphed": form.graphed,
-                      "reason": form.reason}
-    result["default"] = {"load_s": round(load_s, 2), **generate(model, tokenizer, queries, new, device, form.graphed)}
-    result["default_again"] = generate(model, tokenizer, queries, new, device, form.graphed)
+    result["form"] = {"quantization": form.quantization, "merged": form.merged, "reason": form.reason}
+    result["default"] = {"load_s": round(load_s, 2), **generate(model, tokenizer, queries, new, device, None)}
+    result["default_again"] = generate(model, tokenizer, queries, new, device, None)
     result["default_without_graphs"] = generate(model, tokenizer, queries, new, device, graphed=False)
     result["graph_costs"] = graph_costs(model, tokenizer, queries, new, device)
     if opts.gen_compile:

@@ -17,7 +17,7 @@ On a GPU the opposite holds: a decoding step of a 7B model for a few dozen rows 
 small kernels, and launching them one by one from Python takes longer than running them. Greedy
 decoding there goes through `GraphedGreedy`, which keeps the KV cache in fixed buffers and replays
 the one-token step as a CUDA graph. `choose_generation_form` decides how the fine-tuned model is
-held (merged into a bf16 base when the GPU has the memory, else 4-bit) and whether graphs are used.
+held (merged into a bf16 base when the GPU has the memory, else 4-bit).
 """
 
 from __future__ import annotations
@@ -235,11 +235,12 @@ def generate_descriptions(
     top_p: float = 0.95,
     seed: int = 0,
     progress: bool = True,
-    graphed: bool = False,
+    graphed: bool | None = None,
 ) -> list[list[Generation]]:
     """`num_candidates` generations per query: greedy for one, sampled for more.
 
-    graphed: greedy batches go through GraphedGreedy (see there) instead of the library's generate.
+    graphed: greedy batches go through GraphedGreedy (see there) instead of the library's generate;
+    None: on CUDA.
     """
     encoded = [prompt_ids(tokenizer, template, q) for q in queries]
     order = sorted(range(len(queries)), key=lambda i: len(encoded[i]))
@@ -252,6 +253,8 @@ def generate_descriptions(
     else:
         sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     model.eval()
+    if graphed is None:
+        graphed = next(model.parameters()).device.type == "cuda"
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
         prompts = [encoded[i] for i in batch]
@@ -269,7 +272,6 @@ class GenerationForm:
     """How the fine-tuned model is held while it generates, and why."""
 
     quantization: str  # "none": the adapter merged into plain weights (bf16 on CUDA); "nf4": 4-bit base + LoRA
-    graphed: bool  # greedy batches through GraphedGreedy
     reason: str
 
     @property
@@ -287,37 +289,38 @@ def bf16_weight_bytes(base_model: str, gguf_file: str | None) -> int:
     return 2 * sum(p.numel() for p in skeleton.parameters())
 
 
-def choose_generation_form(device: str, quantization: str, base_model: str, gguf_file: str | None) -> GenerationForm:
-    """The asked-for quantization, else on CUDA the adapter merged into a bf16 base wherever that fits.
+def choose_generation_form(device: str, requested: str, trained: str, base_model: str,
+                           gguf_file: str | None) -> GenerationForm:
+    """How to hold the model for generation: `requested` ("auto", "nf4" or "none"; --merge is "none"),
+    else on CUDA the adapter merged into a bf16 base wherever that fits, else as it was `trained`.
 
     On CUDA a merged bf16 model decodes faster than the 4-bit base with LoRA layers beside it, though
     it reads about 3.7x the weight bytes per step: the 4-bit path de-quantizes every weight at every
-    step and runs the LoRA kernels on the side (bench/RESULTS.md has the measurements). Greedy
-    decoding on CUDA replays CUDA graphs in either form.
+    step and runs the LoRA kernels on the side (bench/RESULTS.md has the measurements).
     """
-    if device != "cuda":
-        chosen = modeling.resolve_quantization(quantization, device)
-        return GenerationForm(chosen, False, f"{device}: --quantization {quantization} gives {chosen}")
-    if quantization != "auto":
-        return GenerationForm(quantization, True, f"--quantization {quantization} was asked for")
+    if requested != "auto":
+        return GenerationForm(requested, f"--quantization {requested} (or --merge) was asked for")
+    if device != "cuda" or trained != "nf4":
+        return GenerationForm(trained, f"as the run was trained ({trained})")
     needed = bf16_weight_bytes(base_model, gguf_file) + GENERATION_HEADROOM
     free, _ = torch.cuda.mem_get_info()
     fits = free >= needed
     reason = (f"bf16 weights plus room for the cache ({needed / 2**30:.1f} GiB) "
               f"{'fit in' if fits else 'exceed'} the GPU's free {free / 2**30:.1f} GiB")
-    return GenerationForm("none" if fits else "nf4", True, reason)
+    return GenerationForm("none" if fits else "nf4", reason)
 
 
-def load_for_generation(base_model: str, gguf_file: str | None, adapter_dir, device: str, form: GenerationForm):
-    """The base model in the chosen form with the adapter attached (merging is left to the caller,
-    which may first generate with the adapter switched off)."""
+def load_with_adapter(base_model: str, gguf_file: str | None, adapter_dir, device: str, quantization: str,
+                        precision: str):
+    """The base model with the run's adapter attached (merging is left to the caller, which may
+    first generate with the adapter switched off)."""
     from peft import PeftModel
 
-    model = modeling.load_base_model(base_model, gguf_file, form.quantization, device)
+    model = modeling.load_base_model(base_model, gguf_file, quantization, device, precision)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
-    if device == "cuda" and not form.merged:
+    if device == "cuda" and quantization == "nf4":
         # LoRA weights load in float32; in bf16 they skip two casts per LoRA layer and token, which
-        # made generating 35 descriptions with Mistral-7B on the 4-bit base twice as fast on an H100.
+        # halved generation time on an H100 (bench/RESULTS.md).
         for name, parameter in model.named_parameters():
             if "lora_" in name:
                 parameter.data = parameter.data.to(torch.bfloat16)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
 from qexpand import generation, modeling
 from qexpand.prompt import PROMPT_TEMPLATE, prompt_ids
 
@@ -22,7 +20,7 @@ def expansions(model, tokenizer, graphed: bool, new_tokens: int = 14) -> list[tu
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
     tokenizer = modeling.load_tokenizer(str(tiny_model))
-    model = modeling.load_base_model(str(tiny_model), None, "none", "cpu", dtype=torch.float32)
+    model = modeling.load_base_model(str(tiny_model), None, "none", "cpu", "fp32")
     return model.eval(), tokenizer
 
 
@@ -50,6 +48,7 @@ def test_rows_that_end_early_match_too(tiny, position):
     assert any(ended for _, ended, _ in library)
 
 
-def test_on_the_cpu_the_form_follows_the_quantization_asked_for():
-    form = generation.choose_generation_form("cpu", "auto", "unused", None)
-    assert (form.quantization, form.merged, form.graphed) == ("none", True, False)
+def test_on_the_cpu_the_form_is_the_trained_or_the_asked_for_one():
+    form = generation.choose_generation_form("cpu", "auto", "none", "unused", None)
+    assert (form.quantization, form.merged) == ("none", True)
+    assert generation.choose_generation_form("cpu", "nf4", "none", "unused", None).quantization == "nf4"

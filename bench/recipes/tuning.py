@@ -45,17 +45,18 @@ def run(opts, paths, device, left_s, variant: str) -> dict:
     settings = {**COPY, **VARIANTS[variant]}
     tokenizer = modeling.load_tokenizer(str(paths.model))
     tokenizer.padding_side = "right"
-    model, load_s = timed(lambda: modeling.load_base_model(str(paths.model), None, "nf4", device), device)
+    model, load_s = timed(lambda: modeling.load_base_model(str(paths.model), None, "nf4", device, "bf16"), device)
     reset_peak(device)
     model.enable_input_require_grads()
-    model = get_peft_model(model, modeling.lora_config(8, 16, settings["lora_dropout"]))
+    model = get_peft_model(model, modeling.lora_config(model, 8, 16, settings["lora_dropout"], "all-linear"))
     topics, _ = training_examples(paths, opts.train_examples)
     rows = Dataset.from_list([tokenize_example(tokenizer, PROMPT_TEMPLATE, t.query, t.description, 256)
                               for t in topics])
     args = TrainingArguments(
         output_dir=str(paths.trainer_out / f"tuning-{variant}"), per_device_train_batch_size=settings["batch_size"],
         max_steps=opts.warmup_steps + opts.measure_steps, learning_rate=2e-4, lr_scheduler_type="cosine",
-        optim="adamw_torch_fused", bf16=True, gradient_checkpointing=True,
+        optim="adamw_torch_fused" if device == "cuda" else "adamw_torch", bf16=device == "cuda",
+        use_cpu=device != "cuda", gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False}, train_sampling_strategy="group_by_length",
         use_liger_kernel=settings["liger"], save_strategy="no", eval_strategy="no", report_to="none",
         seed=opts.seed, data_seed=opts.seed, dataloader_num_workers=0, label_names=["labels"], disable_tqdm=True)
