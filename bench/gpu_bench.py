@@ -44,7 +44,7 @@ from qexpand.rundir import read_json  # noqa: E402
 STAGE_GROUPS = ("train", "generate", "scripts")
 PROJECT_RECIPES = ("original", "default", "default-fast", "default-b64", "default-nodrop")
 TUNING = ("copy", "nodrop", "liger", "packed", "packed-nodrop-liger", "packed-nodrop-liger-b64")
-RECIPES = PROJECT_RECIPES + ("trl", "unsloth") + tuple(f"tuning-{v}" for v in TUNING)
+RECIPES = PROJECT_RECIPES + ("trl", "unsloth", "unsloth-padded") + tuple(f"tuning-{v}" for v in TUNING)
 DEFAULT_RECIPES = ("default", "original", "trl", "unsloth")
 # Stages the report needs most come first, so a run cut short by --budget-s still has them.
 FIRST = ("train-default", "generate", "train-original", "train-trl", "train-unsloth", "scripts")
@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompts generated one at a time (the original way), scaled to --test-queries")
     parser.add_argument("--gen-compile", action="store_true",
                         help="also time the library's static cache with torch.compile (its first call compiles)")
+    parser.add_argument("--compare-testing-with", default=None, metavar="DIR",
+                        help="another checkout of the project (e.g. the previous version) whose "
+                             "testing_finetuned_model.py is also timed, on the same run, before this one's")
     parser.add_argument("--peak-tflops", type=float, default=H100_SXM_BF16_DENSE_TFLOPS,
                         help="peak dense bf16 TFLOP/s for MFU")
     parser.add_argument("--budget-s", type=float, default=None,
@@ -134,14 +137,16 @@ def stage_train(opts, paths: Paths, recipe: str) -> dict:
         result = default.run(opts, paths, device, left_s, recipe)
     elif recipe.startswith("tuning-"):
         result = tuning.run(opts, paths, device, left_s, recipe[len("tuning-"):])
+    elif recipe.startswith("unsloth"):
+        result = unsloth.run(opts, paths, device, left_s, padded=recipe == "unsloth-padded")
     else:
-        result = {"trl": trl.run, "unsloth": unsloth.run}[recipe](opts, paths, device, left_s)
+        result = trl.run(opts, paths, device, left_s)
     result["mfu"] = mfu(result, model_params(paths), opts.peak_tflops)
     return result
 
 
 def run_child(stage: str, work_dir: str) -> int:
-    if stage == "train-unsloth":
+    if stage.startswith("train-unsloth"):
         import unsloth  # noqa: F401 - before transformers, so its patches apply everywhere
     from bench.gpu_build import stage_build
     from bench.gpu_generate import stage_generate
@@ -235,6 +240,11 @@ def stage_scripts(run: Run) -> None:
         args = ["--run", run_dir]
         if (paths.sbert / "config.json").is_file():
             args += ["--sbert-model", paths.sbert]
+        if opts.compare_testing_with:
+            other = Path(opts.compare_testing_with).resolve()
+            result["testing_compared"] = run_logged([sys.executable, str(other / "testing_finetuned_model.py"),
+                                                     *map(str, args)], paths, "testing-compared", run.left_s())
+            result["testing_compared"]["checkout"] = str(other)
         testing = run_logged(python_command("testing_finetuned_model.py", *args), paths, "testing", run.left_s())
         if "error" not in testing:
             scores = read_json(rundir.output_paths(run_dir, "test")["scores"])

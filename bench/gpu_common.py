@@ -148,8 +148,9 @@ class CountingCollator:
         batch = self.inner(features)
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
+        # A padding-free collator puts all examples in one row and gives no mask: every token is real.
         real = int(mask.sum()) if mask is not None else ids.numel()
-        self.batches.append((int(ids.shape[0]), real, int(ids.numel())))
+        self.batches.append((len(features), real, int(ids.numel())))
         return batch
 
 

@@ -31,13 +31,15 @@ def summarise(report: dict) -> None:
         report["training_py_wall_s"] = scripts["training"]["wall_s"]
     if scripts.get("testing", {}).get("exit") == 0:
         report["testing_py_wall_s"] = scripts["testing"]["wall_s"]
+    if scripts.get("testing_compared", {}).get("exit") == 0:
+        report["testing_py_wall_s_compared"] = scripts["testing_compared"]["wall_s"]
     report["ratios"] = ratios(report)
 
 
 def ratios(report: dict) -> dict:
     out = {}
     rates = report["train_samples_per_s"]
-    for peer in ("original", "trl", "unsloth"):
+    for peer in ("original", "trl", "unsloth", "unsloth_padded"):
         if rates.get("default") and rates.get(peer):
             out[f"default_over_{peer}_train_samples_per_s"] = round(rates["default"] / rates[peer], 2)
     gen = report["generate_35_s"]
@@ -72,7 +74,8 @@ def print_table(report: dict) -> None:
     if report.get("generation_form"):
         print(f"default form: {report['generation_form']}; agreement: {report.get('generation_agreement')}")
     print(f"\ntraining.py wall {fmt(report.get('training_py_wall_s'))} s; testing_finetuned_model.py wall "
-          f"{fmt(report.get('testing_py_wall_s'))} s")
+          f"{fmt(report.get('testing_py_wall_s'))} s (compared checkout: "
+          f"{fmt(report.get('testing_py_wall_s_compared'))} s)")
     if report["ratios"]:
         print("ratios: " + ", ".join(f"{k} {v}" for k, v in report["ratios"].items()))
     for stage, error in report["errors"].items():

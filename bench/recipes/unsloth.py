@@ -1,7 +1,8 @@
 """unsloth's documented QLoRA recipe for Mistral-7B: FastLanguageModel loaded in 4 bits, LoRA r=8
 on the attention and MLP projections with dropout 0 and unsloth's own gradient checkpointing,
 8-bit AdamW, TRL's SFTTrainer (which unsloth patches) on the same prompt-completion examples. The
-batch is the project's default (32 x 1), so samples/s compare at the same batch."""
+batch is the project's default (32 x 1), so samples/s compare at the same batch. unsloth switches
+to padding-free batches by itself; `padded` keeps TRL's padded batches instead."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from bench.recipes.trl import prompt_completion_rows, time_sft_trainer
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def run(opts, paths, device, left_s) -> dict:
+def run(opts, paths, device, left_s, padded: bool = False) -> dict:
     # unsloth patches transformers, peft and trl when it is imported, so it comes first.
     import unsloth
     from unsloth import FastLanguageModel
@@ -32,9 +33,9 @@ def run(opts, paths, device, left_s) -> dict:
     args = SFTConfig(output_dir=str(paths.trainer_out / "unsloth"), per_device_train_batch_size=32,
                      gradient_accumulation_steps=1, max_steps=opts.warmup_steps + opts.measure_steps,
                      learning_rate=2e-4, optim="adamw_8bit", bf16=True, save_strategy="no", report_to="none",
-                     seed=opts.seed, disable_tqdm=True, max_length=512)
+                     seed=opts.seed, disable_tqdm=True, max_length=512, padding_free=False if padded else None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=prompt_completion_rows(paths, opts.train_examples),
                          processing_class=tokenizer)
     extra = {"checkpointing": True, "model_load_s": round(load_s, 2), "after_load_gb": after_load,
-             "unsloth": unsloth.__version__}
+             "unsloth": unsloth.__version__, "padding_free": trainer.args.padding_free}
     return time_sft_trainer(trainer, opts, device, extra)
