@@ -79,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--datasets", nargs="+", default=list(OFFLINE_DATASETS), metavar="ID",
                         help="ir_datasets topic sets for the examples")
     parser.add_argument("--train-examples", type=int, default=None,
-                        help="training examples of the window recipes; N of the N-vs-2N training.py runs")
+                        help="training examples of the window recipes; 3N of the default's N-vs-3N training.py runs")
     parser.add_argument("--original-examples", type=int, default=None,
-                        help="N of the N-vs-2N training.py runs of the original recipe (slow, fixed-shape steps)")
+                        help="N of the N-vs-3N training.py runs of the original recipe (slow, fixed-shape steps)")
     parser.add_argument("--test-queries", type=int, default=35, help="queries expanded in the generation stage")
     parser.add_argument("--seed", type=int, default=42, help="seed of the example order and the model weights")
     parser.add_argument("--warmup-steps", type=int, default=None, help="optimizer steps before a timed window")

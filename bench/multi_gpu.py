@@ -63,11 +63,16 @@ def train(paths: Paths, opts, processes: int, copies: int, epochs: int) -> dict:
     split, tokens = write_split_file(paths, name, EXAMPLES * copies, opts.seed)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--multi_gpu"] * (processes > 1) + ["--cpu"] * opts.tiny
+    launch += ["--multi_gpu"] * (processes > 1)
     command = launch + [str(REPO / "training.py"), "--model", str(paths.model), "--split-file", str(split),
                         "--epochs", str(epochs), "--output-dir", str(paths.runs), "--run-name", name, "--overwrite"]
+    env = environment_without_hub(paths)
+    if not opts.tiny:
+        # One GPU per process: with more GPUs visible, one process would spread each batch over all
+        # of them (the Trainer's DataParallel) and the 1-GPU baseline would not be one GPU.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(processes))
     started = time.perf_counter()
-    subprocess.run(command, check=True, env=environment_without_hub(paths), cwd=str(paths.work))
+    subprocess.run(command, check=True, env=env, cwd=str(paths.work))
     wall = time.perf_counter() - started
     finished = rundir.read_run_file(paths.runs / name, rundir.FINISHED_FILE)
     return {"examples": EXAMPLES * copies * epochs, "tokens": tokens * epochs, "wall_s": round(wall, 1),
