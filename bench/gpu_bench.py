@@ -10,7 +10,7 @@ beside the code):
 
 CPU check of every code path except the CUDA-only calls (a 2-layer random Mistral, a few steps):
 
-    python bench/gpu_bench.py --tiny --recipes default,trl --out /tmp/gpu-tiny.json
+    python bench/gpu_bench.py --tiny --recipes default,original --out /tmp/gpu-tiny.json
 
 Stages, each in its own subprocess (every peak-memory figure is its own, a crash costs one stage,
 the JSON is rewritten after each): build (bench/gpu_build.py: model folder, examples), train-RECIPE
@@ -70,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", default=None,
                         help="folder for the model, data, adapters and runs; reused (default: <tmp>/qexpand-gpu-bench)")
     parser.add_argument("--rebuild", action="store_true", help="build the random model again even if one exists")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the example order and the model weights")
     parser.add_argument("--tokenizer", default=None,
-                        help="Mistral tokenizer: a tokenizer.model file or a folder saved by transformers; "
-                             "default: mistral-common's copy")
+                        help="Mistral tokenizer file or saved folder (default: mistral-common's copy)")
     parser.add_argument("--topics-home", default=None,
                         help="ir_datasets cache folder with the TREC topic files (copied before use); default: "
                              "../shared/ir_datasets; 'none': stand-in topics with the real token counts")
@@ -83,7 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--original-examples", type=int, default=None,
                         help="N of the N-vs-3N training.py runs of the original recipe (slow, fixed-shape steps)")
     parser.add_argument("--test-queries", type=int, default=35, help="queries expanded in the generation stage")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the example order and the model weights")
     parser.add_argument("--warmup-steps", type=int, default=None, help="optimizer steps before a timed window")
     parser.add_argument("--measure-steps", type=int, default=None, help="optimizer steps in a timed window")
     parser.add_argument("--gen-new-tokens", type=int, default=None, help="max_new_tokens of every generation")

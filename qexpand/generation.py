@@ -92,8 +92,9 @@ class GraphedGreedy:
     fed the pad token), but every step reads and writes the same buffers: the cache has room for
     prompt + budget tokens from the start, and the attention mask comes from a step counter kept on
     the device. So the step (forward, argmax, bookkeeping) is captured once and replayed. Capturing
-    costs about two steps; torch.compile of the same step, the library's route to CUDA graphs, took
-    86 s for Mistral-7B on an H100. On the CPU the same step runs without a graph.
+    costs about two steps, where torch.compile of the same step (the library's route to CUDA graphs,
+    `cache_implementation="static"`) takes about a minute for a 7B model (bench/RESULTS.md). On the
+    CPU the same step runs without a graph.
     """
 
     def __init__(self, model, prompts: list[list[int]], pad_id: int, eos_id: int, budget: int):
@@ -116,6 +117,13 @@ class GraphedGreedy:
         self.unfinished = torch.ones(rows, dtype=torch.bool, device=self.device)
         self.next_ids = torch.full((rows, 1), pad_id, dtype=torch.long, device=self.device)
         self.graphed, self.capture_s = False, 0.0
+
+    @staticmethod
+    def supports(model, length: int) -> bool:
+        """Whether prompt + new tokens fit the model's attention span: the cache here attends to
+        every earlier token, which a sliding-window model only does within its window."""
+        window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
+        return window is None or length <= window
 
     def _choose(self, logits: torch.Tensor) -> None:
         """Record the argmax of each row at `step` (pad once a row has ended) and make it the next input."""
@@ -258,7 +266,8 @@ def generate_descriptions(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
         prompts = [encoded[i] for i in batch]
-        if graphed and num_candidates == 1:
+        length = max(len(p) for p in prompts) + max_new_tokens
+        if graphed and num_candidates == 1 and GraphedGreedy.supports(model, length):
             rows = GraphedGreedy(model, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, max_new_tokens).run()
         else:
             rows = _generate_rows(model, tokenizer, prompts, num_candidates, max_new_tokens, sampling)
