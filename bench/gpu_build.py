@@ -12,7 +12,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from bench.gpu_common import MODEL_META, REPO, Paths, free_memory, resolve_device, timed, write_json
+from bench.gpu_common import MODEL_META, Paths, free_memory, resolve_device, timed, write_json
 from qexpand.rundir import read_json
 
 # Fallback when no topic files are at hand: token counts (Mistral tokenizer, no BOS/EOS) of the
@@ -48,8 +48,6 @@ def find_tokenizer_source(requested: str | None) -> Path:
         return path
     spec = importlib.util.find_spec("mistral_common")
     candidates = [Path(spec.origin).parent / "data" / "tokenizer.model.v1"] if spec and spec.origin else []
-    candidates += [REPO / ".whl" / "tokenizer", REPO / ".whl" / "tokenizer.model",
-                   REPO / "bench_data" / "tokenizer", REPO / "bench_data" / "tokenizer.model"]
     for candidate in candidates:
         if candidate.exists():
             return candidate
@@ -116,10 +114,9 @@ def find_topics_home(requested: str | None) -> Path | None:
         if not Path(requested).is_dir():
             raise FileNotFoundError(f"--topics-home {requested}: no such folder")
         return Path(requested)
-    for candidate in (REPO / ".whl" / "irds", REPO.parent / "shared" / "ir_datasets"):
-        if candidate.is_dir():
-            return candidate
-    return None
+    from qexpand.data import SHARED_TOPICS
+
+    return SHARED_TOPICS if SHARED_TOPICS.is_dir() else None
 
 
 def copy_topics_home(source: Path, target: Path) -> None:
