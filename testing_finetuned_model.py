@@ -21,6 +21,7 @@ directory. From Python: `main(parse_config([...]))` returns the report.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qexpand import data, modeling, options, quiet, rundir, runcheck
+from qexpand import data, generation, modeling, options, quiet, rundir, runcheck
 from qexpand.config import TestConfig, validate_testing
 from qexpand.errors import UserError, run_cli
 from qexpand.expandtopics import expand_topics
@@ -117,22 +118,10 @@ def cpu_autocast(config: TestConfig) -> bool:
 
 
 def load_model(base: str, gguf: str | None, run_dir: Path, config: TestConfig):
-    """The base model with the run's adapter, merged into it whenever the base is unquantized
-    (nothing is lost and the merged model generates faster; bench/RESULTS.md)."""
-    import torch
-    from peft import PeftModel
-
+    """The base model with the run's adapter, merged into it (by the caller) whenever the base is
+    unquantized (nothing is lost and the merged model generates faster; bench/RESULTS.md)."""
     precision = "fp32" if cpu_autocast(config) else config.precision
-    model = modeling.load_base_model(base, gguf, config.quantization, config.device, precision)
-    model = PeftModel.from_pretrained(model, str(run_dir))
-    if config.device == "cuda" and config.quantization == "nf4":
-        # LoRA weights load in float32; in bf16 they skip two casts per LoRA layer and token, which
-        # halved generation time on an H100 (bench/RESULTS.md).
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.data = parameter.data.to(torch.bfloat16)
-    model.config.use_cache = True
-    return model
+    return generation.load_with_adapter(base, gguf, run_dir, config.device, config.quantization, precision)
 
 
 def pick_candidate(query: str, candidates: list[str], scorer: Scorer | None, select: str | None) -> int:
@@ -284,7 +273,12 @@ def main(config: TestConfig) -> dict:
     validate_testing(config)
     run_dir = rundir.resolve_run(Path(config.output_dir), config.run, "python training.py --resume")
     record = runcheck.check_finished_run(run_dir)  # every file, before any model is loaded
+    asked = "none" if config.merge else config.quantization
     config = settle_testing(config, record.config)
+    # On CUDA the adapter is merged into a bf16 base where the GPU has the memory, else as trained.
+    form = generation.choose_generation_form(config.device, asked, record.config.quantization,
+                                             *choose_base_model(config, record))
+    config = dataclasses.replace(config, quantization=form.quantization)
     template = record.config.prompt_template
     if config.topics:
         topics = read_topics(config.topics)

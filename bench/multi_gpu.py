@@ -1,95 +1,113 @@
 """Data-parallel scaling of training.py: one GPU against several, on the 7B Mistral architecture.
 
-Run on a machine with 2 GPUs (after `bench/gpu_bench.py` built the random 7B model folder, which
-this script asks it to do first):
+Run on a machine with 2 GPUs (the random 7B folder is built by gpu_bench.py's build stage first):
 
-    python bench/multi_gpu.py --tokenizer .whl/tokenizer --topics-home .whl/irds --out bench/results/multi_gpu.json
+    python bench/multi_gpu.py --tokenizer TOKENIZER_DIR --topics-home IRDS_DIR --out bench/results/multi_gpu.json
 
-The 230 training topics of the usual split are repeated --repeat times (each copy a distinct record),
-so each process gets enough batches to keep its GPU busy. The real training.py is started with
-`accelerate launch --num_processes N` for N = 1 and N = --gpus, one epoch each, and its
-finished.json gives the training time (one eval and one checkpoint save included, as in a real run).
+The real training.py runs under `accelerate launch --num_processes N` (N = 1 and --gpus), default
+recipe (batch 32 per GPU, recomputation), 3 epochs with the eval pass and checkpoint save of each
+epoch, on the 280 training examples repeated --repeat times (each copy a distinct record). Each N
+also runs once on the examples unrepeated: both runs have the same fixed costs (start-up, model
+load, first steps, 3 evals and saves), so their difference gives the time of the extra optimizer
+steps alone. Reported: scaling per optimizer step (from those differences) and end to end (the
+long run's training time and the whole command's wall time), and the fixed costs' share.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import gpu_bench  # noqa: E402
+from bench.gpu_build import write_split_file  # noqa: E402
+from bench.gpu_common import Paths, environment_without_hub, write_json  # noqa: E402
+from qexpand import rundir  # noqa: E402
+
+EXAMPLES = 280
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.model (see gpu_bench.py)")
     parser.add_argument("--topics-home", default=None, help="folder with the TREC topic files (ir_datasets layout)")
-    parser.add_argument("--work-dir", default="/tmp/qexpand-gpu-bench", help="gpu_bench.py's work folder")
+    parser.add_argument("--work-dir", default=None, help="gpu_bench.py's work folder (model reused)")
     parser.add_argument("--gpus", type=int, default=2, help="processes (GPUs) of the data-parallel run")
-    parser.add_argument("--repeat", type=int, default=10, help="copies of the training topics")
+    parser.add_argument("--repeat", type=int, default=10, help="copies of the training examples in the long run")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of every run")
+    parser.add_argument("--tiny", action="store_true", help="2-layer model on the CPU (gloo): checks the code path")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "multi_gpu.json"), help="result JSON")
     return parser
 
 
-def build_model(args) -> Path:
-    """gpu_bench.py's build stage (plus one short default-recipe timing) makes the 7B folder."""
-    command = [sys.executable, str(REPO / "bench" / "gpu_bench.py"), "--stages", "train", "--recipes", "default",
-               "--work-dir", args.work_dir, "--out", str(Path(args.work_dir) / "gpu_bench_for_multi.json")]
-    command += ["--tokenizer", args.tokenizer] * bool(args.tokenizer)
-    command += ["--topics-home", args.topics_home] * bool(args.topics_home)
-    subprocess.run(command, check=True)
-    return Path(args.work_dir) / "model-mistral-7b"
+def bench_options(args) -> argparse.Namespace:
+    """gpu_bench's options for the build stage, which writes the model folder and the example order."""
+    argv = ["--stages", ""]
+    for flag, value in (("--tokenizer", args.tokenizer), ("--topics-home", args.topics_home),
+                        ("--work-dir", args.work_dir)):
+        argv += [flag, value] if value else []
+    argv += ["--tiny"] * args.tiny
+    opts = gpu_bench.resolve_options(gpu_bench.build_parser().parse_args(argv))
+    opts.out = str(Path(opts.work_dir) / "build-for-multi-gpu.json")
+    return opts
 
 
-def repeated_split(args, out: Path) -> int:
-    """The seeded 230/35/35 split of the offline topics, its training part repeated."""
-    os.environ["IR_DATASETS_HOME"] = str(Path(args.work_dir) / "irds")
-    from qexpand import data
-
-    topics = data.load_all_topics(["clueweb09/catb/trec-web-2009", "disks45/nocr/trec-robust-2004"])
-    split = data.split_topics(topics, (230, 35, 35), seed=42)
-    split["train"] = [replace(t, query_id=f"{t.query_id}#{copy}") for copy in range(args.repeat)
-                      for t in split["train"]]
-    out.write_text(json.dumps(data.split_to_json(split, 42, ["repeated"])))
-    return len(split["train"])
-
-
-def train(model: Path, split_file: Path, processes: int, args) -> dict:
-    name = f"gpus{processes}"
+def train(paths: Paths, opts, processes: int, copies: int, epochs: int) -> dict:
+    name = f"gpus{processes}-x{copies}"
+    split, tokens = write_split_file(paths, name, EXAMPLES * copies, opts.seed)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     launch += ["--multi_gpu"] * (processes > 1)
-    command = launch + [str(REPO / "training.py"), "--model", str(model), "--split-file", str(split_file),
-                        "--epochs", "1", "--output-dir", str(Path(args.work_dir) / "multi"), "--run-name", name,
-                        "--overwrite"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    command = launch + [str(REPO / "training.py"), "--model", str(paths.model), "--split-file", str(split),
+                        "--epochs", str(epochs), "--output-dir", str(paths.runs), "--run-name", name, "--overwrite"]
+    env = environment_without_hub(paths)
+    if not opts.tiny:
+        # One GPU per process: with more GPUs visible, one process would spread each batch over all
+        # of them (the Trainer's DataParallel) and the 1-GPU baseline would not be one GPU.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(processes))
     started = time.perf_counter()
-    subprocess.run(command, check=True, env=env)
+    subprocess.run(command, check=True, env=env, cwd=str(paths.work))
     wall = time.perf_counter() - started
-    return {**json.loads((Path(args.work_dir) / "multi" / name / "finished.json").read_text()),
-            "wall_s": round(wall, 1)}
+    finished = rundir.read_run_file(paths.runs / name, rundir.FINISHED_FILE)
+    return {"examples": EXAMPLES * copies * epochs, "tokens": tokens * epochs, "wall_s": round(wall, 1),
+            "train_seconds": finished["train_seconds"], "global_steps": finished["global_steps"],
+            "peak_gb": finished.get("peak_gpu_memory_gb"), "best_eval_loss": finished.get("best_eval_loss")}
+
+
+def scaling(args, paths: Paths, opts) -> dict:
+    result = {"gpus": [1, args.gpus], "repeat": args.repeat, "epochs": args.epochs, "runs": {}}
+    for processes in (1, args.gpus):
+        short = train(paths, opts, processes, 1, args.epochs)
+        long = train(paths, opts, processes, args.repeat, args.epochs)
+        step_s = (long["train_seconds"] - short["train_seconds"]) / (long["global_steps"] - short["global_steps"])
+        fixed_s = short["train_seconds"] - step_s * short["global_steps"]
+        result["runs"][str(processes)] = {
+            "short": short, "long": long, "seconds_per_step": round(step_s, 4),
+            "samples_per_step": round(long["examples"] / long["global_steps"], 1),
+            "steady_samples_per_s": round((long["examples"] - short["examples"]) /
+                                          (long["train_seconds"] - short["train_seconds"]), 2),
+            "fixed_s": round(fixed_s, 2), "fixed_share_of_long": round(fixed_s / long["train_seconds"], 3),
+            "end_to_end_samples_per_s": round(long["examples"] / long["train_seconds"], 2),
+            "wall_samples_per_s": round(long["examples"] / long["wall_s"], 2)}
+    one, many = result["runs"]["1"], result["runs"][str(args.gpus)]
+    for key in ("steady_samples_per_s", "end_to_end_samples_per_s", "wall_samples_per_s"):
+        result[f"speedup_{key}"] = round(many[key] / one[key], 3)
+    return result
 
 
 def main(args) -> int:
-    model = build_model(args)
-    split_file = Path(args.work_dir) / "split-repeated.json"
-    examples = repeated_split(args, split_file)
-    runs = {n: train(model, split_file, n, args) for n in (1, args.gpus)}
-    rates = {n: examples / r["train_seconds"] for n, r in runs.items()}
-    result = {"gpus": [1, args.gpus], "train_examples": examples,
-              "samples_per_s": [round(rates[1], 2), round(rates[args.gpus], 2)],
-              "speedup": round(rates[args.gpus] / rates[1], 3),
-              "efficiency": round(rates[args.gpus] / rates[1] / args.gpus, 3),
-              "runs": {str(n): r for n, r in runs.items()}, "command": " ".join(["python", *sys.argv])}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+    opts = bench_options(args)
+    gpu_bench.run_all(opts)  # with no stages: the build stage only (model folder, example order)
+    result = scaling(args, Paths(opts), opts)
+    result["command"] = " ".join(["python", *sys.argv])
+    write_json(Path(args.out), result)
+    print({k: v for k, v in result.items() if k.startswith("speedup")})
     return 0
 
 

@@ -156,7 +156,8 @@ class TestConfig:
     gguf_file: str | None = option(None, "GGUF file inside --model", MODEL)
     device: str = option("auto", "where to generate; auto = CUDA when PyTorch sees a GPU", MODEL,
                          choices=DEVICE_CHOICES)
-    quantization: str = option("auto", "auto = as the run was trained", MODEL, choices=QUANTIZATION_CHOICES)
+    quantization: str = option("auto", "auto = on CUDA the adapter merged into a bf16 base where the GPU has the "
+                               "memory, else as the run was trained", MODEL, choices=QUANTIZATION_CHOICES)
     precision: str = option("auto", "bf16 or fp32 for an unquantized base (on the CPU bf16 means bf16 "
                             "autocast over float32 weights); auto = as the run was trained", MODEL,
                             choices=PRECISION_CHOICES)

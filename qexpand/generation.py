@@ -12,20 +12,36 @@ at every step until the last row of the batch ends:
 - Nucleus (top-p) filtering ranks only the k most likely tokens rather than the whole vocabulary
   (the library's sort of 192 x 49,152 logits took about 0.7 s of a 2 s step on 2 cores).
 Together they cut sampling 6 candidates for 32 queries (64 tokens at most) from 135 s to 64 s.
+
+On a GPU the opposite holds: a decoding step of a 7B model for a few dozen rows is a few hundred
+small kernels, and launching them one by one from Python takes longer than running them. Greedy
+decoding there goes through `GraphedGreedy`, which keeps the KV cache in fixed buffers and replays
+the one-token step as a CUDA graph. `choose_generation_form` decides how the fine-tuned model is
+held (merged into a bf16 base when the GPU has the memory, else 4-bit).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import Cache, StaticLayer
 
+from qexpand import modeling
 from qexpand.prompt import prompt_ids
 
 # A batch stops once at most this share of its rows are still running; they continue on their own.
 STRAGGLER_SHARE = 0.1
+# GraphedGreedy looks whether every row has ended once per this many steps (each look waits for the GPU).
+FINISHED_CHECK_STEPS = 8
+# Room beside the merged bf16 weights for the KV cache, activations and the CUDA context (bytes).
+GENERATION_HEADROOM = 4 * 1024**3
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,6 +83,118 @@ class StopForStragglers(StoppingCriteria):
         running = ~(input_ids[:, self.prompt_length :] == self.eos).any(dim=-1)
         stop = bool(running.sum() <= self.limit)
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class GraphedGreedy:
+    """Greedy decoding of one batch with a static KV cache; on CUDA its one-token step is a CUDA graph.
+
+    It computes what the library's greedy search computes (same positions, same masks, finished rows
+    fed the pad token), but every step reads and writes the same buffers: the cache has room for
+    prompt + budget tokens from the start, and the attention mask comes from a step counter kept on
+    the device. So the step (forward, argmax, bookkeeping) is captured once and replayed. Capturing
+    costs about two steps, where torch.compile of the same step (the library's route to CUDA graphs,
+    `cache_implementation="static"`) takes about a minute for a 7B model (bench/RESULTS.md). On the
+    CPU the same step runs without a graph.
+    """
+
+    def __init__(self, model, prompts: list[list[int]], pad_id: int, eos_id: int, budget: int):
+        self.model, self.budget, self.eos = model, budget, eos_id
+        self.device = next(model.parameters()).device
+        rows, self.width = len(prompts), max(len(p) for p in prompts)
+        length = self.width + budget
+        ids = torch.full((rows, self.width), pad_id, dtype=torch.long)
+        valid = torch.zeros((rows, length), dtype=torch.bool)  # prompt keys each row may attend
+        for row, prompt in enumerate(prompts):
+            ids[row, self.width - len(prompt):] = torch.tensor(prompt)
+            valid[row, self.width - len(prompt):self.width] = True
+        self.prompt_ids, self.valid = ids.to(self.device), valid.to(self.device)
+        self.key_index = torch.arange(length, device=self.device)
+        layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        self.cache = Cache(layers=[StaticLayer(max_cache_len=length) for _ in range(layers)])
+        self.pad = torch.tensor(pad_id, device=self.device)
+        self.tokens = torch.full((rows, budget), pad_id, dtype=torch.long, device=self.device)
+        self.step = torch.zeros(1, dtype=torch.long, device=self.device)  # index of the token being chosen
+        self.unfinished = torch.ones(rows, dtype=torch.bool, device=self.device)
+        self.next_ids = torch.full((rows, 1), pad_id, dtype=torch.long, device=self.device)
+        self.graphed, self.capture_s = False, 0.0
+
+    @staticmethod
+    def supports(model, length: int) -> bool:
+        """Whether prompt + new tokens fit the model's attention span: the cache here attends to
+        every earlier token, which a sliding-window model only does within its window."""
+        window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
+        return window is None or length <= window
+
+    def _choose(self, logits: torch.Tensor) -> None:
+        """Record the argmax of each row at `step` (pad once a row has ended) and make it the next input."""
+        chosen = logits.float().argmax(dim=-1)
+        chosen = torch.where(self.unfinished, chosen, self.pad)
+        self.unfinished &= chosen != self.eos
+        self.tokens.index_copy_(1, self.step, chosen[:, None])
+        self.next_ids.copy_(chosen[:, None])
+
+    def _prefill(self) -> None:
+        prompt_valid = self.valid[:, :self.width]
+        # Positions as the library counts them under left padding (pads get 1).
+        self.positions = (prompt_valid.long().cumsum(-1) - 1).masked_fill(~prompt_valid, 1)
+        causal = self.key_index[None, :] <= torch.arange(self.width, device=self.device)[:, None]
+        mask = causal[None] & self.valid[:, None, :]
+        # A query on a pad sees no key at all; let it see every key (its output is never used) so the
+        # attention softmax stays finite, as the library does.
+        mask |= ~mask.any(dim=-1, keepdim=True)
+        out = self.model(input_ids=self.prompt_ids, position_ids=self.positions, attention_mask=mask[:, None],
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self._choose(out.logits[:, -1])
+        self.positions = self.positions[:, -1:] + 1
+
+    def _decode_step(self) -> None:
+        """One token for every row, on fixed buffers only (no host sync): capturable as a CUDA graph."""
+        # The token fed in now sits at width + step; it and the tokens before it are attended.
+        generated = (self.key_index >= self.width) & (self.key_index <= self.width + self.step)
+        mask = self.valid | generated[None, :]
+        out = self.model(input_ids=self.next_ids, position_ids=self.positions, attention_mask=mask[:, None, None],
+                         past_key_values=self.cache, use_cache=True)
+        self.step += 1
+        self._choose(out.logits[:, -1])
+        self.positions += 1
+
+    def _capture(self):
+        """The decode step as a CUDA graph, or None where capture fails (then steps run eagerly)."""
+        saved = [t.clone() for t in self._state()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture: lazy library handles and kernels
+            self._decode_step()
+        torch.cuda.current_stream().wait_stream(side)
+        for tensor, value in zip(self._state(), saved):
+            tensor.copy_(value)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._decode_step()
+        except RuntimeError as error:  # e.g. a kernel that synchronises with the host
+            log.warning("decoding without a CUDA graph: %s", str(error).splitlines()[0])
+            torch.cuda.synchronize()
+            return None
+        return graph
+
+    def _state(self) -> list[torch.Tensor]:
+        cache_lengths = [layer.cumulative_length for layer in self.cache.layers]
+        return [self.next_ids, self.positions, self.step, self.unfinished, self.tokens, *cache_lengths]
+
+    @torch.inference_mode()
+    def run(self) -> list[list[int]]:
+        self._prefill()
+        started = time.perf_counter()
+        graph = self._capture() if self.device.type == "cuda" and self.budget > 1 else None
+        self.graphed, self.capture_s = graph is not None, time.perf_counter() - started
+        done = 1
+        while done < self.budget:
+            graph.replay() if graph is not None else self._decode_step()
+            done += 1
+            if done % FINISHED_CHECK_STEPS == 0 and not bool(self.unfinished.any()):
+                break
+        return self.tokens[:, :done].tolist()
 
 
 def _decode_row(tokenizer, row: list[int]) -> Generation:
@@ -115,8 +243,13 @@ def generate_descriptions(
     top_p: float = 0.95,
     seed: int = 0,
     progress: bool = True,
+    graphed: bool | None = None,
 ) -> list[list[Generation]]:
-    """`num_candidates` generations per query: greedy for one, sampled for more."""
+    """`num_candidates` generations per query: greedy for one, sampled for more.
+
+    graphed: greedy batches go through GraphedGreedy (see there) instead of the library's generate;
+    None: on CUDA.
+    """
     encoded = [prompt_ids(tokenizer, template, q) for q in queries]
     order = sorted(range(len(queries)), key=lambda i: len(encoded[i]))
     results: list[list[Generation]] = [[] for _ in queries]
@@ -128,9 +261,77 @@ def generate_descriptions(
     else:
         sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     model.eval()
+    if graphed is None:
+        graphed = next(model.parameters()).device.type == "cuda"
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
-        rows = _generate_rows(model, tokenizer, [encoded[i] for i in batch], num_candidates, max_new_tokens, sampling)
+        prompts = [encoded[i] for i in batch]
+        length = max(len(p) for p in prompts) + max_new_tokens
+        if graphed and num_candidates == 1 and GraphedGreedy.supports(model, length):
+            rows = GraphedGreedy(model, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, max_new_tokens).run()
+        else:
+            rows = _generate_rows(model, tokenizer, prompts, num_candidates, max_new_tokens, sampling)
         for row_number, row in enumerate(rows):
             results[batch[row_number // num_candidates]].append(_decode_row(tokenizer, row))
     return results
+
+
+@dataclass(frozen=True)
+class GenerationForm:
+    """How the fine-tuned model is held while it generates, and why."""
+
+    quantization: str  # "none": the adapter merged into plain weights (bf16 on CUDA); "nf4": 4-bit base + LoRA
+    reason: str
+
+    @property
+    def merged(self) -> bool:
+        return self.quantization == "none"
+
+
+def bf16_weight_bytes(base_model: str, gguf_file: str | None) -> int:
+    """Size of the base model's weights in bf16, counted on an empty (meta-device) copy."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(modeling.load_config(base_model, gguf_file))
+    return 2 * sum(p.numel() for p in skeleton.parameters())
+
+
+def choose_generation_form(device: str, requested: str, trained: str, base_model: str,
+                           gguf_file: str | None) -> GenerationForm:
+    """How to hold the model for generation: `requested` ("auto", "nf4" or "none"; --merge is "none"),
+    else on CUDA the adapter merged into a bf16 base wherever that fits, else as it was `trained`.
+
+    On CUDA a merged bf16 model decodes faster than the 4-bit base with LoRA layers beside it, though
+    it reads about 3.7x the weight bytes per step: the 4-bit path de-quantizes every weight at every
+    step and runs the LoRA kernels on the side (bench/RESULTS.md has the measurements).
+    """
+    if requested != "auto":
+        return GenerationForm(requested, f"--quantization {requested} (or --merge) was asked for")
+    if device != "cuda" or trained != "nf4":
+        return GenerationForm(trained, f"as the run was trained ({trained})")
+    needed = bf16_weight_bytes(base_model, gguf_file) + GENERATION_HEADROOM
+    free, _ = torch.cuda.mem_get_info()
+    fits = free >= needed
+    reason = (f"bf16 weights plus room for the cache ({needed / 2**30:.1f} GiB) "
+              f"{'fit in' if fits else 'exceed'} the GPU's free {free / 2**30:.1f} GiB")
+    return GenerationForm("none" if fits else "nf4", reason)
+
+
+def load_with_adapter(base_model: str, gguf_file: str | None, adapter_dir, device: str, quantization: str,
+                        precision: str):
+    """The base model with the run's adapter attached (merging is left to the caller, which may
+    first generate with the adapter switched off)."""
+    from peft import PeftModel
+
+    model = modeling.load_base_model(base_model, gguf_file, quantization, device, precision)
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    if device == "cuda" and quantization == "nf4":
+        # LoRA weights load in float32; in bf16 they skip two casts per LoRA layer and token, which
+        # halved generation time on an H100 (bench/RESULTS.md).
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.data = parameter.data.to(torch.bfloat16)
+    model.config.use_cache = True
+    return model

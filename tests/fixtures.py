@@ -79,17 +79,10 @@ def mistral_tokenizer_folder(folder: Path) -> Path:
 
 def tiny_mistral_folder(folder: Path, seed: int = 0) -> Path:
     """A random 2-layer MistralForCausalLM with the real 32000-token vocabulary, saved with its tokenizer."""
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
+    from bench.random_mistral import save_random_mistral
 
     mistral_tokenizer_folder(folder)
-    torch.manual_seed(seed)
-    config = MistralConfig(
-        vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )
-    MistralForCausalLM(config).save_pretrained(str(folder))
+    save_random_mistral(Path(folder), tiny=True, seed=seed)
     return Path(folder)
 
 

@@ -1,0 +1,19 @@
+"""This project's default recipe: `python training.py` with no recipe flags (plus a variant's flags)."""
+
+from __future__ import annotations
+
+from bench.recipes import project
+
+# Variants reachable from the command line; tuning.py holds those that need a change to training.py.
+VARIANTS = {
+    "default": [],
+    "default-fast": ["--gradient-checkpointing", "off"],
+    "default-b64": ["--batch-size", "64"],
+    "default-nodrop": ["--lora-dropout", "0"],
+}
+
+
+def run(opts, paths, device, left_s, variant: str = "default") -> dict:
+    # N and 3N distinct topics (93 and 279 of the 300): repeated examples would let length-grouped
+    # batches pair each example with its own copies, with no padding, which real epochs do not get.
+    return project.throughput(opts, paths, variant, VARIANTS[variant], opts.train_examples // 3, left_s)

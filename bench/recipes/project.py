@@ -1,0 +1,53 @@
+"""Training throughput of the project's own recipes, measured through `python training.py`.
+
+A run has fixed costs that are not training (start-up, model load, first steps, the eval pass and
+checkpoint save of each epoch). Two runs that differ only in the number of training examples (N and
+3N, the same eval set, one epoch) have the same fixed costs, so the extra 2N examples over the extra
+time is the training rate, with no access to the script's insides.
+"""
+
+from __future__ import annotations
+
+from bench.gpu_build import write_split_file
+from bench.gpu_common import Paths, python_command, run_logged
+from qexpand import rundir, runcheck
+
+
+def timed_run(opts, paths: Paths, name: str, train_count: int, flags: list[str], left_s: float) -> dict:
+    """One `training.py` run on the first `train_count` examples; its finished.json and token count."""
+    split, tokens = write_split_file(paths, f"{name}-{train_count}", train_count, opts.seed)
+    run_name = f"{name}-{train_count}"
+    command = python_command("training.py", "--model", paths.model, "--split-file", split, "--epochs", "1",
+                             "--output-dir", paths.runs, "--run-name", run_name, "--overwrite", *flags)
+    result = run_logged(command, paths, f"train-{run_name}", left_s)
+    if "error" in result:
+        raise RuntimeError(f"{' '.join(map(str, command))} failed:\n{result['log_tail']}")
+    finished = rundir.read_run_file(paths.runs / run_name, rundir.FINISHED_FILE)
+    config = runcheck.read_record(paths.runs / run_name).config
+    return {"examples": train_count, "tokens": tokens, "wall_s": result["wall_s"], "finished": finished,
+            "config": config}
+
+
+def throughput(opts, paths: Paths, name: str, flags: list[str], base_count: int, left_s) -> dict:
+    """Samples and real tokens per second of training, from runs on N and 3N examples."""
+    small = timed_run(opts, paths, name, base_count, flags, left_s())
+    large = timed_run(opts, paths, name, 3 * base_count, flags, left_s())
+    seconds = large["finished"]["train_seconds"] - small["finished"]["train_seconds"]
+    if seconds <= 0:
+        raise RuntimeError(f"the run on {3 * base_count} examples was not slower than the one on {base_count} "
+                           f"({seconds:.2f} s): too few examples to see the training rate")
+    settled = large["config"]  # the run's TrainConfig with every default decided
+    return {
+        "method": f"training.py on {base_count} and {3 * base_count} examples, 1 epoch each; "
+                  "rates from the difference",
+        "flags": flags, "samples_per_s": round(2 * base_count / seconds, 2),
+        "real_tokens_per_s": round((large["tokens"] - small["tokens"]) / seconds, 1),
+        "seconds": round(seconds, 2), "peak_gb": large["finished"].get("peak_gpu_memory_gb"),
+        "checkpointing": settled.gradient_checkpointing == "on",
+        "batch_size": settled.batch_size, "grad_accum": settled.grad_accum, "optimizer": settled.optimizer,
+        "best_eval_loss": large["finished"].get("best_eval_loss"),
+        "runs": {str(r["examples"]): {"train_seconds": r["finished"]["train_seconds"], "wall_s": r["wall_s"],
+                                      "global_steps": r["finished"].get("global_steps"),
+                                      "model_load_s": r["finished"].get("model_load_seconds")}
+                 for r in (small, large)},
+    }

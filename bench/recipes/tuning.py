@@ -1,0 +1,91 @@
+"""Candidate changes to the default recipe, each measured beside a copy of the default in the same
+way (a window of optimizer steps), so that only the change differs.
+
+The copy is built from the project's public pieces (qexpand's loader, LoRA settings and example
+tokenisation) with the Trainer settings training.py uses: batch 32, recomputation without
+re-entrant checkpoints, fused AdamW, bf16 autocast, length-grouped batches padded to a multiple of 8.
+A change that pays here is proposed for training.py, not made behind its back.
+"""
+
+from __future__ import annotations
+
+from bench.gpu_build import training_examples
+from bench.gpu_common import CountingCollator, gpu_gb, measure_trainer, reset_peak, step_timer, timed
+
+# name -> the changes against the copy of the default recipe
+VARIANTS = {
+    "copy": {},
+    "nodrop": {"lora_dropout": 0.0},
+    "liger": {"liger": True},
+    "packed": {"packed": True},
+    "packed-nodrop-liger": {"packed": True, "lora_dropout": 0.0, "liger": True},
+    "packed-nodrop-liger-b64": {"packed": True, "lora_dropout": 0.0, "liger": True, "batch_size": 64},
+}
+COPY = {"batch_size": 32, "lora_dropout": 0.05, "liger": False, "packed": False, "checkpointing": True}
+
+
+def collator_for(tokenizer, packed: bool):
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if packed:
+        # One row per batch, the examples end to end, position ids restarting at each example: no
+        # padding, and the attention mask keeps the examples apart.
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8)
+
+
+def run(opts, paths, device, left_s, variant: str) -> dict:
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from qexpand import modeling
+    from qexpand.prompt import PROMPT_TEMPLATE, tokenize_example
+
+    settings = {**COPY, **VARIANTS[variant]}
+    tokenizer = modeling.load_tokenizer(str(paths.model))
+    tokenizer.padding_side = "right"
+    model, load_s = timed(lambda: modeling.load_base_model(str(paths.model), None, "nf4", device, "bf16"), device)
+    reset_peak(device)
+    model.enable_input_require_grads()
+    model = get_peft_model(model, modeling.lora_config(model, 8, 16, settings["lora_dropout"], "all-linear"))
+    topics, _ = training_examples(paths, opts.train_examples)
+    rows = Dataset.from_list([tokenize_example(tokenizer, PROMPT_TEMPLATE, t.query, t.description, 256)
+                              for t in topics])
+    args = TrainingArguments(
+        output_dir=str(paths.trainer_out / f"tuning-{variant}"), per_device_train_batch_size=settings["batch_size"],
+        max_steps=opts.warmup_steps + opts.measure_steps, learning_rate=2e-4, lr_scheduler_type="cosine",
+        optim="adamw_torch_fused" if device == "cuda" else "adamw_torch", bf16=device == "cuda",
+        use_cpu=device != "cuda", gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, train_sampling_strategy="group_by_length",
+        use_liger_kernel=settings["liger"], save_strategy="no", eval_strategy="no", report_to="none",
+        seed=opts.seed, data_seed=opts.seed, dataloader_num_workers=0, label_names=["labels"], disable_tqdm=True)
+    collator = CountingCollator(collator_for(tokenizer, settings["packed"]))
+    timer = step_timer(device)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[timer])
+    result = {"settings": settings, "checkpointing": True, "batch_size": settings["batch_size"], "grad_accum": 1,
+              "model_load_s": round(load_s, 2)}
+    result.update(measure_trainer(trainer, collator, timer, opts.warmup_steps, opts.measure_steps, 1))
+    result["peak_gb"] = gpu_gb(device, peak=True)
+    if variant == "copy" and device == "cuda":
+        result["profile"] = profile_step(trainer, collator)
+    return result
+
+
+def profile_step(trainer, collator) -> list[dict]:
+    """The CUDA kernels that take most time in one more training step (forward, recomputation, backward)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = collator.inner([trainer.train_dataset[i] for i in range(trainer.args.per_device_train_batch_size)])
+    batch = {k: v.to(trainer.args.device) for k, v in batch.items()}
+    trainer.model.train()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = trainer.model(**batch).loss
+        loss.backward()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events)
+    return [{"name": e.key[:90], "calls": e.count, "self_cuda_ms": round(e.self_device_time_total / 1e3, 2),
+             "share": round(e.self_device_time_total / total, 3) if total else None} for e in events[:15]]
