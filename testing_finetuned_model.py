@@ -21,7 +21,6 @@ directory. From Python: `main(parse_config([...]))` returns the report.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import re
@@ -218,10 +217,10 @@ def expand_topic_file(config: TestConfig, topics: list[QueryTopic], model, token
     return {"run": str(run_dir), "evaluation": "topics", "out": config.out, "expansions": records}
 
 
-def load_for_generation(config: TestConfig, record: runcheck.RunRecord, run_dir: Path, needs_scorer: bool):
+def load_for_generation(config: TestConfig, record: runcheck.RunRecord, run_dir: Path, base: str, gguf: str | None,
+                        needs_scorer: bool):
     """The run's tokenizer (checked against the ids training used), the model with its adapter, and
     the SBERT scorer when scores or candidate selection need it."""
-    base, gguf = choose_base_model(config, record)
     tokenizer = modeling.load_tokenizer(str(run_dir))
     runcheck.verify_tokenizer(tokenizer, record.tokenizer_check, f"saved in {run_dir}")
     modeling.keep_freed_memory(config.device)
@@ -231,7 +230,7 @@ def load_for_generation(config: TestConfig, record: runcheck.RunRecord, run_dir:
 
 
 def evaluate(config: TestConfig, run_dir: Path, template: str, evaluation: str, items: list[dict], model,
-             tokenizer, scorer) -> dict:
+             tokenizer, scorer, form: dict) -> dict:
     """Expand the items (fine-tuned, and zero-shot with --baseline), print and write them, score them."""
     queries = prepare_queries(items, tokenizer)
     loaded = modeling.describe_loaded(model)
@@ -258,7 +257,7 @@ def evaluate(config: TestConfig, run_dir: Path, template: str, evaluation: str, 
     report = score_rows(scorer, predictions, scored_items, train_topics)
     report.update(run=str(run_dir), evaluation=evaluation, generation_seconds=round(seconds, 3), ended_at_eos=ended,
                   num_candidates=config.num_candidates, select=config.select or "greedy", merged=merged,
-                  precision=config.precision, loaded=loaded)
+                  precision=config.precision, loaded=loaded, generation_form=form)
     table = report_markdown(report)
     rundir.atomic_write_json(paths["scores"], report)
     rundir.atomic_write_text(paths["table"], table)
@@ -273,22 +272,19 @@ def main(config: TestConfig) -> dict:
     validate_testing(config)
     run_dir = rundir.resolve_run(Path(config.output_dir), config.run, "python training.py --resume")
     record = runcheck.check_finished_run(run_dir)  # every file, before any model is loaded
-    asked = "none" if config.merge else config.quantization
-    config = settle_testing(config, record.config)
-    # On CUDA the adapter is merged into a bf16 base where the GPU has the memory, else as trained.
-    form = generation.choose_generation_form(config.device, asked, record.config.quantization,
-                                             *choose_base_model(config, record))
-    config = dataclasses.replace(config, quantization=form.quantization)
+    base, gguf = choose_base_model(config, record)
+    config, form = settle_testing(config, record.config, base, gguf)
     template = record.config.prompt_template
     if config.topics:
         topics = read_topics(config.topics)
         warn_if_seen(topics, run_dir)
-        model, tokenizer, scorer = load_for_generation(config, record, run_dir, needs_scorer=False)
+        model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf, needs_scorer=False)
         model = model.merge_and_unload() if config.quantization == "none" else model
         return expand_topic_file(config, topics, model, tokenizer, template, scorer, run_dir)
     evaluation, items = topics_to_expand(config, run_dir)
-    model, tokenizer, scorer = load_for_generation(config, record, run_dir, items[0]["description"] is not None)
-    return evaluate(config, run_dir, template, evaluation, items, model, tokenizer, scorer)
+    model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf,
+                                                   needs_scorer=items[0]["description"] is not None)
+    return evaluate(config, run_dir, template, evaluation, items, model, tokenizer, scorer, vars(form))
 
 
 def cli() -> int:

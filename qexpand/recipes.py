@@ -75,20 +75,24 @@ def settle_training(config: TrainConfig) -> TrainConfig:
     return settled
 
 
-def settle_testing(config: TestConfig, trained: TrainConfig) -> TestConfig:
+def settle_testing(config: TestConfig, trained: TrainConfig, base_model: str, gguf_file: str | None):
     """A copy of `config` with device, quantization, precision and decoding decided: the run's own
-    choices unless the user gave others."""
+    choices unless the user gave others; on CUDA the adapter is merged into a bf16 base where the
+    GPU has the memory. Also returns the generation form with the reason for it."""
+    from qexpand.generation import choose_generation_form
+
     device = resolve_device(config.device)
-    quantization = "none" if config.merge else (
-        config.quantization if config.quantization != "auto" else trained.quantization)
+    requested = "none" if config.merge else config.quantization
+    form = choose_generation_form(device, requested, trained.quantization, base_model, gguf_file)
     precision = config.precision if config.precision != "auto" else trained.precision
-    if quantization == "nf4" and config.precision == "fp32":
+    if form.quantization == "nf4" and config.precision == "fp32":
         raise UserError("--precision fp32 cannot go with a 4-bit NF4 base, which always computes in bf16; "
                         "add --quantization none (or --merge) to generate with float32 weights.")
-    return dataclasses.replace(
-        config, device=device, quantization=quantization, precision=precision,
+    settled = dataclasses.replace(
+        config, device=device, quantization=form.quantization, precision=precision,
         split_part=config.split_part or "test", temperature=config.temperature or 0.7,
         select=config.select or ("mbr" if config.num_candidates > 1 else None),
         format=config.format or "tsv", query_form=config.query_form or "query+expansion",
         repeat_query=config.repeat_query or 1,
     )
+    return settled, form
