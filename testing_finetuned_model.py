@@ -80,13 +80,18 @@ def topics_to_expand(config: TestConfig, run_dir: Path) -> tuple[str, list[dict]
     return name, [vars(t).copy() for t in topics]
 
 
+def seen_queries(run_dir: Path) -> set[str]:
+    """The query keys the run trained or was tuned on (its train and eval topics)."""
+    split = runcheck.read_split(run_dir)
+    return {data.query_key(t.query) for t in split["train"] + split["eval"]}
+
+
 def unseen_topics(topics: list[data.Topic], run_dir: Path, dataset_ids: list[str]) -> list[data.Topic]:
     """Drop topics whose query the adapter saw in training or eval: scores on them would flatter it.
 
     Topic sets overlap (Robust04 holds TREC 6-8's topics 301-450), so this is checked by query text.
     """
-    split = runcheck.read_split(run_dir)
-    seen = {data.query_key(t.query) for t in split["train"] + split["eval"]}
+    seen = seen_queries(run_dir)
     kept = [t for t in topics if data.query_key(t.query) not in seen]
     if not kept:
         raise UserError(
@@ -193,8 +198,7 @@ def score(items: list[dict], queries: list[str], outputs: dict, scorer: Scorer, 
 
 
 def warn_if_seen(topics: list[QueryTopic], run_dir: Path) -> None:
-    split = runcheck.read_split(run_dir)
-    seen = {data.query_key(t.query) for t in split["train"] + split["eval"]}
+    seen = seen_queries(run_dir)
     count = sum(data.query_key(t.query) in seen for t in topics)
     if count:
         log.warning("%d of %d topics have a query this run was trained or tuned on; their expansions echo "
@@ -251,10 +255,7 @@ def evaluate(config: TestConfig, run_dir: Path, template: str, evaluation: str, 
     if items[0]["description"] is None:
         return {"run": str(run_dir), "evaluation": evaluation, "predictions": [d["generated"] for d in details]}
 
-    train_topics = runcheck.read_split(run_dir)["train"]
-    scored_items = [{**item, "query": query} for item, query in zip(items, queries)]
-    predictions = {row: [d["generated"] for d in row_details] for row, (row_details, _) in outputs.items()}
-    report = score_rows(scorer, predictions, scored_items, train_topics)
+    report = score(items, queries, outputs, scorer, run_dir)
     report.update(run=str(run_dir), evaluation=evaluation, generation_seconds=round(seconds, 3), ended_at_eos=ended,
                   num_candidates=config.num_candidates, select=config.select or "greedy", merged=merged,
                   precision=config.precision, loaded=loaded, generation_form=form)
