@@ -328,6 +328,7 @@ def fit(plan: Plan, state) -> None:
     steps_per_epoch = math.ceil(len(train_set) / effective_batch)
     trainer = Trainer(model=model, args=training_arguments(settled, run_dir, steps_per_epoch),
                       train_dataset=train_set, eval_dataset=eval_set, data_collator=data_collator(settled, tokenizer))
+    quiet.hide_eval_progress_bar(trainer)
     if state.is_main_process:
         print_plan(plan, model, len(train_set), len(eval_set), state.num_processes, steps_per_epoch, checkpoint)
     first_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0

@@ -19,3 +19,16 @@ def setup_logging() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     for pattern in SILENCED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+
+
+def hide_eval_progress_bar(trainer) -> None:
+    """Keep the Trainer's progress bar for training steps but drop its bar for each eval pass: that
+    pass is a batch or two, and its bar cuts the training bar's line at every epoch."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class TrainingStepsProgress(ProgressCallback):
+        def on_prediction_step(self, args, state, control, **kwargs):
+            pass
+
+    if trainer.pop_callback(ProgressCallback):  # None where progress bars are off (--disable_tqdm)
+        trainer.add_callback(TrainingStepsProgress)

@@ -34,6 +34,7 @@ def workspace(tmp_path_factory):
 def trained_run(workspace, tiny_model):
     result = train(tiny_model, workspace / "irds", workspace / "runs", "--run-name", "tiny")
     assert result.returncode == 0, result.stderr[-3000:]
+    (workspace / "training-tiny.stderr").write_text(result.stderr)
     return workspace / "runs" / "tiny"
 
 
@@ -66,6 +67,14 @@ def test_run_directory_holds_everything_the_test_script_needs(trained_run, tiny_
     assert split["counts"] == {"train": 30, "eval": 5, "test": 5}
     log = json.loads((trained_run / "loss_log.json").read_text())
     assert sum("eval_loss" in entry for entry in log) == 2  # once per epoch
+
+
+def test_training_console_has_one_progress_bar(trained_run, workspace):
+    console = (workspace / "training-tiny.stderr").read_text()
+    # 30 examples in batches of 8 for 2 epochs: the training bar counts to 8 steps. The eval pass
+    # (5 examples, one batch) would draw a bar of its own counting to 1/1 at every epoch.
+    assert "| 8/8 [" in console
+    assert "| 1/1 [" not in console
 
 
 def test_stock_peft_loads_the_adapter(trained_run, tiny_model):
