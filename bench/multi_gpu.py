@@ -10,7 +10,8 @@ epoch, on the 280 training examples repeated --repeat times (each copy a distinc
 also runs once on the examples unrepeated: both runs have the same fixed costs (start-up, model
 load, first steps, 3 evals and saves), so their difference gives the time of the extra optimizer
 steps alone. Reported: scaling per optimizer step (from those differences) and end to end (the
-long run's training time and the whole command's wall time), and the fixed costs' share.
+long run's training time and the whole command's wall time), and the fixed costs' share. A one-step
+warm-up run goes first, so that no timed run pays the first process's one-time costs.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ if str(REPO) not in sys.path:
 from bench import gpu_bench  # noqa: E402
 from bench.gpu_build import write_split_file  # noqa: E402
 from bench.gpu_common import Paths, environment_without_hub, write_json  # noqa: E402
+from bench.recipes.project import warm_up_once  # noqa: E402
 from qexpand import rundir  # noqa: E402
 
 EXAMPLES = 280
@@ -82,6 +84,8 @@ def train(paths: Paths, opts, processes: int, copies: int, epochs: int) -> dict:
 
 def scaling(args, paths: Paths, opts) -> dict:
     result = {"gpus": [1, args.gpus], "repeat": args.repeat, "epochs": args.epochs, "runs": {}}
+    # The first training process of a fresh machine is slower; it must not be the 1-GPU short run.
+    result["warm_up"] = warm_up_once(opts, paths, 900)
     for processes in (1, args.gpus):
         short = train(paths, opts, processes, 1, args.epochs)
         long = train(paths, opts, processes, args.repeat, args.epochs)

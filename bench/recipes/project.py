@@ -2,22 +2,27 @@
 
 A run has fixed costs that are not training (start-up, model load, first steps, the eval pass and
 checkpoint save of each epoch). Two runs that differ only in the number of training examples (N and
-3N, the same eval set, one epoch) have the same fixed costs, so the extra 2N examples over the extra
+3N, the same eval set, the same epochs) have the same fixed costs, so the extra examples over the extra
 time is the training rate, with no access to the script's insides.
+
+The first training process on a fresh machine pays one-time costs that later processes do not (its
+first step and eval took seconds longer), which would fall on the N run alone: a short warm-up run
+goes first, once per work folder.
 """
 
 from __future__ import annotations
 
 from bench.gpu_build import write_split_file
-from bench.gpu_common import Paths, python_command, run_logged
+from bench.gpu_common import Paths, python_command, run_logged, write_json
 from qexpand import rundir, runcheck
 
 
-def timed_run(opts, paths: Paths, name: str, train_count: int, flags: list[str], left_s: float) -> dict:
+def timed_run(opts, paths: Paths, name: str, train_count: int, flags: list[str], left_s: float,
+              epochs: int = 1) -> dict:
     """One `training.py` run on the first `train_count` examples; its finished.json and token count."""
     split, tokens = write_split_file(paths, f"{name}-{train_count}", train_count, opts.seed)
     run_name = f"{name}-{train_count}"
-    command = python_command("training.py", "--model", paths.model, "--split-file", split, "--epochs", "1",
+    command = python_command("training.py", "--model", paths.model, "--split-file", split, "--epochs", str(epochs),
                              "--output-dir", paths.runs, "--run-name", run_name, "--overwrite", *flags)
     result = run_logged(command, paths, f"train-{run_name}", left_s)
     if "error" in result:
@@ -28,20 +33,33 @@ def timed_run(opts, paths: Paths, name: str, train_count: int, flags: list[str],
             "config": config}
 
 
-def throughput(opts, paths: Paths, name: str, flags: list[str], base_count: int, left_s) -> dict:
+def warm_up_once(opts, paths: Paths, left_s: float) -> dict | None:
+    """One optimizer step of the default recipe, unless a training process already ran in this work folder."""
+    marker = paths.work / "warmed-up.json"
+    if marker.is_file():
+        return None
+    run = timed_run(opts, paths, "warm-up", min(32, opts.train_examples), ["--max-steps", "1"], left_s)
+    summary = {"train_seconds": run["finished"]["train_seconds"], "wall_s": run["wall_s"]}
+    write_json(marker, summary)
+    return summary
+
+
+def throughput(opts, paths: Paths, name: str, flags: list[str], base_count: int, left_s, epochs: int = 1) -> dict:
     """Samples and real tokens per second of training, from runs on N and 3N examples."""
-    small = timed_run(opts, paths, name, base_count, flags, left_s())
-    large = timed_run(opts, paths, name, 3 * base_count, flags, left_s())
+    warm_up = warm_up_once(opts, paths, left_s())
+    small = timed_run(opts, paths, name, base_count, flags, left_s(), epochs)
+    large = timed_run(opts, paths, name, 3 * base_count, flags, left_s(), epochs)
     seconds = large["finished"]["train_seconds"] - small["finished"]["train_seconds"]
     if seconds <= 0:
         raise RuntimeError(f"the run on {3 * base_count} examples was not slower than the one on {base_count} "
                            f"({seconds:.2f} s): too few examples to see the training rate")
     settled = large["config"]  # the run's TrainConfig with every default decided
+    extra = 2 * base_count * epochs
     return {
-        "method": f"training.py on {base_count} and {3 * base_count} examples, 1 epoch each; "
+        "method": f"training.py on {base_count} and {3 * base_count} examples, {epochs} epoch(s) each; "
                   "rates from the difference",
-        "flags": flags, "samples_per_s": round(2 * base_count / seconds, 2),
-        "real_tokens_per_s": round((large["tokens"] - small["tokens"]) / seconds, 1),
+        "flags": flags, "epochs": epochs, "warm_up": warm_up, "samples_per_s": round(extra / seconds, 2),
+        "real_tokens_per_s": round((large["tokens"] - small["tokens"]) * epochs / seconds, 1),
         "seconds": round(seconds, 2), "peak_gb": large["finished"].get("peak_gpu_memory_gb"),
         "checkpointing": settled.gradient_checkpointing == "on",
         "batch_size": settled.batch_size, "grad_accum": settled.grad_accum, "optimizer": settled.optimizer,
