@@ -37,8 +37,9 @@ if str(REPO) not in sys.path:
 from bench import gpu_report  # noqa: E402
 from bench.gpu_common import (  # noqa: E402
     H100_SXM_BF16_DENSE_TFLOPS, OFFLINE_DATASETS, Paths, model_params, mfu, package_version, python_command,
-    resolve_device, run_logged, write_json,
+    run_logged, write_json,
 )
+from qexpand.recipes import resolve_device  # noqa: E402
 from qexpand.rundir import read_json  # noqa: E402
 
 STAGE_GROUPS = ("train", "generate", "scripts")

@@ -12,7 +12,8 @@ import shutil
 import statistics
 from pathlib import Path
 
-from bench.gpu_common import MODEL_META, Paths, free_memory, resolve_device, timed, write_json
+from bench.gpu_common import MODEL_META, Paths, free_memory, timed, write_json
+from qexpand.recipes import resolve_device
 from qexpand.rundir import read_json
 
 # Fallback when no topic files are at hand: token counts (Mistral tokenizer, no BOS/EOS) of the

@@ -39,12 +39,6 @@ class Paths:
         self.trainer_out = self.work / "trainer-out"
 
 
-def resolve_device(requested: str) -> str:
-    from qexpand.recipes import resolve_device as settle_device
-
-    return settle_device(requested)
-
-
 def sync(device: str) -> None:
     """Wait for queued GPU work, so wall-clock timers measure it."""
     if device == "cuda":

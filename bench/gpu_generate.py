@@ -9,7 +9,8 @@ Random weights rarely emit EOS, so nearly every row runs to --gen-new-tokens: th
 from __future__ import annotations
 
 from bench.gpu_build import test_topics
-from bench.gpu_common import Paths, free_memory, gpu_gb, reset_peak, resolve_device, timed
+from bench.gpu_common import Paths, free_memory, gpu_gb, reset_peak, timed
+from qexpand.recipes import resolve_device
 
 
 def make_adapter(paths: Paths, device: str) -> None:
