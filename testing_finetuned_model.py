@@ -33,7 +33,7 @@ from qexpand import data, generation, modeling, options, quiet, rundir, runcheck
 from qexpand.config import TestConfig, validate_testing
 from qexpand.errors import UserError, run_cli
 from qexpand.expandtopics import expand_topics
-from qexpand.generation import generate_descriptions
+from qexpand.generation import GenerationForm, generate_descriptions
 from qexpand.metrics import Scorer, report_markdown, score_rows
 from qexpand.prompt import truncate_query
 from qexpand.recipes import settle_testing
@@ -122,8 +122,7 @@ def cpu_autocast(config: TestConfig) -> bool:
 
 
 def load_model(base: str, gguf: str | None, run_dir: Path, config: TestConfig):
-    """The base model with the run's adapter, merged into it (by the caller) whenever the base is
-    unquantized (nothing is lost and the merged model generates faster; bench/RESULTS.md)."""
+    """The base model with the run's adapter attached; `finetuned_model` merges it where the form says so."""
     precision = "fp32" if cpu_autocast(config) else config.precision
     return generation.load_with_adapter(base, gguf, run_dir, config.device, config.quantization, precision)
 
@@ -165,6 +164,12 @@ def expand(model, tokenizer, template: str, queries: list[str], config: TestConf
         details.append({"generated": chosen.text, "ended_at_eos": chosen.ended_at_eos,
                         "candidates": [vars(g) for g in candidates] if len(candidates) > 1 else None})
     return details, seconds
+
+
+def finetuned_model(model, form: GenerationForm):
+    """The model to generate with: on an unquantized base the adapter is merged into it (nothing is
+    lost and the merged model generates faster; bench/RESULTS.md), on a 4-bit base it stays beside it."""
+    return model.merge_and_unload() if form.merged else model
 
 
 def print_blocks(items: list[dict], queries: list[str], details: list[dict]) -> None:
@@ -234,7 +239,7 @@ def load_for_generation(config: TestConfig, record: runcheck.RunRecord, run_dir:
 
 
 def evaluate(config: TestConfig, run_dir: Path, template: str, evaluation: str, items: list[dict], model,
-             tokenizer, scorer, form: dict) -> dict:
+             tokenizer, scorer, form: GenerationForm) -> dict:
     """Expand the items (fine-tuned, and zero-shot with --baseline), print and write them, score them."""
     queries = prepare_queries(items, tokenizer)
     loaded = modeling.describe_loaded(model)
@@ -242,9 +247,7 @@ def evaluate(config: TestConfig, run_dir: Path, template: str, evaluation: str, 
     if config.baseline:
         with model.disable_adapter():
             outputs["zero_shot"] = expand(model, tokenizer, template, queries, config, scorer)
-    merged = config.quantization == "none"
-    outputs["finetuned"] = expand(model.merge_and_unload() if merged else model, tokenizer, template, queries,
-                                  config, scorer)
+    outputs["finetuned"] = expand(finetuned_model(model, form), tokenizer, template, queries, config, scorer)
     details, seconds = outputs["finetuned"]
     print_blocks(items, queries, details)
     paths = rundir.output_paths(run_dir, evaluation)
@@ -257,8 +260,8 @@ def evaluate(config: TestConfig, run_dir: Path, template: str, evaluation: str, 
 
     report = score(items, queries, outputs, scorer, run_dir)
     report.update(run=str(run_dir), evaluation=evaluation, generation_seconds=round(seconds, 3), ended_at_eos=ended,
-                  num_candidates=config.num_candidates, select=config.select or "greedy", merged=merged,
-                  precision=config.precision, loaded=loaded, generation_form=form)
+                  num_candidates=config.num_candidates, select=config.select or "greedy", merged=form.merged,
+                  precision=config.precision, loaded=loaded, generation_form=vars(form))
     table = report_markdown(report)
     rundir.atomic_write_json(paths["scores"], report)
     rundir.atomic_write_text(paths["table"], table)
@@ -280,12 +283,11 @@ def main(config: TestConfig) -> dict:
         topics = read_topics(config.topics)
         warn_if_seen(topics, run_dir)
         model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf, needs_scorer=False)
-        model = model.merge_and_unload() if config.quantization == "none" else model
-        return expand_topic_file(config, topics, model, tokenizer, template, scorer, run_dir)
+        return expand_topic_file(config, topics, finetuned_model(model, form), tokenizer, template, scorer, run_dir)
     evaluation, items = topics_to_expand(config, run_dir)
     model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf,
                                                    needs_scorer=items[0]["description"] is not None)
-    return evaluate(config, run_dir, template, evaluation, items, model, tokenizer, scorer, vars(form))
+    return evaluate(config, run_dir, template, evaluation, items, model, tokenizer, scorer, form)
 
 
 def cli() -> int:
