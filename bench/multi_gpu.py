@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus", type=int, default=2, help="processes (GPUs) of the data-parallel run")
     parser.add_argument("--repeat", type=int, default=10, help="copies of the training examples in the long run")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of every run")
+    parser.add_argument("--bracket", action="store_true",
+                        help="run the 1-GPU long run again after the several-GPU runs (baseline drift)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="also run one independent 1-GPU training per GPU at the same time (host contention)")
     parser.add_argument("--tiny", action="store_true", help="2-layer model on the CPU (gloo): checks the code path")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "multi_gpu.json"), help="result JSON")
     return parser
@@ -60,26 +64,61 @@ def bench_options(args) -> argparse.Namespace:
     return opts
 
 
-def train(paths: Paths, opts, processes: int, copies: int, epochs: int) -> dict:
-    name = f"gpus{processes}-x{copies}"
+def launch(paths: Paths, opts, processes: int, copies: int, epochs: int, name: str, gpus: str):
+    """Start `accelerate launch training.py` on `copies` x the examples, seeing only the GPUs `gpus`."""
     split, tokens = write_split_file(paths, name, EXAMPLES * copies, opts.seed)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--multi_gpu"] * (processes > 1)
-    command = launch + [str(REPO / "training.py"), "--model", str(paths.model), "--split-file", str(split),
-                        "--epochs", str(epochs), "--output-dir", str(paths.runs), "--run-name", name, "--overwrite"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--multi_gpu"] * (processes > 1)
+    command += [str(REPO / "training.py"), "--model", str(paths.model), "--split-file", str(split),
+                "--epochs", str(epochs), "--output-dir", str(paths.runs), "--run-name", name, "--overwrite"]
     env = environment_without_hub(paths)
     if not opts.tiny:
         # One GPU per process: with more GPUs visible, one process would spread each batch over all
         # of them (the Trainer's DataParallel) and the 1-GPU baseline would not be one GPU.
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(processes))
-    started = time.perf_counter()
-    subprocess.run(command, check=True, env=env, cwd=str(paths.work))
-    wall = time.perf_counter() - started
+        env["CUDA_VISIBLE_DEVICES"] = gpus
+    return subprocess.Popen(command, env=env, cwd=str(paths.work)), tokens
+
+
+def finished_run(paths: Paths, name: str, copies: int, epochs: int, tokens: int, wall: float) -> dict:
     finished = rundir.read_run_file(paths.runs / name, rundir.FINISHED_FILE)
     return {"examples": EXAMPLES * copies * epochs, "tokens": tokens * epochs, "wall_s": round(wall, 1),
             "train_seconds": finished["train_seconds"], "global_steps": finished["global_steps"],
             "peak_gb": finished.get("peak_gpu_memory_gb"), "best_eval_loss": finished.get("best_eval_loss")}
+
+
+def train(paths: Paths, opts, processes: int, copies: int, epochs: int, suffix: str = "") -> dict:
+    name = f"gpus{processes}-x{copies}{suffix}"
+    started = time.perf_counter()
+    process, tokens = launch(paths, opts, processes, copies, epochs, name, ",".join(map(str, range(processes))))
+    if process.wait() != 0:
+        raise subprocess.CalledProcessError(process.returncode, process.args)
+    return finished_run(paths, name, copies, epochs, tokens, time.perf_counter() - started)
+
+
+def one_gpu_again(paths: Paths, opts, args, one: dict) -> dict:
+    """The 1-GPU long run once more, after the several-GPU runs: how far the baseline drifts in one call."""
+    again = train(paths, opts, 1, args.repeat, args.epochs, suffix="-again")
+    short = one["short"]
+    rate = (again["examples"] - short["examples"]) / (again["train_seconds"] - short["train_seconds"])
+    return {"long": again, "steady_samples_per_s": round(rate, 2),
+            "drift": round(rate / one["steady_samples_per_s"], 3)}
+
+
+def side_by_side(paths: Paths, opts, gpus: int, epochs: int, solo: dict) -> dict:
+    """`gpus` independent 1-GPU runs of the unrepeated examples at once, one per GPU, no communication.
+
+    If each is slower than the same run alone, the host (CPU, memory, clocks) is shared; what remains
+    of the data-parallel run's extra time per step is the data-parallel machinery itself."""
+    started = time.perf_counter()
+    runs = [(f"alone-gpu{i}", *launch(paths, opts, 1, 1, epochs, f"alone-gpu{i}", str(i))) for i in range(gpus)]
+    if any(process.wait() != 0 for _, process, _ in runs):
+        raise RuntimeError("a side-by-side run failed")
+    wall = time.perf_counter() - started
+    result = {name: finished_run(paths, name, 1, epochs, tokens, wall) for name, _, tokens in runs}
+    slowest = max(r["train_seconds"] for r in result.values())
+    return {"runs": result, "solo_train_seconds": solo["train_seconds"],
+            "slowest_over_solo": round(slowest / solo["train_seconds"], 3)}
 
 
 def scaling(args, paths: Paths, opts) -> dict:
@@ -99,7 +138,13 @@ def scaling(args, paths: Paths, opts) -> dict:
             "fixed_s": round(fixed_s, 2), "fixed_share_of_long": round(fixed_s / long["train_seconds"], 3),
             "end_to_end_samples_per_s": round(long["examples"] / long["train_seconds"], 2),
             "wall_samples_per_s": round(long["examples"] / long["wall_s"], 2)}
+        write_json(Path(args.out), result)  # kept if a later run does not finish in time
     one, many = result["runs"]["1"], result["runs"][str(args.gpus)]
+    if args.bracket:
+        result["one_gpu_again"] = again = one_gpu_again(paths, opts, args, one)
+        again["speedup_steady_samples_per_s"] = round(many["steady_samples_per_s"] / again["steady_samples_per_s"], 3)
+    if args.side_by_side:
+        result["side_by_side"] = side_by_side(paths, opts, args.gpus, args.epochs, one["short"])
     for key in ("steady_samples_per_s", "end_to_end_samples_per_s", "wall_samples_per_s"):
         result[f"speedup_{key}"] = round(many[key] / one[key], 3)
     return result

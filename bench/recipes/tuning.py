@@ -20,8 +20,21 @@ VARIANTS = {
     "packed": {"packed": True},
     "packed-nodrop-liger": {"packed": True, "lora_dropout": 0.0, "liger": True},
     "packed-nodrop-liger-b64": {"packed": True, "lora_dropout": 0.0, "liger": True, "batch_size": 64},
+    "compile": {"compile": True},
 }
-COPY = {"batch_size": 32, "lora_dropout": 0.05, "liger": False, "packed": False, "checkpointing": True}
+COPY = {"batch_size": 32, "lora_dropout": 0.05, "liger": False, "packed": False, "checkpointing": True,
+        "compile": False}
+
+
+def compile_decoder_layers(model) -> int:
+    """torch.compile each decoder layer (4-bit base + LoRA) with dynamic lengths; returns how many.
+
+    The layers share one code path, so they share compiled graphs; recomputation wraps each compiled
+    layer from outside. Aimed at the many small LoRA kernels that leave the GPU waiting on Python."""
+    layers = model.get_base_model().model.layers
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def collator_for(tokenizer, packed: bool):
@@ -49,6 +62,7 @@ def run(opts, paths, device, left_s, variant: str) -> dict:
     reset_peak(device)
     model.enable_input_require_grads()
     model = get_peft_model(model, modeling.lora_config(model, 8, 16, settings["lora_dropout"], "all-linear"))
+    compiled_layers = compile_decoder_layers(model) if settings["compile"] else 0
     topics, _ = training_examples(paths, opts.train_examples)
     rows = Dataset.from_list([tokenize_example(tokenizer, PROMPT_TEMPLATE, t.query, t.description, 256)
                               for t in topics])
@@ -64,9 +78,13 @@ def run(opts, paths, device, left_s, variant: str) -> dict:
     timer = step_timer(device)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[timer])
     result = {"settings": settings, "checkpointing": True, "batch_size": settings["batch_size"], "grad_accum": 1,
-              "model_load_s": round(load_s, 2)}
+              "model_load_s": round(load_s, 2), "compiled_layers": compiled_layers}
     result.update(measure_trainer(trainer, collator, timer, opts.warmup_steps, opts.measure_steps, 1))
     result["peak_gb"] = gpu_gb(device, peak=True)
+    if settings["compile"]:
+        from torch._dynamo.utils import counters
+
+        result["graph_breaks"] = {reason[:120]: count for reason, count in counters["graph_break"].items()}
     if variant == "copy" and device == "cuda":
         result["profile"] = profile_step(trainer, collator)
     return result
