@@ -50,13 +50,15 @@ class Scorer:
                                  show_progress_bar=False)
 
     def score(self, candidates: list[str], references: list[str], queries: list[str],
-              narratives: list[str]) -> dict[str, np.ndarray]:
+              narratives: list[str], reference_embeddings: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Per-query scores, each an array aligned with the inputs. SBERT, ROUGE-L and BLEU compare
-        with the description (`references`); the content terms with description + narrative."""
+        with the description (`references`); the content terms with description + narrative.
+        `reference_embeddings`, if given, are `self.embed(references)` computed once for many rows."""
         from sacrebleu.metrics import BLEU
 
         bleu = BLEU(effective_order=True)
-        cand_emb, ref_emb = self.embed(candidates), self.embed(references)
+        cand_emb = self.embed(candidates)
+        ref_emb = self.embed(references) if reference_embeddings is None else reference_embeddings
         content = np.array([content_scores(c, q, f"{r} {n}")
                             for c, q, r, n in zip(candidates, queries, references, narratives)]).reshape(-1, 3)
         return {
@@ -105,7 +107,8 @@ def score_rows(scorer: Scorer, predictions: dict[str, list[str]], items: list[di
     gold = [item["description"] for item in items]
     narratives = [item.get("narrative") or "" for item in items]
     order = [r for r in ROW_ORDER if r in rows] + [r for r in rows if r not in ROW_ORDER]
-    per_query = {row: scorer.score(rows[row], gold, queries, narratives) for row in order}
+    gold_embeddings = scorer.embed(gold)  # the same references for every row
+    per_query = {row: scorer.score(rows[row], gold, queries, narratives, gold_embeddings) for row in order}
     report = build_report(per_query)
     report["per_query"] = {row: {m: v.tolist() for m, v in s.items()} for row, s in per_query.items()}
     return report

@@ -70,3 +70,10 @@ def test_score_rows_adds_nearest_neighbour_and_paired_rows(scorer):
     assert paired == pytest.approx(np.mean(per_query["finetuned"]["content_f1"])
                                    - np.mean(per_query["nearest_neighbour"]["content_f1"]))
     assert "| content F1 |" in report_markdown(report)
+    # The gold descriptions are embedded once for all rows; each row's SBERT score is what scoring
+    # that row on its own gives.
+    for row, texts in (("finetuned", predictions["finetuned"]), ("template", [TEMPLATE_BASELINE.format(query=q)
+                                                                             for q in (QUERY, "brownie recipe")])):
+        alone = scorer.score(texts, [i["description"] for i in items], [i["query"] for i in items],
+                             [i["narrative"] for i in items])
+        assert per_query[row]["sbert"] == pytest.approx(alone["sbert"].tolist(), abs=1e-6)

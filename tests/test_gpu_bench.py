@@ -55,3 +55,30 @@ def test_training_rate_counts_every_epoch_after_one_warm_up(tmp_path, monkeypatc
     assert first["warm_up"] == {"train_seconds": 5.0, "wall_s": 25.0} and again["warm_up"] is None
     assert [c[:2] for c in calls] == [("warm-up", 32), ("default", 93), ("default", 279), ("default", 93),
                                       ("default", 279)]
+
+
+def test_scaling_per_step_end_to_end_and_the_repeated_baseline(tmp_path, monkeypatch):
+    from bench import multi_gpu
+
+    # train_seconds of (processes, copies, suffix): 1 GPU 0.6 s a step + 3 s fixed, 2 GPUs 0.75 s + 5 s;
+    # the 1-GPU long run repeated at the end is 10% faster.
+    steps = {(1, 1): 27, (1, 8): 210, (2, 1): 14, (2, 8): 105}
+    seconds = {(1, 1, ""): 3 + 0.6 * 27, (1, 8, ""): 3 + 0.6 * 210, (2, 1, ""): 5 + 0.75 * 14,
+               (2, 8, ""): 5 + 0.75 * 105, (1, 8, "-again"): (3 + 0.6 * 210) / 1.1}
+
+    def train(paths, opts, processes, copies, epochs, suffix=""):
+        return {"examples": 280 * copies * epochs, "tokens": 19_000 * copies * epochs, "wall_s": 100.0,
+                "train_seconds": seconds[processes, copies, suffix], "global_steps": steps[processes, copies]}
+
+    monkeypatch.setattr(multi_gpu, "train", train)
+    monkeypatch.setattr(multi_gpu, "warm_up_once", lambda opts, paths, left_s: None)
+    args = SimpleNamespace(gpus=2, repeat=8, epochs=3, bracket=True, side_by_side=False, out=str(tmp_path / "r.json"))
+    result = multi_gpu.scaling(args, SimpleNamespace(), SimpleNamespace())
+    one, two = result["runs"]["1"], result["runs"]["2"]
+    assert (one["seconds_per_step"], two["seconds_per_step"]) == (0.6, 0.75)
+    assert (one["fixed_s"], two["fixed_s"]) == (3.0, 5.0)
+    # 6,720 - 840 more samples: 1 GPU in 183 x 0.6 s, 2 GPUs in 91 x 0.75 s
+    assert result["speedup_steady_samples_per_s"] == round((5880 / 68.25) / (5880 / 109.8), 3)
+    assert result["one_gpu_again"]["drift"] > 1.1
+    assert result["one_gpu_again"]["speedup_steady_samples_per_s"] < result["speedup_steady_samples_per_s"]
+    assert json.loads((tmp_path / "r.json").read_text())["runs"]["2"]["fixed_s"] == 5.0
