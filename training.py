@@ -212,6 +212,7 @@ def training_arguments(config: TrainConfig, run_dir: Path, steps_per_epoch: int)
         greater_is_better=False,
         save_total_limit=2,
         logging_steps=config.logging_steps,
+        neftune_noise_alpha=config.neftune_alpha or None,  # noise on the training inputs only, not in eval
         label_names=["labels"],
         report_to="none",
         seed=config.seed,

@@ -66,6 +66,8 @@ class TrainConfig:
     lora_targets: str | None = option(None, "layers that get LoRA adapters: every linear layer of the "
                                       "transformer blocks, optionally also the output head", TRAINING,
                                       choices=LORA_TARGET_CHOICES)
+    neftune_alpha: float | None = option(None, "NEFTune: scale of the uniform noise added to the input "
+                                         "embeddings while training (0 = off)", TRAINING)
     pad_to: int | None = option(None, "pad every example to this many tokens (0 = pad each batch to its own "
                                 "longest example)", TRAINING)
     gradient_checkpointing: str = option("auto", "recompute activations to save memory; auto = on with CUDA, "
@@ -84,7 +86,7 @@ class TrainConfig:
 POSITIVE_TRAIN = ("epochs", "learning_rate", "batch_size", "grad_accum", "lora_r", "lora_alpha", "max_length",
                   "logging_steps")
 UNIT_INTERVAL_TRAIN = ("lora_dropout", "warmup_ratio")
-NON_NEGATIVE_TRAIN = ("max_steps", "pad_to", "save_every", "weight_decay")
+NON_NEGATIVE_TRAIN = ("max_steps", "pad_to", "save_every", "weight_decay", "neftune_alpha")
 
 
 def numeric_problems(config, positive=(), unit_interval=(), non_negative=()) -> list[str]:

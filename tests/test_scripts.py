@@ -50,6 +50,18 @@ def test_unknown_flag_is_rejected(tmp_path):
     assert result.returncode == 2 and "unrecognized arguments: --epoch" in result.stderr
 
 
+def test_neftune_noise_reaches_the_trainer_on_in_the_default_recipe_only(tmp_path):
+    import training
+    from qexpand.recipes import settle_training
+
+    def noise(*flags):
+        config = settle_training(training.parse_config(["--model", "some/model", "--device", "cpu", *flags]))
+        return training.training_arguments(config, tmp_path, 10).neftune_noise_alpha
+
+    assert noise() == 5.0 and noise("--neftune-alpha", "0") is None
+    assert noise("--recipe", "original", "--optimizer", "adamw") is None
+
+
 def test_run_directory_holds_everything_the_test_script_needs(trained_run, tiny_model):
     names = {p.name for p in trained_run.iterdir()}
     for needed in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "split.json",
