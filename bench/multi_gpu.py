@@ -96,13 +96,18 @@ def train(paths: Paths, opts, processes: int, copies: int, epochs: int, suffix: 
     return finished_run(paths, name, copies, epochs, tokens, time.perf_counter() - started)
 
 
-def one_gpu_again(paths: Paths, opts, args, one: dict) -> dict:
-    """The 1-GPU long run once more, after the several-GPU runs: how far the baseline drifts in one call."""
+def steady_rate(short: dict, long: dict) -> float:
+    """Samples per second of the optimizer steps alone: the long run's extra samples over its extra time."""
+    return round((long["examples"] - short["examples"]) / (long["train_seconds"] - short["train_seconds"]), 2)
+
+
+def one_gpu_again(paths: Paths, opts, args, one: dict, many: dict) -> dict:
+    """The 1-GPU long run once more, after the several-GPU runs: how far the baseline drifts in one call,
+    and the several-GPU speed-up against this second baseline."""
     again = train(paths, opts, 1, args.repeat, args.epochs, suffix="-again")
-    short = one["short"]
-    rate = (again["examples"] - short["examples"]) / (again["train_seconds"] - short["train_seconds"])
-    return {"long": again, "steady_samples_per_s": round(rate, 2),
-            "drift": round(rate / one["steady_samples_per_s"], 3)}
+    rate = steady_rate(one["short"], again)
+    return {"long": again, "steady_samples_per_s": rate, "drift": round(rate / one["steady_samples_per_s"], 3),
+            "speedup_steady_samples_per_s": round(many["steady_samples_per_s"] / rate, 3)}
 
 
 def side_by_side(paths: Paths, opts, gpus: int, epochs: int, solo: dict) -> dict:
@@ -133,16 +138,14 @@ def scaling(args, paths: Paths, opts) -> dict:
         result["runs"][str(processes)] = {
             "short": short, "long": long, "seconds_per_step": round(step_s, 4),
             "samples_per_step": round(long["examples"] / long["global_steps"], 1),
-            "steady_samples_per_s": round((long["examples"] - short["examples"]) /
-                                          (long["train_seconds"] - short["train_seconds"]), 2),
+            "steady_samples_per_s": steady_rate(short, long),
             "fixed_s": round(fixed_s, 2), "fixed_share_of_long": round(fixed_s / long["train_seconds"], 3),
             "end_to_end_samples_per_s": round(long["examples"] / long["train_seconds"], 2),
             "wall_samples_per_s": round(long["examples"] / long["wall_s"], 2)}
         write_json(Path(args.out), result)  # kept if a later run does not finish in time
     one, many = result["runs"]["1"], result["runs"][str(args.gpus)]
     if args.bracket:
-        result["one_gpu_again"] = again = one_gpu_again(paths, opts, args, one)
-        again["speedup_steady_samples_per_s"] = round(many["steady_samples_per_s"] / again["steady_samples_per_s"], 3)
+        result["one_gpu_again"] = one_gpu_again(paths, opts, args, one, many)
     if args.side_by_side:
         result["side_by_side"] = side_by_side(paths, opts, args.gpus, args.epochs, one["short"])
     for key in ("steady_samples_per_s", "end_to_end_samples_per_s", "wall_samples_per_s"):
