@@ -28,7 +28,7 @@ from qexpand import data, modeling, options, quiet, rundir, runcheck
 from qexpand.config import INVOCATION_FIELDS, TrainConfig, validate_training
 from qexpand.errors import UserError, fail_if_problems, run_cli
 from qexpand.prompt import format_prompt, tokenize_example
-from qexpand.recipes import RECIPES, resolve_device, settle_training
+from qexpand.recipes import RECIPES, resolve_device, settle_compile, settle_training
 
 DESCRIPTION = "Fine-tune LoRA adapters that expand short search queries into TREC descriptions."
 OOM_HINT = (
@@ -107,8 +107,8 @@ def settle_resumed(config: TrainConfig, run_dir: Path, record: runcheck.RunRecor
     return dataclasses.replace(record.config, output_dir=config.output_dir, resume=str(run_dir))
 
 
-def make_plan(settled: TrainConfig, run_dir: Path, record: runcheck.RunRecord | None) -> Plan:
-    """Read (resume) or make (new run) the split; nothing is written yet."""
+def make_plan(settled: TrainConfig, run_dir: Path, record: runcheck.RunRecord | None, processes: int) -> Plan:
+    """Read (resume) or make (new run) the split and settle --compile; nothing is written yet."""
     if record is not None:
         return Plan(settled, run_dir, runcheck.read_split(run_dir), None, record)
     rundir.prepare_new_run_dir(run_dir, settled.overwrite)
@@ -120,6 +120,7 @@ def make_plan(settled: TrainConfig, run_dir: Path, record: runcheck.RunRecord | 
     else:
         split = data.split_topics(data.load_all_topics(settled.datasets), tuple(settled.split), settled.seed)
         split_json = data.split_to_json(split, settled.seed, settled.datasets)
+    settled.compile = settle_compile(settled, len(split["train"]), processes)
     return Plan(settled, run_dir, split, split_json, None)
 
 
@@ -222,6 +223,42 @@ def training_arguments(config: TrainConfig, run_dir: Path, steps_per_epoch: int)
     )
 
 
+def trainer_class(compiled: bool):
+    """The Trainer; with compiled blocks, one that evaluates them eagerly: the few eval batches of an
+    epoch do not repay a second compilation (the one without gradients)."""
+    from transformers import Trainer
+
+    if not compiled:
+        return Trainer
+
+    class EagerEvalTrainer(Trainer):
+        def evaluate(self, *args, **kwargs):
+            import torch
+
+            with torch.compiler.set_stance("force_eager"):
+                return super().evaluate(*args, **kwargs)
+
+    return EagerEvalTrainer
+
+
+def step_clock():
+    """A callback that stamps every entry of the loss log with the seconds since this invocation's
+    training started: the log then also says how long each optimizer step took."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        started = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # The Trainer appends the entry before it calls on_log.
+            state.log_history[-1]["elapsed_s"] = round(time.perf_counter() - self.started, 3)
+
+    return StepClock()
+
+
 def data_collator(config: TrainConfig, tokenizer):
     from transformers import DataCollatorForSeq2Seq
 
@@ -280,7 +317,10 @@ def load_model(config: TrainConfig, rank_device: str, tokenizer_dir: Path | None
     if config.gradient_checkpointing == "on":
         model.enable_input_require_grads()  # LoRA inputs need grads for recomputation
     lora = modeling.lora_config(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
-    return get_peft_model(model, lora), tokenizer
+    model = get_peft_model(model, lora)
+    if config.compile == "on":
+        modeling.compile_decoder_layers(model)  # compiles lazily, during the first steps
+    return model, tokenizer
 
 
 def main(config: TrainConfig) -> Path:
@@ -304,7 +344,7 @@ def main(config: TrainConfig) -> Path:
         run_dir = Path(settled.output_dir) / settled.run_name
     lock = rundir.RunLock(run_dir) if state.is_main_process else None
     try:
-        fit(make_plan(settled, run_dir, record), state)
+        fit(make_plan(settled, run_dir, record, state.num_processes), state)
     finally:
         if lock:
             lock.release()
@@ -313,7 +353,7 @@ def main(config: TrainConfig) -> Path:
 
 def fit(plan: Plan, state) -> None:
     """Load, train with the Trainer (resuming from the last complete checkpoint), finish the run."""
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     settled, run_dir = plan.config, plan.run_dir
     set_seed(settled.seed)
@@ -327,8 +367,9 @@ def fit(plan: Plan, state) -> None:
     eval_set = tokenized_dataset(plan.split["eval"], tokenizer, settled.prompt_template, settled.max_length)
     effective_batch = settled.batch_size * settled.grad_accum * state.num_processes
     steps_per_epoch = math.ceil(len(train_set) / effective_batch)
-    trainer = Trainer(model=model, args=training_arguments(settled, run_dir, steps_per_epoch),
-                      train_dataset=train_set, eval_dataset=eval_set, data_collator=data_collator(settled, tokenizer))
+    trainer = trainer_class(settled.compile == "on")(
+        model=model, args=training_arguments(settled, run_dir, steps_per_epoch), train_dataset=train_set,
+        eval_dataset=eval_set, data_collator=data_collator(settled, tokenizer), callbacks=[step_clock()])
     quiet.hide_eval_progress_bar(trainer)
     if state.is_main_process:
         print_plan(plan, model, len(train_set), len(eval_set), state.num_processes, steps_per_epoch, checkpoint)
@@ -373,7 +414,7 @@ def print_plan(plan: Plan, model, n_train: int, n_eval: int, processes: int, ste
     print(f"run directory: {plan.run_dir}\nbase model: {c.model} ({c.quantization}, {c.device}); precision "
           f"{c.precision}; recipe {c.recipe}; topics: {n_train} train / {n_eval} eval / {len(plan.split['test'])} test; "
           f"{model.get_nb_trainable_parameters()[0]:,} trainable parameters; gradient checkpointing "
-          f"{c.gradient_checkpointing}\n{processes} process(es) x batch {c.batch_size} x accumulation "
+          f"{c.gradient_checkpointing}; compiled blocks {c.compile}\n{processes} process(es) x batch {c.batch_size} x accumulation "
           f"{c.grad_accum} = effective batch {processes * c.batch_size * c.grad_accum}; learning rate "
           f"{c.learning_rate:g}; {steps_per_epoch} steps per epoch"
           + (f"; at most {c.max_steps} steps" if c.max_steps else "")

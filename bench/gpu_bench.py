@@ -43,8 +43,9 @@ from qexpand.recipes import resolve_device  # noqa: E402
 from qexpand.rundir import read_json  # noqa: E402
 
 STAGE_GROUPS = ("train", "generate", "scripts")
-PROJECT_RECIPES = ("original", "default", "default-fast", "default-b64", "default-nodrop")
-TUNING = ("copy", "nodrop", "liger", "packed", "packed-nodrop-liger", "packed-nodrop-liger-b64", "compile")
+PROJECT_RECIPES = ("original", "default", "default-fast", "default-b64", "default-nodrop", "default-compile")
+TUNING = ("copy", "nodrop", "liger", "packed", "packed-nodrop-liger", "packed-nodrop-liger-b64", "compile",
+          "compile-warm", "compile-graphs", "compile-nodrop", "compile-nockpt", "compile-b64")
 RECIPES = PROJECT_RECIPES + ("trl", "unsloth", "unsloth-padded") + tuple(f"tuning-{v}" for v in TUNING)
 DEFAULT_RECIPES = ("default", "original", "trl", "unsloth")
 # Stages the report needs most come first, so a run cut short by --budget-s still has them.

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from qexpand import data
+from qexpand import rundir
 from qexpand.rundir import atomic_write_json, read_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -184,6 +185,29 @@ def measure_trainer(trainer, collator: CountingCollator, timer, warmup: int, ste
         "step_s": [round(b - a, 3) for a, b in zip(timer.ends, timer.ends[1:])],
         "to_first_step_end_s": round(train_s - (timer.ends[-1] - timer.ends[0]), 2),
     }
+
+
+def logged_step_seconds(run_dir: Path, skip: int = 3) -> list[float]:
+    """How long each optimizer step of a training.py run took, read off its loss log (every entry
+    carries the seconds since training began): the time from one step's entry to the next step's,
+    for steps after the first `skip` and not right after an eval pass or checkpoint save."""
+    log = read_json(Path(run_dir) / rundir.LOSS_LOG_FILE)
+    seconds = []
+    for before, after in zip(log, log[1:]):
+        if "loss" in before and "loss" in after and after["step"] == before["step"] + 1 and after["step"] > skip:
+            seconds.append(after["elapsed_s"] - before["elapsed_s"])
+    return seconds
+
+
+def logged_rate(run_dir: Path, examples: int, steps: int) -> dict:
+    """Mean optimizer step time of a finished training.py run, and the samples per second it gives
+    (samples per step averaged over the run, the shorter last batch of each epoch included)."""
+    seconds = logged_step_seconds(run_dir)
+    if not seconds:
+        raise RuntimeError(f"the loss log of {run_dir} has no step times to read")
+    mean = sum(seconds) / len(seconds)
+    return {"steps_read": len(seconds), "mean_step_s": round(mean, 4),
+            "samples_per_s": round(examples / steps / mean, 2)}
 
 
 def mfu(result: dict, n_params: int, peak_tflops: float) -> dict:

@@ -12,6 +12,11 @@ load, first steps, 3 evals and saves), so their difference gives the time of the
 steps alone. Reported: scaling per optimizer step (from those differences) and end to end (the
 long run's training time and the whole command's wall time), and the fixed costs' share. A one-step
 warm-up run goes first, so that no timed run pays the first process's one-time costs.
+
+With --abba COPIES the runs go in the order 1 GPU, N GPUs (both on --repeat copies), N GPUs, 1 GPU (on
+COPIES copies), with no short runs: each run's rate per optimizer step is read off its own loss log
+(training.py stamps every step), and pooling the two pairs cancels a steady drift of the host's speed
+during the call, which the sequential order puts on one side only.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ if str(REPO) not in sys.path:
 
 from bench import gpu_bench  # noqa: E402
 from bench.gpu_build import write_split_file  # noqa: E402
-from bench.gpu_common import Paths, environment_without_hub, write_json  # noqa: E402
+from bench.gpu_common import Paths, environment_without_hub, logged_rate, write_json  # noqa: E402
 from bench.recipes.project import warm_up_once  # noqa: E402
 from qexpand import rundir  # noqa: E402
 
@@ -47,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run the 1-GPU long run again after the several-GPU runs (baseline drift)")
     parser.add_argument("--side-by-side", action="store_true",
                         help="also run one independent 1-GPU training per GPU at the same time (host contention)")
+    parser.add_argument("--abba", type=int, default=None, metavar="COPIES",
+                        help="order 1, N, N, 1 GPUs (the second pair on COPIES copies); rates from the step times")
     parser.add_argument("--tiny", action="store_true", help="2-layer model on the CPU (gloo): checks the code path")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "multi_gpu.json"), help="result JSON")
     return parser
@@ -82,9 +89,11 @@ def launch(paths: Paths, opts, processes: int, copies: int, epochs: int, name: s
 
 def finished_run(paths: Paths, name: str, copies: int, epochs: int, tokens: int, wall: float) -> dict:
     finished = rundir.read_run_file(paths.runs / name, rundir.FINISHED_FILE)
-    return {"examples": EXAMPLES * copies * epochs, "tokens": tokens * epochs, "wall_s": round(wall, 1),
+    examples = EXAMPLES * copies * epochs
+    return {"examples": examples, "tokens": tokens * epochs, "wall_s": round(wall, 1),
             "train_seconds": finished["train_seconds"], "global_steps": finished["global_steps"],
-            "peak_gb": finished.get("peak_gpu_memory_gb"), "best_eval_loss": finished.get("best_eval_loss")}
+            "peak_gb": finished.get("peak_gpu_memory_gb"), "best_eval_loss": finished.get("best_eval_loss"),
+            "logged": logged_rate(paths.runs / name, examples, finished["global_steps"])}
 
 
 def train(paths: Paths, opts, processes: int, copies: int, epochs: int, suffix: str = "") -> dict:
@@ -153,13 +162,35 @@ def scaling(args, paths: Paths, opts) -> dict:
     return result
 
 
+def abba_scaling(args, paths: Paths, opts) -> dict:
+    """1 GPU, N GPUs, N GPUs, 1 GPU; per-step rates from each run's logged step times, per pair and pooled;
+    end to end (training time, fixed costs included) from the first, longer pair."""
+    result = {"gpus": [1, args.gpus], "epochs": args.epochs, "order": "a1 b1 b2 a2", "runs": {}}
+    result["warm_up"] = warm_up_once(opts, paths, 900)
+    for label, processes, copies in (("a1", 1, args.repeat), ("b1", args.gpus, args.repeat),
+                                     ("b2", args.gpus, args.abba), ("a2", 1, args.abba)):
+        run = train(paths, opts, processes, copies, args.epochs, suffix=f"-{label}")
+        # Training time outside the steady steps: the first steps, the eval passes and checkpoint saves.
+        run["fixed_share"] = round(1 - run["global_steps"] * run["logged"]["mean_step_s"] / run["train_seconds"], 3)
+        result["runs"][label] = run
+        write_json(Path(args.out), result)  # kept if a later run does not finish in time
+    rate = {label: run["logged"]["samples_per_s"] for label, run in result["runs"].items()}
+    result["speedup_per_step"] = {"first_pair": round(rate["b1"] / rate["a1"], 3),
+                                  "second_pair": round(rate["b2"] / rate["a2"], 3),
+                                  "pooled": round((rate["b1"] + rate["b2"]) / (rate["a1"] + rate["a2"]), 3)}
+    result["drift"] = {"one_gpu": round(rate["a2"] / rate["a1"], 3), "several_gpus": round(rate["b2"] / rate["b1"], 3)}
+    a1, b1 = result["runs"]["a1"], result["runs"]["b1"]
+    result["speedup_end_to_end"] = round((b1["examples"] / b1["train_seconds"]) / (a1["examples"] / a1["train_seconds"]), 3)
+    return result
+
+
 def main(args) -> int:
     opts = bench_options(args)
     gpu_bench.run_all(opts)  # with no stages: the build stage only (model folder, example order)
-    result = scaling(args, Paths(opts), opts)
+    result = (abba_scaling if args.abba else scaling)(args, Paths(opts), opts)
     result["command"] = " ".join(["python", *sys.argv])
     write_json(Path(args.out), result)
-    print({k: v for k, v in result.items() if k.startswith("speedup")})
+    print({k: v for k, v in result.items() if k.startswith(("speedup", "drift"))})
     return 0
 
 

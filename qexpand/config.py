@@ -72,6 +72,10 @@ class TrainConfig:
                                 "longest example)", TRAINING)
     gradient_checkpointing: str = option("auto", "recompute activations to save memory; auto = on with CUDA, "
                                          "off on the CPU", TRAINING, choices=("auto", "on", "off"))
+    compile: str = option("auto", "torch.compile each transformer block: fused kernels and far fewer launches "
+                          "per step, after a one-time compilation at the start; auto = on with CUDA when each "
+                          "process trains on enough examples to repay the compilation (see the README)",
+                          TRAINING, choices=("auto", "on", "off"))
     save_every: int | None = option(None, "save a resumable checkpoint and compute the eval loss every N "
                                     "optimizer steps (0 = once per epoch)", TRAINING)
     logging_steps: int | None = option(None, "log the training loss every N steps", TRAINING)

@@ -9,6 +9,7 @@ table of the differences and why ours differ.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from qexpand import data
 from qexpand.config import TestConfig, TrainConfig
@@ -36,6 +37,11 @@ RECIPES = {
 }
 
 
+# Compiling the transformer blocks costs a fixed 50-80 s per process on an H200 and then saves 0.005-0.008 s
+# per training example (bench/RESULTS.md): from about this many examples per process it has paid.
+COMPILE_PAYS_FROM_EXAMPLES = 10_000
+
+
 def resolve_device(requested: str) -> str:
     import torch
 
@@ -56,7 +62,8 @@ def _per_device(value, device: str):
 
 def settle_training(config: TrainConfig) -> TrainConfig:
     """A copy of `config` with every default decided for this device: nothing is 'auto' or None
-    afterwards except the optional gguf_file, split_file, run_name and resume."""
+    afterwards except the optional gguf_file, split_file, run_name and resume, and compile, which
+    waits for the number of training topics (settle_compile)."""
     device = resolve_device(config.device)
     recipe_name = config.recipe or "default"
     recipe = RECIPES[recipe_name]
@@ -75,6 +82,22 @@ def settle_training(config: TrainConfig) -> TrainConfig:
         raise UserError("the optimizer paged_adamw_8bit (bitsandbytes' paged 8-bit AdamW, used by the original "
                         "recipe) needs CUDA. On the CPU pass --optimizer adamw.")
     return settled
+
+
+def examples_per_process(config: TrainConfig, train_topics: int, processes: int) -> int:
+    """Training examples each process works through: epochs included, capped by --max-steps."""
+    per_process = math.ceil(train_topics / processes) * config.epochs
+    if config.max_steps:
+        per_process = min(per_process, config.max_steps * config.batch_size * config.grad_accum)
+    return int(per_process)
+
+
+def settle_compile(config: TrainConfig, train_topics: int, processes: int) -> str:
+    """'on' or 'off': as asked, or for 'auto' on CUDA when the run is long enough to repay compiling."""
+    if config.compile != "auto":
+        return config.compile
+    long_enough = examples_per_process(config, train_topics, processes) >= COMPILE_PAYS_FROM_EXAMPLES
+    return "on" if config.device == "cuda" and long_enough else "off"
 
 
 def settle_testing(config: TestConfig, trained: TrainConfig, base_model: str, gguf_file: str | None):

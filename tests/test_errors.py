@@ -65,6 +65,7 @@ def expect_error(world, script, *args, match: str):
     (("--device", "cuda"), "PyTorch sees no CUDA GPU"),
     (("--epochs", "0", "--lora-dropout", "1.5"), "--epochs must be positive"),
     (("--neftune-alpha", "-1"), "--neftune-alpha must be >= 0"),
+    (("--compile", "yes"), "invalid choice: 'yes'"),
     (("--gguf-file", "missing.gguf"), "--gguf-file missing.gguf: no such file"),
     (("--resume", "not-a-run"), "is not a run directory"),
     (("--resume", "done"), "has already finished"),

@@ -36,7 +36,7 @@ def fake_training_runs(monkeypatch, seconds: dict) -> list:
         calls.append((name, count, flags, epochs))
         finished = {"train_seconds": seconds[count], "peak_gpu_memory_gb": 6.5, "best_eval_loss": 1.0}
         return {"examples": count, "tokens": 70 * count, "wall_s": seconds[count] + 20, "finished": finished,
-                "config": SimpleNamespace(gradient_checkpointing="on", batch_size=32, grad_accum=1, optimizer="adamw")}
+                "logged": {"samples_per_s": 40.0}, "config": SimpleNamespace(gradient_checkpointing="on", batch_size=32, grad_accum=1, optimizer="adamw")}
 
     monkeypatch.setattr(project, "timed_run", timed_run)
     return calls
@@ -68,7 +68,8 @@ def test_scaling_per_step_end_to_end_and_the_repeated_baseline(tmp_path, monkeyp
 
     def train(paths, opts, processes, copies, epochs, suffix=""):
         return {"examples": 280 * copies * epochs, "tokens": 19_000 * copies * epochs, "wall_s": 100.0,
-                "train_seconds": seconds[processes, copies, suffix], "global_steps": steps[processes, copies]}
+                "train_seconds": seconds[processes, copies, suffix], "global_steps": steps[processes, copies],
+                "logged": {}}
 
     monkeypatch.setattr(multi_gpu, "train", train)
     monkeypatch.setattr(multi_gpu, "warm_up_once", lambda opts, paths, left_s: None)
@@ -82,3 +83,32 @@ def test_scaling_per_step_end_to_end_and_the_repeated_baseline(tmp_path, monkeyp
     assert result["one_gpu_again"]["drift"] > 1.1
     assert result["one_gpu_again"]["speedup_steady_samples_per_s"] < result["speedup_steady_samples_per_s"]
     assert json.loads((tmp_path / "r.json").read_text())["runs"]["2"]["fixed_s"] == 5.0
+
+
+def test_abba_order_pools_both_pairs_and_reads_rates_off_the_step_times(tmp_path, monkeypatch):
+    from bench import multi_gpu
+
+    # Logged step times: 1 GPU 0.6 s a step (32 samples), 2 GPUs 0.7 s (64 samples); the host is 10%
+    # faster for the second pair. Each run also spends 5 s outside its steady steps.
+    order = []
+
+    def train(paths, opts, processes, copies, epochs, suffix=""):
+        order.append((processes, copies, suffix))
+        examples = 280 * copies * epochs
+        steps = examples // (32 * processes)
+        step_s = (0.6 if processes == 1 else 0.7) / (1.1 if suffix in ("-b2", "-a2") else 1.0)
+        return {"examples": examples, "global_steps": steps, "train_seconds": 5 + steps * step_s,
+                "logged": {"mean_step_s": step_s, "samples_per_s": 32 * processes / step_s}}
+
+    monkeypatch.setattr(multi_gpu, "train", train)
+    monkeypatch.setattr(multi_gpu, "warm_up_once", lambda opts, paths, left_s: None)
+    args = SimpleNamespace(gpus=2, repeat=8, abba=4, epochs=3, out=str(tmp_path / "r.json"))
+    result = multi_gpu.abba_scaling(args, SimpleNamespace(), SimpleNamespace())
+    assert order == [(1, 8, "-a1"), (2, 8, "-b1"), (2, 4, "-b2"), (1, 4, "-a2")]
+    ideal = round(2 * 0.6 / 0.7, 3)  # twice the samples per step, each step 0.7 / 0.6 as long
+    assert result["speedup_per_step"] == {"first_pair": ideal, "second_pair": ideal, "pooled": ideal}
+    assert result["drift"] == {"one_gpu": 1.1, "several_gpus": 1.1}
+    a1 = result["runs"]["a1"]
+    assert a1["fixed_share"] == round(5 / a1["train_seconds"], 3)
+    assert result["speedup_end_to_end"] < ideal  # the fixed 5 s weigh more on the shorter 2-GPU run
+    assert json.loads((tmp_path / "r.json").read_text())["runs"]["a2"]["global_steps"] == 105

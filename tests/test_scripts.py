@@ -62,6 +62,34 @@ def test_neftune_noise_reaches_the_trainer_on_in_the_default_recipe_only(tmp_pat
     assert noise("--recipe", "original", "--optimizer", "adamw") is None
 
 
+def test_compile_auto_turns_on_only_for_long_cuda_runs():
+    import dataclasses
+
+    import training
+    from qexpand.recipes import COMPILE_PAYS_FROM_EXAMPLES, settle_compile, settle_training
+
+    def decided(topics, processes=1, device="cuda", *flags):
+        config = settle_training(training.parse_config(["--model", "some/model", "--device", "cpu", *flags]))
+        return settle_compile(dataclasses.replace(config, device=device), topics, processes)
+
+    enough = -(-COMPILE_PAYS_FROM_EXAMPLES // 3)  # topics that make enough examples in the default 3 epochs
+    assert decided(280) == "off"  # the README's default run: compiling would cost more than it saves
+    assert decided(enough) == "on" and decided(enough, device="cpu") == "off"
+    assert decided(enough, 2) == "off"  # two processes share the examples: each sees half
+    assert decided(enough, 1, "cuda", "--max-steps", "10") == "off"
+    assert decided(280, 1, "cuda", "--compile", "on") == "on" and decided(enough, 1, "cuda", "--compile", "off") == "off"
+
+
+def test_compiled_blocks_train_on_the_cpu(workspace, tiny_model):
+    out = workspace / "runs-compiled"
+    result = train(tiny_model, workspace / "irds", out, "--run-name", "compiled", "--compile", "on", "--epochs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compiled blocks on" in result.stdout
+    assert json.loads((out / "compiled" / "run_config.json").read_text())["config"]["compile"] == "on"
+    finished = json.loads((out / "compiled" / "finished.json").read_text())
+    assert finished["global_steps"] == 4 and finished["best_eval_loss"] > 0
+
+
 def test_run_directory_holds_everything_the_test_script_needs(trained_run, tiny_model):
     names = {p.name for p in trained_run.iterdir()}
     for needed in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "split.json",
@@ -77,8 +105,12 @@ def test_run_directory_holds_everything_the_test_script_needs(trained_run, tiny_
     assert (config["batch_size"], config["gradient_checkpointing"]) == (8, "off")
     split = json.loads((trained_run / "split.json").read_text())
     assert split["counts"] == {"train": 30, "eval": 5, "test": 5}
+    assert config["compile"] == "off"  # auto: compiling pays only for long runs on CUDA
     log = json.loads((trained_run / "loss_log.json").read_text())
     assert sum("eval_loss" in entry for entry in log) == 2  # once per epoch
+    # Each entry carries the seconds since training began, so step times can be read off the log.
+    clock = [entry["elapsed_s"] for entry in log]
+    assert clock == sorted(clock) and clock[0] > 0
 
 
 def test_training_console_has_one_progress_bar(trained_run, workspace):

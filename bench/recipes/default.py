@@ -10,6 +10,7 @@ VARIANTS = {
     "default-fast": ["--gradient-checkpointing", "off"],
     "default-b64": ["--batch-size", "64"],
     "default-nodrop": ["--lora-dropout", "0"],
+    "default-compile": ["--compile", "on"],
 }
 
 

@@ -13,7 +13,7 @@ goes first, once per work folder.
 from __future__ import annotations
 
 from bench.gpu_build import write_split_file
-from bench.gpu_common import Paths, python_command, run_logged, write_json
+from bench.gpu_common import Paths, logged_rate, python_command, run_logged, write_json
 from qexpand import rundir, runcheck
 
 
@@ -30,15 +30,21 @@ def timed_run(opts, paths: Paths, name: str, train_count: int, flags: list[str],
     finished = rundir.read_run_file(paths.runs / run_name, rundir.FINISHED_FILE)
     config = runcheck.read_record(paths.runs / run_name).config
     return {"examples": train_count, "tokens": tokens, "wall_s": result["wall_s"], "finished": finished,
-            "config": config}
+            "config": config, "logged": logged_rate(paths.runs / run_name, train_count * epochs,
+                                                    finished["global_steps"])}
 
 
-def warm_up_once(opts, paths: Paths, left_s: float) -> dict | None:
-    """One optimizer step of the default recipe, unless a training process already ran in this work folder."""
-    marker = paths.work / "warmed-up.json"
+def warm_up_once(opts, paths: Paths, left_s: float, flags: tuple[str, ...] = ()) -> dict | None:
+    """One optimizer step of the default recipe, unless a training process already ran in this work folder.
+
+    With compiled blocks (--compile on) a second warm-up runs with those flags: it fills the compile
+    caches on disk, so the N and 3N runs after it pay the same (warm) compilation."""
+    compiled = "--compile" in flags
+    marker = paths.work / ("warmed-up-compiled.json" if compiled else "warmed-up.json")
     if marker.is_file():
         return None
-    run = timed_run(opts, paths, "warm-up", min(32, opts.train_examples), ["--max-steps", "1"], left_s)
+    run = timed_run(opts, paths, "warm-up-compiled" if compiled else "warm-up", min(32, opts.train_examples),
+                    [*(flags if compiled else ()), "--max-steps", "1"], left_s)
     summary = {"train_seconds": run["finished"]["train_seconds"], "wall_s": run["wall_s"]}
     write_json(marker, summary)
     return summary
@@ -47,6 +53,8 @@ def warm_up_once(opts, paths: Paths, left_s: float) -> dict | None:
 def throughput(opts, paths: Paths, name: str, flags: list[str], base_count: int, left_s, epochs: int = 1) -> dict:
     """Samples and real tokens per second of training, from runs on N and 3N examples."""
     warm_up = warm_up_once(opts, paths, left_s())
+    if "--compile" in flags:
+        warm_up = {"plain": warm_up, "compiled": warm_up_once(opts, paths, left_s(), tuple(flags))}
     small = timed_run(opts, paths, name, base_count, flags, left_s(), epochs)
     large = timed_run(opts, paths, name, 3 * base_count, flags, left_s(), epochs)
     seconds = large["finished"]["train_seconds"] - small["finished"]["train_seconds"]
@@ -64,6 +72,8 @@ def throughput(opts, paths: Paths, name: str, flags: list[str], base_count: int,
         "checkpointing": settled.gradient_checkpointing == "on",
         "batch_size": settled.batch_size, "grad_accum": settled.grad_accum, "optimizer": settled.optimizer,
         "best_eval_loss": large["finished"].get("best_eval_loss"),
+        # A second reading of the rate, from the step times in the larger run's loss log.
+        "logged": large["logged"],
         "runs": {str(r["examples"]): {"train_seconds": r["finished"]["train_seconds"], "wall_s": r["wall_s"],
                                       "global_steps": r["finished"].get("global_steps"),
                                       "model_load_s": r["finished"].get("model_load_seconds")}

@@ -21,20 +21,16 @@ VARIANTS = {
     "packed-nodrop-liger": {"packed": True, "lora_dropout": 0.0, "liger": True},
     "packed-nodrop-liger-b64": {"packed": True, "lora_dropout": 0.0, "liger": True, "batch_size": 64},
     "compile": {"compile": True},
+    # The same as compile, in a later process: the compile caches on disk are warm.
+    "compile-warm": {"compile": True},
+    "compile-graphs": {"compile": True, "compile_mode": "reduce-overhead"},
+    "compile-nodrop": {"compile": True, "lora_dropout": 0.0},
+    "compile-nockpt": {"compile": True, "checkpointing": False},
+    "compile-b64": {"compile": True, "batch_size": 64},
 }
 COPY = {"batch_size": 32, "lora_dropout": 0.05, "liger": False, "packed": False, "checkpointing": True,
-        "compile": False}
-
-
-def compile_decoder_layers(model) -> int:
-    """torch.compile each decoder layer (4-bit base + LoRA) with dynamic lengths; returns how many.
-
-    The layers share one code path, so they share compiled graphs; recomputation wraps each compiled
-    layer from outside. Aimed at the many small LoRA kernels that leave the GPU waiting on Python."""
-    layers = model.get_base_model().model.layers
-    for layer in layers:
-        layer.compile(dynamic=True)
-    return len(layers)
+        "compile": False, "compile_mode": None}
+PROFILED = ("copy", "compile")
 
 
 def collator_for(tokenizer, packed: bool):
@@ -62,7 +58,7 @@ def run(opts, paths, device, left_s, variant: str) -> dict:
     reset_peak(device)
     model.enable_input_require_grads()
     model = get_peft_model(model, modeling.lora_config(model, 8, 16, settings["lora_dropout"], "all-linear"))
-    compiled_layers = compile_decoder_layers(model) if settings["compile"] else 0
+    compiled_layers = modeling.compile_decoder_layers(model, settings["compile_mode"]) if settings["compile"] else 0
     topics, _ = training_examples(paths, opts.train_examples)
     rows = Dataset.from_list([tokenize_example(tokenizer, PROMPT_TEMPLATE, t.query, t.description, 256)
                               for t in topics])
@@ -70,14 +66,14 @@ def run(opts, paths, device, left_s, variant: str) -> dict:
         output_dir=str(paths.trainer_out / f"tuning-{variant}"), per_device_train_batch_size=settings["batch_size"],
         max_steps=opts.warmup_steps + opts.measure_steps, learning_rate=2e-4, lr_scheduler_type="cosine",
         optim="adamw_torch_fused" if device == "cuda" else "adamw_torch", bf16=device == "cuda",
-        use_cpu=device != "cuda", gradient_checkpointing=True,
+        use_cpu=device != "cuda", gradient_checkpointing=settings["checkpointing"],
         gradient_checkpointing_kwargs={"use_reentrant": False}, train_sampling_strategy="group_by_length",
         use_liger_kernel=settings["liger"], save_strategy="no", eval_strategy="no", report_to="none",
         seed=opts.seed, data_seed=opts.seed, dataloader_num_workers=0, label_names=["labels"], disable_tqdm=True)
     collator = CountingCollator(collator_for(tokenizer, settings["packed"]))
     timer = step_timer(device)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[timer])
-    result = {"settings": settings, "checkpointing": True, "batch_size": settings["batch_size"], "grad_accum": 1,
+    result = {"settings": settings, "checkpointing": settings["checkpointing"], "batch_size": settings["batch_size"], "grad_accum": 1,
               "model_load_s": round(load_s, 2), "compiled_layers": compiled_layers}
     result.update(measure_trainer(trainer, collator, timer, opts.warmup_steps, opts.measure_steps, 1))
     result["peak_gb"] = gpu_gb(device, peak=True)
@@ -85,25 +81,37 @@ def run(opts, paths, device, left_s, variant: str) -> dict:
         from torch._dynamo.utils import counters
 
         result["graph_breaks"] = {reason[:120]: count for reason, count in counters["graph_break"].items()}
-    if variant == "copy" and device == "cuda":
+    if variant in PROFILED and device == "cuda":
         result["profile"] = profile_step(trainer, collator)
     return result
 
 
-def profile_step(trainer, collator) -> list[dict]:
-    """The CUDA kernels that take most time in one more training step (forward, recomputation, backward)."""
+def profile_step(trainer, collator) -> dict:
+    """The CUDA kernels that take most time in one more training step (forward, recomputation,
+    backward), and how much of the step's wall time the GPU spent running kernels at all."""
+    import time
+
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     batch = collator.inner([trainer.train_dataset[i] for i in range(trainer.args.per_device_train_batch_size)])
     batch = {k: v.to(trainer.args.device) for k, v in batch.items()}
     trainer.model.train()
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        started = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = trainer.model(**batch).loss
         loss.backward()
         torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
-    total = sum(e.self_device_time_total for e in events)
-    return [{"name": e.key[:90], "calls": e.count, "self_cuda_ms": round(e.self_device_time_total / 1e3, 2),
-             "share": round(e.self_device_time_total / total, 3) if total else None} for e in events[:15]]
+        wall_ms = (time.perf_counter() - started) * 1e3
+    # Operator rows repeat the time of the kernels they launch: only kernel rows are summed.
+    kernels = sorted((e for e in prof.key_averages() if e.device_type == DeviceType.CUDA),
+                     key=lambda e: e.self_device_time_total, reverse=True)
+    total_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+    return {"wall_ms": round(wall_ms, 1), "kernel_ms": round(total_ms, 1),
+            "gpu_busy_share": round(total_ms / wall_ms, 3), "kernel_launches": sum(e.count for e in kernels),
+            "top_kernels": [{"name": e.key[:90], "calls": e.count, "ms": round(e.self_device_time_total / 1e3, 2),
+                             "share": round(e.self_device_time_total / 1e3 / total_ms, 3) if total_ms else None}
+                            for e in kernels[:12]]}
