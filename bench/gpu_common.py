@@ -199,12 +199,13 @@ def logged_step_seconds(run_dir: Path, skip: int = 3) -> list[float]:
     return seconds
 
 
-def logged_rate(run_dir: Path, examples: int, steps: int) -> dict:
+def logged_rate(run_dir: Path, examples: int, steps: int) -> dict | None:
     """Mean optimizer step time of a finished training.py run, and the samples per second it gives
-    (samples per step averaged over the run, the shorter last batch of each epoch included)."""
+    (samples per step averaged over the run, the shorter last batch of each epoch included); None for
+    a run too short to have steady steps (a one-step warm-up)."""
     seconds = logged_step_seconds(run_dir)
     if not seconds:
-        raise RuntimeError(f"the loss log of {run_dir} has no step times to read")
+        return None
     mean = sum(seconds) / len(seconds)
     return {"steps_read": len(seconds), "mean_step_s": round(mean, 4),
             "samples_per_s": round(examples / steps / mean, 2)}

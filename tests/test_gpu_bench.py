@@ -72,9 +72,9 @@ def test_scaling_per_step_end_to_end_and_the_repeated_baseline(tmp_path, monkeyp
                 "logged": {}}
 
     monkeypatch.setattr(multi_gpu, "train", train)
-    monkeypatch.setattr(multi_gpu, "warm_up_once", lambda opts, paths, left_s: None)
+    monkeypatch.setattr(multi_gpu, "warm_up_once", lambda *args: None)
     args = SimpleNamespace(gpus=2, repeat=8, epochs=3, bracket=True, side_by_side=False, out=str(tmp_path / "r.json"))
-    result = multi_gpu.scaling(args, SimpleNamespace(), SimpleNamespace())
+    result = multi_gpu.scaling(args, SimpleNamespace(), SimpleNamespace(training_flags=""))
     one, two = result["runs"]["1"], result["runs"]["2"]
     assert (one["seconds_per_step"], two["seconds_per_step"]) == (0.6, 0.75)
     assert (one["fixed_s"], two["fixed_s"]) == (3.0, 5.0)
@@ -101,9 +101,9 @@ def test_abba_order_pools_both_pairs_and_reads_rates_off_the_step_times(tmp_path
                 "logged": {"mean_step_s": step_s, "samples_per_s": 32 * processes / step_s}}
 
     monkeypatch.setattr(multi_gpu, "train", train)
-    monkeypatch.setattr(multi_gpu, "warm_up_once", lambda opts, paths, left_s: None)
+    monkeypatch.setattr(multi_gpu, "warm_up_once", lambda *args: None)
     args = SimpleNamespace(gpus=2, repeat=8, abba=4, epochs=3, out=str(tmp_path / "r.json"))
-    result = multi_gpu.abba_scaling(args, SimpleNamespace(), SimpleNamespace())
+    result = multi_gpu.abba_scaling(args, SimpleNamespace(), SimpleNamespace(training_flags=""))
     assert order == [(1, 8, "-a1"), (2, 8, "-b1"), (2, 4, "-b2"), (1, 4, "-a2")]
     ideal = round(2 * 0.6 / 0.7, 3)  # twice the samples per step, each step 0.7 / 0.6 as long
     assert result["speedup_per_step"] == {"first_pair": ideal, "second_pair": ideal, "pooled": ideal}
@@ -112,3 +112,18 @@ def test_abba_order_pools_both_pairs_and_reads_rates_off_the_step_times(tmp_path
     assert a1["fixed_share"] == round(5 / a1["train_seconds"], 3)
     assert result["speedup_end_to_end"] < ideal  # the fixed 5 s weigh more on the shorter 2-GPU run
     assert json.loads((tmp_path / "r.json").read_text())["runs"]["a2"]["global_steps"] == 105
+
+
+def test_step_times_are_read_off_the_loss_log(tmp_path):
+    from bench.gpu_common import logged_rate, logged_step_seconds
+
+    # Step 1 carries the start-up; an eval pass (and checkpoint save) follows step 3.
+    log = [{"loss": 2.0, "step": 1, "elapsed_s": 40.0}, {"loss": 2.0, "step": 2, "elapsed_s": 40.5},
+           {"loss": 2.0, "step": 3, "elapsed_s": 41.0}, {"eval_loss": 2.0, "step": 3, "elapsed_s": 42.0},
+           {"loss": 2.0, "step": 4, "elapsed_s": 43.0}, {"loss": 2.0, "step": 5, "elapsed_s": 43.5},
+           {"loss": 2.0, "step": 6, "elapsed_s": 44.25}, {"train_loss": 2.0, "step": 6, "elapsed_s": 44.3}]
+    (tmp_path / "loss_log.json").write_text(json.dumps(log))
+    assert logged_step_seconds(tmp_path) == [0.5, 0.75]  # steps 5 and 6 only
+    assert logged_rate(tmp_path, 192, 6) == {"steps_read": 2, "mean_step_s": 0.625, "samples_per_s": 51.2}
+    (tmp_path / "loss_log.json").write_text(json.dumps(log[:1]))
+    assert logged_rate(tmp_path, 32, 1) is None  # a one-step warm-up has no steady steps
