@@ -247,8 +247,6 @@ def step_clock():
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
-        started = time.perf_counter()
-
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = time.perf_counter()
 
@@ -414,9 +412,9 @@ def print_plan(plan: Plan, model, n_train: int, n_eval: int, processes: int, ste
     print(f"run directory: {plan.run_dir}\nbase model: {c.model} ({c.quantization}, {c.device}); precision "
           f"{c.precision}; recipe {c.recipe}; topics: {n_train} train / {n_eval} eval / {len(plan.split['test'])} test; "
           f"{model.get_nb_trainable_parameters()[0]:,} trainable parameters; gradient checkpointing "
-          f"{c.gradient_checkpointing}; compiled blocks {c.compile}\n{processes} process(es) x batch {c.batch_size} x accumulation "
-          f"{c.grad_accum} = effective batch {processes * c.batch_size * c.grad_accum}; learning rate "
-          f"{c.learning_rate:g}; {steps_per_epoch} steps per epoch"
+          f"{c.gradient_checkpointing}; compiled blocks {c.compile}\n{processes} process(es) x batch "
+          f"{c.batch_size} x accumulation {c.grad_accum} = effective batch "
+          f"{processes * c.batch_size * c.grad_accum}; learning rate {c.learning_rate:g}; {steps_per_epoch} steps per epoch"
           + (f"; at most {c.max_steps} steps" if c.max_steps else "")
           + (f"\nresuming from {checkpoint}" if checkpoint else ""), flush=True)
 

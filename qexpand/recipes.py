@@ -37,8 +37,9 @@ RECIPES = {
 }
 
 
-# Compiling the transformer blocks costs a fixed 50-80 s per process on an H200 and then saves 0.005-0.008 s
-# per training example (bench/RESULTS.md): from about this many examples per process it has paid.
+# Compiling the transformer blocks cost each training.py process 42 s (64 s the first time on a machine) on
+# an H200 and then saved about 0.005 s per training example (bench/RESULTS.md): it pays from about 8,000 to
+# 12,500 examples per process.
 COMPILE_PAYS_FROM_EXAMPLES = 10_000
 
 
