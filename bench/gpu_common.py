@@ -11,8 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from qexpand import data
-from qexpand import rundir
+from qexpand import data, rundir
 from qexpand.rundir import atomic_write_json, read_json
 
 REPO = Path(__file__).resolve().parent.parent

@@ -71,7 +71,7 @@ def bench_options(args) -> argparse.Namespace:
     argv += ["--tiny"] * args.tiny
     opts = gpu_bench.resolve_options(gpu_bench.build_parser().parse_args(argv))
     opts.out = str(Path(opts.work_dir) / "build-for-multi-gpu.json")
-    opts.training_flags = args.training_flags
+    opts.training_flags = shlex.split(args.training_flags)  # split once, passed to every run
     return opts
 
 
@@ -83,7 +83,7 @@ def launch(paths: Paths, opts, processes: int, copies: int, epochs: int, name: s
     command += ["--multi_gpu"] * (processes > 1)
     command += [str(REPO / "training.py"), "--model", str(paths.model), "--split-file", str(split),
                 "--epochs", str(epochs), "--output-dir", str(paths.runs), "--run-name", name, "--overwrite",
-                *shlex.split(opts.training_flags)]
+                *opts.training_flags]
     env = environment_without_hub(paths)
     if not opts.tiny:
         # One GPU per process: with more GPUs visible, one process would spread each batch over all
@@ -143,7 +143,7 @@ def side_by_side(paths: Paths, opts, gpus: int, epochs: int, solo: dict) -> dict
 def scaling(args, paths: Paths, opts) -> dict:
     result = {"gpus": [1, args.gpus], "repeat": args.repeat, "epochs": args.epochs, "runs": {}}
     # The first training process of a fresh machine is slower; it must not be the 1-GPU short run.
-    result["warm_up"] = warm_up_once(opts, paths, 900, tuple(shlex.split(opts.training_flags)))
+    result["warm_up"] = warm_up_once(opts, paths, 900, tuple(opts.training_flags))
     for processes in (1, args.gpus):
         short = train(paths, opts, processes, 1, args.epochs)
         long = train(paths, opts, processes, args.repeat, args.epochs)
@@ -171,7 +171,7 @@ def abba_scaling(args, paths: Paths, opts) -> dict:
     """1 GPU, N GPUs, N GPUs, 1 GPU; per-step rates from each run's logged step times, per pair and pooled;
     end to end (training time, fixed costs included) from the first, longer pair."""
     result = {"gpus": [1, args.gpus], "epochs": args.epochs, "order": "a1 b1 b2 a2", "runs": {}}
-    result["warm_up"] = warm_up_once(opts, paths, 900, tuple(shlex.split(opts.training_flags)))
+    result["warm_up"] = warm_up_once(opts, paths, 900, tuple(opts.training_flags))
     for label, processes, copies in (("a1", 1, args.repeat), ("b1", args.gpus, args.repeat),
                                      ("b2", args.gpus, args.abba), ("a2", 1, args.abba)):
         run = train(paths, opts, processes, copies, args.epochs, suffix=f"-{label}")

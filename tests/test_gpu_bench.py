@@ -57,6 +57,17 @@ def test_training_rate_counts_every_epoch_after_one_warm_up(tmp_path, monkeypatc
                                       ("default", 279)]
 
 
+
+def test_compiled_runs_get_their_own_warm_up_and_compile_off_does_not(tmp_path, monkeypatch):
+    from bench.recipes import project
+
+    calls = fake_training_runs(monkeypatch, {32: 5.0, 93: 7.5, 279: 22.5})
+    opts, paths = SimpleNamespace(train_examples=280), SimpleNamespace(work=tmp_path)
+    project.throughput(opts, paths, "default-compile", ["--compile", "on"], 93, lambda: 100.0, epochs=3)
+    project.throughput(opts, paths, "default-eager", ["--compile", "off"], 93, lambda: 100.0, epochs=3)
+    warm_ups = [(name, flags) for name, _, flags, _ in calls if name.startswith("warm-up")]
+    assert warm_ups == [("warm-up", ["--max-steps", "1"]), ("warm-up-compiled", ["--compile", "on", "--max-steps", "1"])]
+
 def test_scaling_per_step_end_to_end_and_the_repeated_baseline(tmp_path, monkeypatch):
     from bench import multi_gpu
 
@@ -74,7 +85,7 @@ def test_scaling_per_step_end_to_end_and_the_repeated_baseline(tmp_path, monkeyp
     monkeypatch.setattr(multi_gpu, "train", train)
     monkeypatch.setattr(multi_gpu, "warm_up_once", lambda *args: None)
     args = SimpleNamespace(gpus=2, repeat=8, epochs=3, bracket=True, side_by_side=False, out=str(tmp_path / "r.json"))
-    result = multi_gpu.scaling(args, SimpleNamespace(), SimpleNamespace(training_flags=""))
+    result = multi_gpu.scaling(args, SimpleNamespace(), SimpleNamespace(training_flags=[]))
     one, two = result["runs"]["1"], result["runs"]["2"]
     assert (one["seconds_per_step"], two["seconds_per_step"]) == (0.6, 0.75)
     assert (one["fixed_s"], two["fixed_s"]) == (3.0, 5.0)
@@ -103,7 +114,7 @@ def test_abba_order_pools_both_pairs_and_reads_rates_off_the_step_times(tmp_path
     monkeypatch.setattr(multi_gpu, "train", train)
     monkeypatch.setattr(multi_gpu, "warm_up_once", lambda *args: None)
     args = SimpleNamespace(gpus=2, repeat=8, abba=4, epochs=3, out=str(tmp_path / "r.json"))
-    result = multi_gpu.abba_scaling(args, SimpleNamespace(), SimpleNamespace(training_flags=""))
+    result = multi_gpu.abba_scaling(args, SimpleNamespace(), SimpleNamespace(training_flags=[]))
     assert order == [(1, 8, "-a1"), (2, 8, "-b1"), (2, 4, "-b2"), (1, 4, "-a2")]
     ideal = round(2 * 0.6 / 0.7, 3)  # twice the samples per step, each step 0.7 / 0.6 as long
     assert result["speedup_per_step"] == {"first_pair": ideal, "second_pair": ideal, "pooled": ideal}

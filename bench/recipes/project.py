@@ -34,12 +34,18 @@ def timed_run(opts, paths: Paths, name: str, train_count: int, flags: list[str],
                                                     finished["global_steps"])}
 
 
+def compiles(flags) -> bool:
+    """Whether these training.py flags turn compiled blocks on."""
+    flags = list(flags)
+    return "--compile" in flags and flags[flags.index("--compile") + 1:][:1] == ["on"]
+
+
 def warm_up_once(opts, paths: Paths, left_s: float, flags: tuple[str, ...] = ()) -> dict | None:
     """One optimizer step of the default recipe, unless a training process already ran in this work folder.
 
     With compiled blocks (--compile on) a second warm-up runs with those flags: it fills the compile
     caches on disk, so the N and 3N runs after it pay the same (warm) compilation."""
-    compiled = "--compile" in flags
+    compiled = compiles(flags)
     marker = paths.work / ("warmed-up-compiled.json" if compiled else "warmed-up.json")
     if marker.is_file():
         return None
@@ -53,7 +59,7 @@ def warm_up_once(opts, paths: Paths, left_s: float, flags: tuple[str, ...] = ())
 def throughput(opts, paths: Paths, name: str, flags: list[str], base_count: int, left_s, epochs: int = 1) -> dict:
     """Samples and real tokens per second of training, from runs on N and 3N examples."""
     warm_up = warm_up_once(opts, paths, left_s())
-    if "--compile" in flags:
+    if compiles(flags):
         warm_up = {"plain": warm_up, "compiled": warm_up_once(opts, paths, left_s(), tuple(flags))}
     small = timed_run(opts, paths, name, base_count, flags, left_s(), epochs)
     large = timed_run(opts, paths, name, 3 * base_count, flags, left_s(), epochs)

@@ -73,8 +73,8 @@ def run(opts, paths, device, left_s, variant: str) -> dict:
     collator = CountingCollator(collator_for(tokenizer, settings["packed"]))
     timer = step_timer(device)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[timer])
-    result = {"settings": settings, "checkpointing": settings["checkpointing"], "batch_size": settings["batch_size"], "grad_accum": 1,
-              "model_load_s": round(load_s, 2), "compiled_layers": compiled_layers}
+    result = {"settings": settings, "checkpointing": settings["checkpointing"], "batch_size": settings["batch_size"],
+              "grad_accum": 1, "model_load_s": round(load_s, 2), "compiled_layers": compiled_layers}
     result.update(measure_trainer(trainer, collator, timer, opts.warmup_steps, opts.measure_steps, 1))
     result["peak_gb"] = gpu_gb(device, peak=True)
     if settings["compile"]:
