@@ -50,13 +50,19 @@ def test_unknown_flag_is_rejected(tmp_path):
     assert result.returncode == 2 and "unrecognized arguments: --epoch" in result.stderr
 
 
-def test_neftune_noise_reaches_the_trainer_on_in_the_default_recipe_only(tmp_path):
+def settled_on_the_cpu(*flags):
+    """training.py's settled config for these flags (no model is loaded)."""
     import training
     from qexpand.recipes import settle_training
 
+    return settle_training(training.parse_config(["--model", "some/model", "--device", "cpu", *flags]))
+
+
+def test_neftune_noise_reaches_the_trainer_on_in_the_default_recipe_only(tmp_path):
+    import training
+
     def noise(*flags):
-        config = settle_training(training.parse_config(["--model", "some/model", "--device", "cpu", *flags]))
-        return training.training_arguments(config, tmp_path, 10).neftune_noise_alpha
+        return training.training_arguments(settled_on_the_cpu(*flags), tmp_path, 10).neftune_noise_alpha
 
     assert noise() == 5.0 and noise("--neftune-alpha", "0") is None
     assert noise("--recipe", "original", "--optimizer", "adamw") is None
@@ -65,12 +71,10 @@ def test_neftune_noise_reaches_the_trainer_on_in_the_default_recipe_only(tmp_pat
 def test_compile_auto_turns_on_only_for_long_cuda_runs():
     import dataclasses
 
-    import training
-    from qexpand.recipes import COMPILE_PAYS_FROM_EXAMPLES, settle_compile, settle_training
+    from qexpand.recipes import COMPILE_PAYS_FROM_EXAMPLES, settle_compile
 
     def decided(topics, processes=1, device="cuda", *flags):
-        config = settle_training(training.parse_config(["--model", "some/model", "--device", "cpu", *flags]))
-        return settle_compile(dataclasses.replace(config, device=device), topics, processes)
+        return settle_compile(dataclasses.replace(settled_on_the_cpu(*flags), device=device), topics, processes)
 
     enough = -(-COMPILE_PAYS_FROM_EXAMPLES // 3)  # topics that make enough examples in the default 3 epochs
     assert decided(280) == "off"  # the README's default run: compiling would cost more than it saves
