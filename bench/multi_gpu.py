@@ -17,11 +17,16 @@ With --abba COPIES the runs go in the order 1 GPU, N GPUs (both on --repeat copi
 COPIES copies), with no short runs: each run's rate per optimizer step is read off its own loss log
 (training.py stamps every step), and pooling the two pairs cancels a steady drift of the host's speed
 during the call, which the sequential order puts on one side only.
+
+With --profile-steps K a 1-GPU and an N-GPU run each stop after a few steps, and K optimizer steps in
+the middle of their first epoch go through the PyTorch profiler (bench/profiled_training.py): per
+process, the step's wall time, the GPU's busy time, NCCL kernels and host waits.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import subprocess
 import sys
@@ -39,6 +44,7 @@ from bench.recipes.project import warm_up_once  # noqa: E402
 from qexpand import rundir  # noqa: E402
 
 EXAMPLES = 280
+PROFILE_SKIP = 8  # optimizer steps before a profiled window
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also run one independent 1-GPU training per GPU at the same time (host contention)")
     parser.add_argument("--abba", type=int, default=None, metavar="COPIES",
                         help="order 1, N, N, 1 GPUs (the second pair on COPIES copies); rates from the step times")
+    parser.add_argument("--profile-steps", type=int, default=None, metavar="K",
+                        help="profile K optimizer steps (after 8) of a 1-GPU and an N-GPU run on --repeat copies, "
+                             "through bench/profiled_training.py, instead of timing whole runs")
+    parser.add_argument("--cpu-affinity", action="store_true",
+                        help="accelerate launch --enable_cpu_affinity for every run: each process kept to the CPU "
+                             "cores next to its GPU (needs nvidia-ml-py)")
     parser.add_argument("--training-flags", default="", metavar="'FLAGS'",
                         help="more training.py options for every timed run, e.g. '--compile on'")
     parser.add_argument("--tiny", action="store_true", help="2-layer model on the CPU (gloo): checks the code path")
@@ -72,18 +84,21 @@ def bench_options(args) -> argparse.Namespace:
     opts = gpu_bench.resolve_options(gpu_bench.build_parser().parse_args(argv))
     opts.out = str(Path(opts.work_dir) / "build-for-multi-gpu.json")
     opts.training_flags = shlex.split(args.training_flags)  # split once, passed to every run
+    opts.cpu_affinity = args.cpu_affinity
     return opts
 
 
-def launch(paths: Paths, opts, processes: int, copies: int, epochs: int, name: str, gpus: str):
-    """Start `accelerate launch training.py` on `copies` x the examples, seeing only the GPUs `gpus`."""
+def launch(paths: Paths, opts, processes: int, copies: int, epochs: int, name: str, gpus: str,
+           script: tuple[str, ...] = (str(REPO / "training.py"),), extra: tuple[str, ...] = ()):
+    """Start `accelerate launch training.py` (or `script`, which ends with the options it passes on to
+    training.py) on `copies` x the examples, seeing only the GPUs `gpus`."""
     split, tokens = write_split_file(paths, name, EXAMPLES * copies, opts.seed)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["--multi_gpu"] * (processes > 1)
-    command += [str(REPO / "training.py"), "--model", str(paths.model), "--split-file", str(split),
+    command += ["--multi_gpu"] * (processes > 1) + ["--enable_cpu_affinity"] * opts.cpu_affinity
+    command += [*script, "--model", str(paths.model), "--split-file", str(split),
                 "--epochs", str(epochs), "--output-dir", str(paths.runs), "--run-name", name, "--overwrite",
-                *opts.training_flags]
+                *opts.training_flags, *extra]
     env = environment_without_hub(paths)
     if not opts.tiny:
         # One GPU per process: with more GPUs visible, one process would spread each batch over all
@@ -189,10 +204,31 @@ def abba_scaling(args, paths: Paths, opts) -> dict:
     return result
 
 
+def profiled(args, paths: Paths, opts) -> dict:
+    """A window of PROFILE_SKIP + K optimizer steps into a 1-GPU and an N-GPU run (mid-epoch, no eval or
+    save inside): where each process's step time goes (bench/profiled_training.py)."""
+    result = {"gpus": [1, args.gpus], "repeat": args.repeat, "runs": {}}
+    result["warm_up"] = warm_up_once(opts, paths, 900, tuple(opts.training_flags))
+    steps = PROFILE_SKIP + 1 + args.profile_steps + 1  # the profiler's warm-up step, one step after the window
+    for processes in sorted({1, args.gpus}):  # --gpus 1: the 1-GPU run alone
+        name = f"profile-gpus{processes}-x{args.repeat}"
+        out = paths.work / name
+        script = (str(REPO / "bench" / "profiled_training.py"), "--profile-out", str(out), "--skip-steps",
+                  str(PROFILE_SKIP), "--profile-steps", str(args.profile_steps), "--", )
+        process, _ = launch(paths, opts, processes, args.repeat, args.epochs, name,
+                            ",".join(map(str, range(processes))), script, ("--max-steps", str(steps)))
+        if process.wait() != 0:
+            raise subprocess.CalledProcessError(process.returncode, process.args)
+        result["runs"][str(processes)] = [json.loads(path.read_text()) for path in sorted(out.glob("profile-rank*.json"))]
+        write_json(Path(args.out), result)
+    return result
+
+
 def main(args) -> int:
     opts = bench_options(args)
     gpu_bench.run_all(opts)  # with no stages: the build stage only (model folder, example order)
-    result = (abba_scaling if args.abba else scaling)(args, Paths(opts), opts)
+    mode = profiled if args.profile_steps else abba_scaling if args.abba else scaling
+    result = mode(args, Paths(opts), opts)
     result["command"] = " ".join(["python", *sys.argv])
     write_json(Path(args.out), result)
     print({k: v for k, v in result.items() if k.startswith(("speedup", "drift"))})

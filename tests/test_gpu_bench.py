@@ -138,3 +138,28 @@ def test_step_times_are_read_off_the_loss_log(tmp_path):
     assert logged_rate(tmp_path, 192, 6) == {"steps_read": 2, "mean_step_s": 0.625, "samples_per_s": 51.2}
     (tmp_path / "loss_log.json").write_text(json.dumps(log[:1]))
     assert logged_rate(tmp_path, 32, 1) is None  # a one-step warm-up has no steady steps
+
+
+def test_gpu_busy_time_counts_overlapping_kernels_once():
+    from bench.profiled_training import busy_ms
+
+    # Two kernels overlapping by 0.5 ms, one inside another: 1.5 ms + 0.5 ms of busy GPU.
+    assert busy_ms([(3000, 3500), (0, 1000), (500, 1500), (3100, 3200)]) == 2.0
+    assert busy_ms([]) == 0.0
+
+
+def test_profiled_training_runs_training_py_and_summarises_a_window_of_steps(tmp_path, tiny_model, topics_home):
+    from tests.conftest import run_script
+
+    out = tmp_path / "profile"
+    # 31 topics in batches of 3: 11 steps an epoch, so the window (steps 4 and 5) holds no eval pass.
+    result = run_script("bench/profiled_training.py", "--profile-out", out, "--skip-steps", 2, "--profile-steps", 2,
+                        "--", "--model", tiny_model, "--split", 31, 5, 5, "--batch-size", 3, "--max-steps", 6,
+                        "--output-dir", tmp_path / "runs", home=topics_home, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "profile-rank0.json").read_text())
+    assert len(summary["step_ms"]) == 2 and min(summary["step_ms"]) > 0
+    assert abs(summary["wall_ms_per_step"] - sum(summary["step_ms"]) / 2) < 0.2
+    assert summary["top_host_ops"] and summary["kernels_per_step"] == 0  # the CPU runs no CUDA kernels
+    (run,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "finished.json").read_text())["global_steps"] == 6  # training.py ran to its end
