@@ -229,7 +229,7 @@ def main(args) -> int:
     gpu_bench.run_all(opts)  # with no stages: the build stage only (model folder, example order)
     mode = profiled if args.profile_steps else abba_scaling if args.abba else scaling
     result = mode(args, Paths(opts), opts)
-    result["command"] = " ".join(["python", *sys.argv])
+    result["command"] = shlex.join(["python", *sys.argv])
     write_json(Path(args.out), result)
     print({k: v for k, v in result.items() if k.startswith(("speedup", "drift"))})
     return 0
