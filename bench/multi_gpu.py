@@ -18,6 +18,10 @@ COPIES copies), with no short runs: each run's rate per optimizer step is read o
 (training.py stamps every step), and pooling the two pairs cancels a steady drift of the host's speed
 during the call, which the sequential order puts on one side only.
 
+With --length-grouping nothing is trained: how much longer the slowest process's batch of a step is
+with N processes than with one (padded tokens, the Trainer's length-grouped order), computed from the
+real token counts.
+
 With --profile-steps K a 1-GPU and an N-GPU run each stop after a few steps, and K optimizer steps in
 the middle of their first epoch go through the PyTorch profiler (bench/profiled_training.py): per
 process, the step's wall time, the GPU's busy time, NCCL kernels and host waits.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -38,10 +43,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import gpu_bench  # noqa: E402
-from bench.gpu_build import write_split_file  # noqa: E402
+from bench.gpu_build import topic_order, write_split_file  # noqa: E402
 from bench.gpu_common import Paths, environment_without_hub, logged_rate, write_json  # noqa: E402
 from bench.recipes.project import warm_up_once  # noqa: E402
 from qexpand import rundir  # noqa: E402
+from qexpand.recipes import RECIPES  # noqa: E402
 
 EXAMPLES = 280
 PROFILE_SKIP = 8  # optimizer steps before a profiled window
@@ -64,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile-steps", type=int, default=None, metavar="K",
                         help="profile K optimizer steps (after 8) of a 1-GPU and an N-GPU run on --repeat copies, "
                              "through bench/profiled_training.py, instead of timing whole runs")
+    parser.add_argument("--length-grouping", action="store_true",
+                        help="no training: compute how much longer the slowest process's batch of a step is with N "
+                             "processes than with one, in padded tokens, for the topics repeated 1, 3, 6, 10 and "
+                             "--repeat times (the Trainer's length-grouped order); with --tiny it needs no GPU")
     parser.add_argument("--cpu-affinity", action="store_true",
                         help="accelerate launch --enable_cpu_affinity for every run: each process kept to the CPU "
                              "cores next to its GPU (needs nvidia-ml-py)")
@@ -204,6 +214,41 @@ def abba_scaling(args, paths: Paths, opts) -> dict:
     return result
 
 
+PAD_MULTIPLE = 8  # training.py's collator pads each batch to a multiple of 8 tokens
+
+
+def slowest_batch_tokens(lengths: list[int], batch_size: int, processes: int, epochs: int, seed: int) -> float:
+    """Mean, over optimizer steps, of the padded tokens (batch x its longest example) of the slowest
+    process's batch: the Trainer's length-grouped order, cut into batches dealt round-robin to the
+    processes as accelerate does. A data-parallel step waits for that batch."""
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    generator = torch.Generator().manual_seed(seed)
+    costs = []
+    for _ in range(epochs):
+        order = get_length_grouped_indices(lengths, batch_size, generator=generator)
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        for start in range(0, len(batches) - processes + 1, processes):
+            costs.append(max(len(batch) * math.ceil(max(lengths[i] for i in batch) / PAD_MULTIPLE) * PAD_MULTIPLE
+                             for batch in batches[start:start + processes]))
+    return sum(costs) / len(costs)
+
+
+def length_grouping(args, paths: Paths, opts) -> dict:
+    """How much the length grouping alone lengthens an N-process step over a 1-process step (same
+    batch size per process), from the benchmark's real token counts; no training."""
+    _, topic_lengths = topic_order(paths)
+    batch = RECIPES["default"]["batch_size"]["cuda"]
+    result = {"gpus": [1, args.gpus], "epochs": args.epochs, "batch_size": batch, "copies": {}}
+    for copies in sorted({1, 3, 6, 10, args.repeat}):
+        lengths = [topic_lengths[i % len(topic_lengths)] for i in range(EXAMPLES * copies)]
+        one, many = (slowest_batch_tokens(lengths, batch, n, args.epochs, opts.seed) for n in (1, args.gpus))
+        result["copies"][str(copies)] = {"slowest_batch_tokens_1": round(one), f"slowest_batch_tokens_{args.gpus}": round(many),
+                                         "step_cost_ratio": round(many / one, 3)}
+    return result
+
+
 def profiled(args, paths: Paths, opts) -> dict:
     """A window of PROFILE_SKIP + K optimizer steps into a 1-GPU and an N-GPU run (mid-epoch, no eval or
     save inside): where each process's step time goes (bench/profiled_training.py)."""
@@ -227,7 +272,8 @@ def profiled(args, paths: Paths, opts) -> dict:
 def main(args) -> int:
     opts = bench_options(args)
     gpu_bench.run_all(opts)  # with no stages: the build stage only (model folder, example order)
-    mode = profiled if args.profile_steps else abba_scaling if args.abba else scaling
+    mode = (length_grouping if args.length_grouping else profiled if args.profile_steps
+            else abba_scaling if args.abba else scaling)
     result = mode(args, Paths(opts), opts)
     result["command"] = shlex.join(["python", *sys.argv])
     write_json(Path(args.out), result)

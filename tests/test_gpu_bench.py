@@ -163,3 +163,18 @@ def test_profiled_training_runs_training_py_and_summarises_a_window_of_steps(tmp
     assert summary["top_host_ops"] and summary["kernels_per_step"] == 0  # the CPU runs no CUDA kernels
     (run,) = (tmp_path / "runs").iterdir()
     assert json.loads((run / "finished.json").read_text())["global_steps"] == 6  # training.py ran to its end
+
+
+def test_length_grouping_makes_the_slowest_of_two_batches_cost_more_on_few_topics():
+    import random
+
+    from bench.multi_gpu import slowest_batch_tokens
+
+    assert slowest_batch_tokens([40] * 256, 32, 2, 1, 0) == 32 * 40  # equal lengths: nothing to wait for
+    lengths = [random.Random(i).randint(52, 118) for i in range(280)]
+    one, two = (slowest_batch_tokens(lengths, 32, n, 3, 0) for n in (1, 2))
+    # Two processes take two neighbouring batches of the sorted order per step and wait for the
+    # longer one; one process averages both.
+    assert two > 1.1 * one
+    many = lengths * 10  # bigger sorted windows: neighbouring batches differ less
+    assert slowest_batch_tokens(many, 32, 2, 3, 0) / slowest_batch_tokens(many, 32, 1, 3, 0) < two / one
