@@ -66,32 +66,31 @@ def choose_base_model(config: TestConfig, record: runcheck.RunRecord) -> tuple[s
     return config.model, config.gguf_file
 
 
-def topics_to_expand(config: TestConfig, run_dir: Path) -> tuple[str, list[dict]]:
+def topics_to_expand(config: TestConfig, split: dict) -> tuple[str, list[dict]]:
     """(name of the evaluation, items with query and, when known, gold description)."""
     if config.query:
         return "adhoc", [{"dataset": None, "query_id": None, "query": q, "description": None, "narrative": None}
                          for q in config.query]
     if config.test_datasets:
-        topics = unseen_topics(data.load_all_topics(config.test_datasets), run_dir, config.test_datasets)
+        topics = unseen_topics(data.load_all_topics(config.test_datasets), split, config.test_datasets)
         name = "testsets-" + "+".join(re.sub(r"[^A-Za-z0-9.-]+", "_", d) for d in config.test_datasets)
     else:
-        topics = runcheck.read_split(run_dir)[config.split_part]
+        topics = split[config.split_part]
         name = config.split_part
     return name, [vars(t).copy() for t in topics]
 
 
-def seen_queries(run_dir: Path) -> set[str]:
+def seen_queries(split: dict) -> set[str]:
     """The query keys the run trained or was tuned on (its train and eval topics)."""
-    split = runcheck.read_split(run_dir)
     return {data.query_key(t.query) for t in split["train"] + split["eval"]}
 
 
-def unseen_topics(topics: list[data.Topic], run_dir: Path, dataset_ids: list[str]) -> list[data.Topic]:
+def unseen_topics(topics: list[data.Topic], split: dict, dataset_ids: list[str]) -> list[data.Topic]:
     """Drop topics whose query the adapter saw in training or eval: scores on them would flatter it.
 
     Topic sets overlap (Robust04 holds TREC 6-8's topics 301-450), so this is checked by query text.
     """
-    seen = seen_queries(run_dir)
+    seen = seen_queries(split)
     kept = [t for t in topics if data.query_key(t.query) not in seen]
     if not kept:
         raise UserError(
@@ -194,16 +193,15 @@ def write_predictions(path: Path, items: list[dict], queries: list[str], outputs
     rundir.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def score(items: list[dict], queries: list[str], outputs: dict, scorer: Scorer, run_dir: Path) -> dict:
+def score(items: list[dict], queries: list[str], outputs: dict, scorer: Scorer, train_topics: list) -> dict:
     """Every row (model rows and baselines, nearest neighbour from the run's training topics) scored."""
-    train_topics = runcheck.read_split(run_dir)["train"]
     scored_items = [{**item, "query": query} for item, query in zip(items, queries)]
     predictions = {row: [d["generated"] for d in details] for row, (details, _) in outputs.items()}
     return score_rows(scorer, predictions, scored_items, train_topics)
 
 
-def warn_if_seen(topics: list[QueryTopic], run_dir: Path) -> None:
-    seen = seen_queries(run_dir)
+def warn_if_seen(topics: list[QueryTopic], split: dict) -> None:
+    seen = seen_queries(split)
     count = sum(data.query_key(t.query) in seen for t in topics)
     if count:
         log.warning("%d of %d topics have a query this run was trained or tuned on; their expansions echo "
@@ -238,8 +236,8 @@ def load_for_generation(config: TestConfig, record: runcheck.RunRecord, run_dir:
     return model, tokenizer, scorer
 
 
-def evaluate(config: TestConfig, run_dir: Path, template: str, evaluation: str, items: list[dict], model,
-             tokenizer, scorer, form: GenerationForm) -> dict:
+def evaluate(config: TestConfig, run_dir: Path, split: dict, template: str, evaluation: str, items: list[dict],
+             model, tokenizer, scorer, form: GenerationForm) -> dict:
     """Expand the items (fine-tuned, and zero-shot with --baseline), print and write them, score them."""
     queries = prepare_queries(items, tokenizer)
     loaded = modeling.describe_loaded(model)
@@ -258,7 +256,7 @@ def evaluate(config: TestConfig, run_dir: Path, template: str, evaluation: str, 
     if items[0]["description"] is None:
         return {"run": str(run_dir), "evaluation": evaluation, "predictions": [d["generated"] for d in details]}
 
-    report = score(items, queries, outputs, scorer, run_dir)
+    report = score(items, queries, outputs, scorer, split["train"])
     report.update(run=str(run_dir), evaluation=evaluation, generation_seconds=round(seconds, 3), ended_at_eos=ended,
                   num_candidates=config.num_candidates, select=config.select or "greedy", merged=form.merged,
                   precision=config.precision, loaded=loaded, generation_form=vars(form))
@@ -275,19 +273,19 @@ def main(config: TestConfig) -> dict:
     or with --topics expand a topic file (returns the expansions)."""
     validate_testing(config)
     run_dir = rundir.resolve_run(Path(config.output_dir), config.run, "python training.py --resume")
-    record = runcheck.check_finished_run(run_dir)  # every file, before any model is loaded
+    record, split = runcheck.check_finished_run(run_dir)  # every file, before any model is loaded
     base, gguf = choose_base_model(config, record)
     config, form = settle_testing(config, record.config, base, gguf)
     template = record.config.prompt_template
     if config.topics:
         topics = read_topics(config.topics)
-        warn_if_seen(topics, run_dir)
+        warn_if_seen(topics, split)
         model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf, needs_scorer=False)
         return expand_topic_file(config, topics, finetuned_model(model, form), tokenizer, template, scorer, run_dir)
-    evaluation, items = topics_to_expand(config, run_dir)
+    evaluation, items = topics_to_expand(config, split)
     model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf,
                                                    needs_scorer=items[0]["description"] is not None)
-    return evaluate(config, run_dir, template, evaluation, items, model, tokenizer, scorer, form)
+    return evaluate(config, run_dir, split, template, evaluation, items, model, tokenizer, scorer, form)
 
 
 def cli() -> int:

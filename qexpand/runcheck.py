@@ -90,16 +90,16 @@ def check_tokenizer_files(run_dir: Path) -> None:
                       f"{' / '.join(TOKENIZER_VOCAB_FILES)} are needed)")
 
 
-def check_finished_run(run_dir: Path) -> RunRecord:
-    """Validate every file a finished run must have; its record."""
+def check_finished_run(run_dir: Path) -> tuple[RunRecord, dict[str, list[data.Topic]]]:
+    """Validate every file a finished run must have; its record and its split (read once, here)."""
     record = read_record(run_dir)
     finished = rundir.read_run_file(run_dir, rundir.FINISHED_FILE)
     if not isinstance(finished, dict) or not isinstance(finished.get("finished_at"), str):
         raise damaged(run_dir, rundir.FINISHED_FILE, "has no 'finished_at' time")
-    read_split(run_dir)
+    split = read_split(run_dir)
     check_tokenizer_files(run_dir)
     check_adapter(run_dir, record)
-    return record
+    return record, split
 
 
 def tokenizer_check(tokenizer, texts: list[str]) -> dict:
