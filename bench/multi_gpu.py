@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -244,7 +245,8 @@ def length_grouping(args, paths: Paths, opts) -> dict:
     for copies in sorted({1, 3, 6, 10, args.repeat}):
         lengths = [topic_lengths[i % len(topic_lengths)] for i in range(EXAMPLES * copies)]
         one, many = (slowest_batch_tokens(lengths, batch, n, args.epochs, opts.seed) for n in (1, args.gpus))
-        result["copies"][str(copies)] = {"slowest_batch_tokens_1": round(one), f"slowest_batch_tokens_{args.gpus}": round(many),
+        result["copies"][str(copies)] = {"slowest_batch_tokens_1": round(one),
+                                         f"slowest_batch_tokens_{args.gpus}": round(many),
                                          "step_cost_ratio": round(many / one, 3)}
     return result
 
@@ -254,17 +256,19 @@ def profiled(args, paths: Paths, opts) -> dict:
     save inside): where each process's step time goes (bench/profiled_training.py)."""
     result = {"gpus": [1, args.gpus], "repeat": args.repeat, "runs": {}}
     result["warm_up"] = warm_up_once(opts, paths, 900, tuple(opts.training_flags))
-    steps = PROFILE_SKIP + 1 + args.profile_steps + 1  # the profiler's warm-up step, one step after the window
+    max_steps = PROFILE_SKIP + 1 + args.profile_steps + 1  # the profiler's warm-up step, one step after the window
     for processes in sorted({1, args.gpus}):  # --gpus 1: the 1-GPU run alone
         name = f"profile-gpus{processes}-x{args.repeat}"
         out = paths.work / name
+        shutil.rmtree(out, ignore_errors=True)  # no summary of an earlier run is read as this one's
         script = (str(REPO / "bench" / "profiled_training.py"), "--profile-out", str(out), "--skip-steps",
-                  str(PROFILE_SKIP), "--profile-steps", str(args.profile_steps), "--", )
+                  str(PROFILE_SKIP), "--profile-steps", str(args.profile_steps), "--")
         process, _ = launch(paths, opts, processes, args.repeat, args.epochs, name,
-                            ",".join(map(str, range(processes))), script, ("--max-steps", str(steps)))
+                            ",".join(map(str, range(processes))), script, ("--max-steps", str(max_steps)))
         if process.wait() != 0:
             raise subprocess.CalledProcessError(process.returncode, process.args)
-        result["runs"][str(processes)] = [json.loads(path.read_text()) for path in sorted(out.glob("profile-rank*.json"))]
+        summaries = sorted(out.glob("profile-rank*.json"))
+        result["runs"][str(processes)] = [json.loads(path.read_text()) for path in summaries]
         write_json(Path(args.out), result)
     return result
 

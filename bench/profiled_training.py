@@ -6,9 +6,11 @@
 Each process writes DIR/profile-rank<R>.json: the window's wall time per optimizer step, how long the
 GPU ran kernels in it (the union of the kernels' intervals, so concurrent kernels count once), the
 time in NCCL kernels, the time the host spent blocked on the GPU, the number of kernels and the
-heaviest ones; with compiled blocks also where compilation time went and torch.compile's counters. The window is cut by a global optimizer-step hook (a public torch API), so the script
-runs through training.py's public `parse_config()` and `main()`, nothing inside them. Profiling
-slows the host side of every step: compare windows taken this way with each other only.
+heaviest ones, the host operators with the most time of their own; with compiled blocks also where
+compilation time went and torch.compile's counters. The window is cut by a global optimizer-step
+hook (a public torch API), so the script runs through training.py's public `parse_config()` and
+`main()`, nothing inside them. Profiling slows the host side of every step: compare windows taken
+this way with each other only. Choose the window inside one epoch (no eval pass or save in it).
 """
 
 from __future__ import annotations
@@ -57,9 +59,10 @@ def summarise(prof, step_times: list[float], skip: int, steps: int) -> dict:
     # "nccl:all_reduce"): left out, only kernels, copies and memsets count.
     kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation
                and not e.name.startswith("ProfilerStep")]
-    # step_times[i] is the moment optimizer step i+1 ended; the window is steps skip+2 .. skip+1+steps
-    # (the profiler's one warm-up step in between is left out).
-    wall_ms = (step_times[skip + 1 + steps - 1] - step_times[skip]) * 1e3 if len(step_times) > skip + steps else None
+    # step_times[i] is the moment optimizer step i+1 ended; the window is steps skip+2 .. skip+steps+1
+    # (the profiler's one warm-up step, skip+1, is left out).
+    window = step_times[skip:skip + steps + 1]
+    wall_ms = (window[-1] - window[0]) * 1e3
     nccl = [e for e in kernels if "nccl" in e.name.lower()]
     waits: dict[str, float] = {}
     for event in events:
@@ -75,14 +78,14 @@ def summarise(prof, step_times: list[float], skip: int, steps: int) -> dict:
     per_step = (lambda value: round(value / steps, 2))
     return {
         "steps": steps, "skipped_steps": skip,
-        "wall_ms_per_step": per_step(wall_ms) if wall_ms else None,
+        "wall_ms_per_step": per_step(wall_ms),
         "gpu_busy_ms_per_step": per_step(busy),
-        "gpu_busy_share": round(busy / wall_ms, 3) if wall_ms else None,
+        "gpu_busy_share": round(busy / wall_ms, 3),
         "kernels_per_step": round(len(kernels) / steps),
         "nccl_kernel_ms_per_step": per_step(sum(k.time_range.elapsed_us() for k in nccl) / 1e3),
         "nccl_kernels_per_step": round(len(nccl) / steps, 1),
         "host_wait_ms_per_step": {name: per_step(ms) for name, ms in sorted(waits.items())},
-        "step_ms": [round((b - a) * 1e3, 1) for a, b in zip(step_times[skip:skip + steps], step_times[skip + 1:skip + 1 + steps])],
+        "step_ms": [round((end - start) * 1e3, 1) for start, end in zip(window, window[1:])],
         "top_kernels": [{"name": name, "calls_per_step": round(len(times) / steps, 1),
                          "ms_per_step": per_step(sum(times))} for name, times in top],
         # Host time by operator, its own time only (not its children's): where the Python side goes.
@@ -120,10 +123,14 @@ def main(argv: list[str]) -> int:
     rank = int(os.environ.get("RANK", "0"))
     out = Path(args.profile_out)
     step_times: list[float] = []
-    summary: dict = {}
+    summary: dict = {"error": f"training ended before optimizer step {args.skip_steps + args.profile_steps + 1}: "
+                              "no window was profiled (raise --max-steps or lower --skip-steps)"}
 
     def window_done(prof):
-        summary.update(summarise(prof, step_times, args.skip_steps, args.profile_steps))
+        # Also called when training ends inside the window: a partial window is not summarised.
+        if len(step_times) > args.skip_steps + args.profile_steps:
+            summary.clear()
+            summary.update(summarise(prof, step_times, args.skip_steps, args.profile_steps))
 
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], on_trace_ready=window_done,
                    schedule=schedule(wait=args.skip_steps, warmup=1, active=args.profile_steps, repeat=1))

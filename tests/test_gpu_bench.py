@@ -148,21 +148,31 @@ def test_gpu_busy_time_counts_overlapping_kernels_once():
     assert busy_ms([]) == 0.0
 
 
-def test_profiled_training_runs_training_py_and_summarises_a_window_of_steps(tmp_path, tiny_model, topics_home):
+def profile_tiny_run(tmp_path, tiny_model, topics_home, max_steps: int) -> dict:
+    """bench/profiled_training.py on training.py (31 topics in batches of 3: 11 steps an epoch, so the
+    window, steps 4 and 5, holds no eval pass); the summary it wrote."""
     from tests.conftest import run_script
 
     out = tmp_path / "profile"
-    # 31 topics in batches of 3: 11 steps an epoch, so the window (steps 4 and 5) holds no eval pass.
     result = run_script("bench/profiled_training.py", "--profile-out", out, "--skip-steps", 2, "--profile-steps", 2,
-                        "--", "--model", tiny_model, "--split", 31, 5, 5, "--batch-size", 3, "--max-steps", 6,
+                        "--", "--model", tiny_model, "--split", 31, 5, 5, "--batch-size", 3, "--max-steps", max_steps,
                         "--output-dir", tmp_path / "runs", home=topics_home, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((out / "profile-rank0.json").read_text())
+    return json.loads((out / "profile-rank0.json").read_text())
+
+
+def test_profiled_training_runs_training_py_and_summarises_a_window_of_steps(tmp_path, tiny_model, topics_home):
+    summary = profile_tiny_run(tmp_path, tiny_model, topics_home, max_steps=6)
     assert len(summary["step_ms"]) == 2 and min(summary["step_ms"]) > 0
     assert abs(summary["wall_ms_per_step"] - sum(summary["step_ms"]) / 2) < 0.2
     assert summary["top_host_ops"] and summary["kernels_per_step"] == 0  # the CPU runs no CUDA kernels
     (run,) = (tmp_path / "runs").iterdir()
     assert json.loads((run / "finished.json").read_text())["global_steps"] == 6  # training.py ran to its end
+
+
+def test_a_run_too_short_for_the_window_says_so_in_its_summary(tmp_path, tiny_model, topics_home):
+    summary = profile_tiny_run(tmp_path, tiny_model, topics_home, max_steps=3)
+    assert "no window was profiled" in summary["error"] and "step_ms" not in summary
 
 
 def test_length_grouping_makes_the_slowest_of_two_batches_cost_more_on_few_topics():
@@ -178,3 +188,4 @@ def test_length_grouping_makes_the_slowest_of_two_batches_cost_more_on_few_topic
     assert two > 1.1 * one
     many = lengths * 10  # bigger sorted windows: neighbouring batches differ less
     assert slowest_batch_tokens(many, 32, 2, 3, 0) / slowest_batch_tokens(many, 32, 1, 3, 0) < two / one
+
