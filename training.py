@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from qexpand import data, modeling, options, quiet, rundir, runcheck
+from qexpand import data, lora_kernels, modeling, options, quiet, rundir, runcheck
 from qexpand.config import INVOCATION_FIELDS, TrainConfig, validate_training
 from qexpand.errors import UserError, fail_if_problems, run_cli
 from qexpand.prompt import format_prompt, tokenize_example
@@ -316,6 +316,10 @@ def load_model(config: TrainConfig, rank_device: str, tokenizer_dir: Path | None
         model.enable_input_require_grads()  # LoRA inputs need grads for recomputation
     lora = modeling.lora_config(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
     model = get_peft_model(model, lora)
+    # Fused before compiling, so that compiled blocks trace the fused layers.
+    if config.lora_kernels == "fused" and not lora_kernels.fuse_lora_layers(model):
+        raise UserError("--lora-kernels fused found no LoRA layer it can fuse (it fuses plain LoRA on "
+                        "bitsandbytes 4-bit layers without biases). Leave --lora-kernels out.")
     if config.compile == "on":
         modeling.compile_decoder_layers(model)  # compiles lazily, during the first steps
     return model, tokenizer
@@ -412,7 +416,7 @@ def print_plan(plan: Plan, model, n_train: int, n_eval: int, processes: int, ste
     print(f"run directory: {plan.run_dir}\nbase model: {c.model} ({c.quantization}, {c.device}); precision "
           f"{c.precision}; recipe {c.recipe}; topics: {n_train} train / {n_eval} eval / {len(plan.split['test'])} test; "
           f"{model.get_nb_trainable_parameters()[0]:,} trainable parameters; gradient checkpointing "
-          f"{c.gradient_checkpointing}; compiled blocks {c.compile}\n{processes} process(es) x batch "
+          f"{c.gradient_checkpointing}; compiled blocks {c.compile}; LoRA layers {c.lora_kernels}\n{processes} process(es) x batch "
           f"{c.batch_size} x accumulation {c.grad_accum} = effective batch "
           f"{processes * c.batch_size * c.grad_accum}; learning rate {c.learning_rate:g}; {steps_per_epoch} steps per epoch"
           + (f"; at most {c.max_steps} steps" if c.max_steps else "")

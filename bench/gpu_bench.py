@@ -35,6 +35,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import gpu_report  # noqa: E402
+from bench.recipes import default as default_recipe  # noqa: E402
 from bench.gpu_common import (  # noqa: E402
     H100_SXM_BF16_DENSE_TFLOPS, OFFLINE_DATASETS, Paths, model_params, mfu, package_version, python_command,
     run_logged, write_json,
@@ -43,7 +44,7 @@ from qexpand.recipes import resolve_device  # noqa: E402
 from qexpand.rundir import read_json  # noqa: E402
 
 STAGE_GROUPS = ("train", "generate", "scripts")
-PROJECT_RECIPES = ("original", "default", "default-fast", "default-b64", "default-nodrop", "default-compile")
+PROJECT_RECIPES = ("original", *default_recipe.VARIANTS)
 TUNING = ("copy", "nodrop", "liger", "packed", "packed-nodrop-liger", "packed-nodrop-liger-b64", "compile",
           "compile-warm", "compile-graphs", "compile-nodrop", "compile-nockpt", "compile-b64")
 RECIPES = PROJECT_RECIPES + ("trl", "unsloth", "unsloth-padded") + tuple(f"tuning-{v}" for v in TUNING)

@@ -79,6 +79,10 @@ def settle_training(config: TrainConfig) -> TrainConfig:
     values["precision"] = config.precision if config.precision != "auto" else (
         "bf16" if device == "cuda" else "fp32")
     settled = dataclasses.replace(config, **values, device=device, recipe=recipe_name)
+    if settled.lora_kernels == "fused" and settled.quantization != "nf4":
+        raise UserError("--lora-kernels fused computes LoRA layers on a 4-bit base, and this run loads the base "
+                        f"with --quantization {settled.quantization}. Add --quantization nf4, or leave "
+                        "--lora-kernels out.")
     if settled.optimizer == "paged_adamw_8bit" and device != "cuda":
         raise UserError("the optimizer paged_adamw_8bit (bitsandbytes' paged 8-bit AdamW, used by the original "
                         "recipe) needs CUDA. On the CPU pass --optimizer adamw.")

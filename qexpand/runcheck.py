@@ -35,8 +35,15 @@ def damaged(run_dir: Path, name: str, problem: str) -> UserError:
                      "restore the file from a copy.")
 
 
+# Training settings added after run directories had been written without them, with the value that
+# says how such a run trained (it had no compiled blocks and peft's LoRA layers).
+ADDED_SETTINGS = {"compile": "off", "lora_kernels": "peft"}
+
+
 def read_record(run_dir: Path) -> RunRecord:
     raw = rundir.read_run_file(run_dir, rundir.CONFIG_FILE)
+    if isinstance(raw, dict) and isinstance(raw.get("config"), dict):
+        raw = {**raw, "config": {**ADDED_SETTINGS, **raw["config"]}}
     try:
         record = options.from_json(RunRecord, raw)
     except (ValueError, TypeError) as error:

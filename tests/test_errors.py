@@ -72,6 +72,7 @@ def expect_error(world, script, *args, match: str):
     (("--resume", "cut", "--run-name", "x"), "cannot go with --run-name"),
     (("--split-file", "s.json", "--datasets", "a/b"), "cannot go with --datasets or --split"),
     (("--optimizer", "paged_adamw_8bit"), "needs CUDA"),
+    (("--lora-kernels", "fused"), "computes LoRA layers on a 4-bit base"),
 ])
 def test_training_bad_input(world, tiny_model, args, match):
     model = ("--model", tiny_model) if "--model" not in args else ()

@@ -131,3 +131,23 @@ def test_existing_run_is_kept_without_overwrite_and_replaced_with_it(runs, tiny_
                           "--output-dir", out, "--run-name", "straight", "--overwrite", home=home, cwd=runs["root"])
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert json.loads((out / "straight" / "run_config.json").read_text())["config"]["epochs"] == 1
+
+
+def test_a_run_recorded_before_later_settings_existed_still_reads(tmp_path):
+    from dataclasses import asdict
+
+    from qexpand.config import TrainConfig
+    from qexpand.runcheck import RunRecord, read_record
+
+    record = RunRecord(config=TrainConfig(compile="on", lora_kernels="fused"), base_model_signature={},
+                       tokenizer_check={"texts": [], "ids": []}, processes=1, versions={}, created_at="then")
+    written = asdict(record)
+    for added_later in ("compile", "lora_kernels"):
+        del written["config"][added_later]
+    (tmp_path / "run_config.json").write_text(json.dumps(written))
+    config = read_record(tmp_path).config
+    # Such a run trained eagerly with peft's layers, and says so now.
+    assert (config.compile, config.lora_kernels) == ("off", "peft")
+    written["config"]["lora_kernels"] = "fused"
+    (tmp_path / "run_config.json").write_text(json.dumps(written))
+    assert read_record(tmp_path).config.lora_kernels == "fused"  # a recorded value is kept

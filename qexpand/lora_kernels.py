@@ -1,0 +1,121 @@
+"""One autograd function per LoRA layer on a 4-bit base, for training with fewer launches.
+
+A training step of the default recipe is bound by the host, not the GPU: the GPU runs kernels about
+half of an eager step and about half of a compiled one (bench/RESULTS.md). peft's forward of a LoRA
+layer on a bitsandbytes NF4 base goes through four modules and one autograd function of Python, and
+launches a defensive copy of the base output, a separate scaling and a separate addition. Here the
+whole layer is one autograd function: the base product, the dropout, the two LoRA products and the
+scaled addition (one addmm), with a hand-written backward. The parameters stay peft's, so the
+adapter is saved and loaded exactly as before. Only the plain case is fused (one active adapter,
+no DoRA, no biases, not merged, in training mode); every other call goes through peft's own
+forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+
+def fuse_lora_layers(model) -> int:
+    """Route every fusable peft LoRA layer on a bitsandbytes 4-bit base through `lora_on_nf4()`;
+    returns how many were routed."""
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    # The function is looked up here, not in the forward: torch.compile then sees it as a constant.
+    forward = functools.partial(fused_forward, function=lora_on_nf4())
+    routed = 0
+    for module in model.modules():
+        if isinstance(module, LoraLinear4bit) and fusable(module):
+            module.forward = types.MethodType(forward, module)
+            routed += 1
+    return routed
+
+
+def fusable(layer) -> bool:
+    import torch
+
+    adapters = layer.active_adapters
+    if len(adapters) != 1 or adapters[0] not in layer.lora_A or adapters[0] in layer.lora_variant:
+        return False
+    adapter = adapters[0]
+    base = layer.get_base_layer()
+    return (base.bias is None and layer.lora_A[adapter].bias is None and layer.lora_B[adapter].bias is None
+            and getattr(base.weight, "quant_state", None) is not None
+            and isinstance(layer.lora_dropout[adapter], (torch.nn.Dropout, torch.nn.Identity)))
+
+
+def fused_forward(self, x, *args, function=None, **kwargs):
+    """The forward that `fuse_lora_layers` installs on a layer (`function` is `lora_on_nf4()`)."""
+    import torch
+
+    # Training steps only: eval passes are few, and bitsandbytes repacks 4-bit weights for the CPU
+    # at inference, which only its own forward reads.
+    if not self.training or args or kwargs or self.disable_adapters or self.merged or not fusable(self):
+        return type(self).forward(self, x, *args, **kwargs)  # peft's own path
+    adapter = self.active_adapters[0]
+    base = self.get_base_layer()
+    dropout = self.lora_dropout[adapter]
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0  # Identity when dropout is 0
+    device = x.device.type
+    # Under autocast peft runs the LoRA products in the autocast dtype; without it, in the LoRA
+    # weights' own dtype, casting the result back.
+    lora_dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                  else self.lora_A[adapter].weight.dtype)
+    return function.apply(x, base.weight, base.compute_dtype or x.dtype, self.lora_A[adapter].weight,
+                          self.lora_B[adapter].weight, float(self.scaling[adapter]), p, lora_dtype)
+
+
+@functools.cache
+def lora_on_nf4():
+    """The autograd function, built on first use (importing this module imports neither torch nor
+    bitsandbytes)."""
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+    from torch.nn.functional import linear
+
+    class LoraOnNF4(torch.autograd.Function):
+        """y = x W^T + scaling * dropout(x) A^T B^T, W in NF4; the gradients of x, A and B."""
+
+        @staticmethod
+        def forward(ctx, x, weight, compute_dtype, lora_a, lora_b, scaling, p, lora_dtype):
+            with torch.autocast(x.device.type, enabled=False):
+                base = linear(x.to(compute_dtype), dequantize_4bit(weight, weight.quant_state).to(compute_dtype))
+                kept = x.to(lora_dtype)
+                mask = None
+                if p > 0:
+                    kept, mask = torch.native_dropout(kept, p, True)
+                a, b = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
+                low = linear(kept, a)  # (..., r)
+                flat = base.view(-1, base.shape[-1])
+                if lora_dtype == compute_dtype:
+                    flat.addmm_(low.view(-1, low.shape[-1]), b.t(), alpha=scaling)
+                else:
+                    flat.add_((linear(low, b) * scaling).view(flat.shape).to(compute_dtype))
+            ctx.save_for_backward(kept, low, mask, a, b)
+            ctx.weight, ctx.compute_dtype, ctx.scaling, ctx.p = weight, compute_dtype, scaling, p
+            ctx.grad_dtypes, ctx.x_shape = (x.dtype, lora_a.dtype, lora_b.dtype), x.shape
+            return base.to(x.dtype)
+
+        @staticmethod
+        def backward(ctx, grad):
+            kept, low, mask, a, b = ctx.saved_tensors
+            x_dtype, a_dtype, b_dtype = ctx.grad_dtypes
+            grad = grad.reshape(-1, grad.shape[-1])
+            kept, low = kept.reshape(-1, kept.shape[-1]), low.reshape(-1, low.shape[-1])
+            scaled = grad.to(a.dtype) * ctx.scaling
+            grad_b = (scaled.t() @ low).to(b_dtype)
+            grad_low = scaled @ b  # (tokens, r)
+            grad_a = (grad_low.t() @ kept).to(a_dtype)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                weight = dequantize_4bit(ctx.weight, ctx.weight.quant_state).to(ctx.compute_dtype)
+                grad_kept = grad_low @ a
+                if mask is not None:
+                    grad_kept = torch.ops.aten.native_dropout_backward(
+                        grad_kept, mask.reshape(grad_kept.shape), 1.0 / (1.0 - ctx.p))
+                grad_x = (grad.to(ctx.compute_dtype) @ weight).add_(grad_kept.to(ctx.compute_dtype)).to(x_dtype)
+                grad_x = grad_x.view(ctx.x_shape)
+            return grad_x, None, None, grad_a, grad_b, None, None, None
+
+    return LoraOnNF4

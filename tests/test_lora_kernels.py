@@ -1,0 +1,109 @@
+"""The fused LoRA-on-NF4 layer computes what peft's layer computes: the same loss and the same LoRA
+gradients on a tiny 4-bit Mistral in float32, with dropout and with recomputation, in fewer operators."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def four_bit_lora_model(folder, dropout: float, dtype_name: str = "float32"):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=getattr(torch, dtype_name))
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization,
+                                                 dtype=getattr(torch, dtype_name), device_map="cpu")
+    model.enable_input_require_grads()
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; non-zero values make every path count
+            torch.nn.init.normal_(parameter, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+    model.train()
+    return model
+
+
+def loss_and_lora_grads(model, checkpointing: bool, autocast: bool = False):
+    import torch
+
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(3, 500, (3, 11), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)  # the dropout masks
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("dropout,checkpointing", [(0.0, False), (0.1, False), (0.1, True)])
+def test_fused_layers_give_peft_loss_and_gradients(tiny_model, dropout, checkpointing):
+    from qexpand.lora_kernels import fuse_lora_layers
+
+    model = four_bit_lora_model(tiny_model, dropout)
+    reference_loss, reference = loss_and_lora_grads(model, checkpointing)
+    assert fuse_lora_layers(model) == 14  # 7 projections in each of the 2 blocks
+    loss, grads = loss_and_lora_grads(model, checkpointing)
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    assert grads.keys() == reference.keys() and len(grads) == 28
+    for name, grad in grads.items():
+        scale = reference[name].abs().max().item()
+        assert scale > 0 and (grad - reference[name]).abs().max().item() <= 1e-5 * scale, name
+
+
+def test_fused_layers_launch_fewer_operators_in_a_training_step(tiny_model):
+    from torch.profiler import profile
+
+    from bench.lora_kernels_cpu import launching_operators
+    from qexpand.lora_kernels import fuse_lora_layers
+
+    def launched(model) -> int:
+        """In one training step as training.py runs it on CUDA (bf16 compute, autocast, LoRA weights
+        in float32, recomputation)."""
+        with profile() as prof:
+            loss_and_lora_grads(model, checkpointing=True, autocast=True)
+        return launching_operators(prof)
+
+    model = four_bit_lora_model(tiny_model, 0.05, "bfloat16")
+    before = launched(model)
+    fuse_lora_layers(model)
+    assert launched(model) < 0.85 * before
+
+
+def test_outside_training_and_with_the_adapter_off_the_layers_are_peft_s(tiny_model):
+    import torch
+
+    from qexpand.lora_kernels import fuse_lora_layers
+
+    ids = torch.randint(3, 500, (1, 5), generator=torch.Generator().manual_seed(2))
+    fused, plain = (four_bit_lora_model(tiny_model, 0.1) for _ in range(2))
+    fuse_lora_layers(fused)
+    with torch.no_grad():
+        with fused.disable_adapter(), plain.disable_adapter():
+            assert torch.equal(fused(input_ids=ids).logits, plain(input_ids=ids).logits)  # the base alone
+        fused.eval(), plain.eval()
+        assert torch.equal(fused(input_ids=ids).logits, plain(input_ids=ids).logits)  # eval passes
+
+
+def test_compiled_blocks_trace_the_fused_layers_whole(tiny_model):
+    from torch._dynamo.utils import counters
+
+    from qexpand.lora_kernels import fuse_lora_layers
+    from qexpand.modeling import compile_decoder_layers
+
+    # Dropout 0: compiled code draws its dropout masks from another generator than eager code does.
+    model = four_bit_lora_model(tiny_model, 0.0)
+    reference_loss, reference = loss_and_lora_grads(model, checkpointing=True)
+    counters.clear()
+    fuse_lora_layers(model)
+    compile_decoder_layers(model)
+    loss, grads = loss_and_lora_grads(model, checkpointing=True)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # one graph, both blocks
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    for name, grad in grads.items():
+        assert (grad - reference[name]).abs().max().item() <= 1e-5 * reference[name].abs().max().item(), name
