@@ -32,17 +32,25 @@ def fuse_lora_layers(model) -> int:
     return routed
 
 
-def fusable(layer) -> bool:
+def plain_adapter(layer) -> str | None:
+    """The layer's one active adapter if it is plain LoRA (no DoRA or other variant, no biases,
+    dropout or none), else None. Checked at every call: adapters can be switched after fusing."""
     import torch
 
     adapters = layer.active_adapters
     if len(adapters) != 1 or adapters[0] not in layer.lora_A or adapters[0] in layer.lora_variant:
-        return False
+        return None
     adapter = adapters[0]
+    plain = (layer.lora_A[adapter].bias is None and layer.lora_B[adapter].bias is None
+             and isinstance(layer.lora_dropout[adapter], (torch.nn.Dropout, torch.nn.Identity)))
+    return adapter if plain else None
+
+
+def fusable(layer) -> bool:
+    """A plain adapter on a 4-bit base layer without bias (the base does not change after fusing)."""
     base = layer.get_base_layer()
-    return (base.bias is None and layer.lora_A[adapter].bias is None and layer.lora_B[adapter].bias is None
-            and getattr(base.weight, "quant_state", None) is not None
-            and isinstance(layer.lora_dropout[adapter], (torch.nn.Dropout, torch.nn.Identity)))
+    return (plain_adapter(layer) is not None and base.bias is None
+            and getattr(base.weight, "quant_state", None) is not None)
 
 
 def fused_forward(self, x, *args, function=None, **kwargs):
@@ -51,9 +59,9 @@ def fused_forward(self, x, *args, function=None, **kwargs):
 
     # Training steps only: eval passes are few, and bitsandbytes repacks 4-bit weights for the CPU
     # at inference, which only its own forward reads.
-    if not self.training or args or kwargs or self.disable_adapters or self.merged or not fusable(self):
+    adapter = plain_adapter(self)
+    if not self.training or args or kwargs or self.disable_adapters or self.merged or adapter is None:
         return type(self).forward(self, x, *args, **kwargs)  # peft's own path
-    adapter = self.active_adapters[0]
     base = self.get_base_layer()
     dropout = self.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0  # Identity when dropout is 0

@@ -6,15 +6,16 @@ from __future__ import annotations
 import pytest
 
 
-def four_bit_lora_model(folder, dropout: float, dtype_name: str = "float32"):
+def four_bit_lora_model(folder, dropout: float):
+    """The tiny model, 4-bit, with float32 compute so that the two paths can be compared closely."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=getattr(torch, dtype_name))
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization,
-                                                 dtype=getattr(torch, dtype_name), device_map="cpu")
+                                      bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=torch.float32,
+                                                 device_map="cpu")
     model.enable_input_require_grads()
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear",
@@ -59,7 +60,7 @@ def test_fused_layers_give_peft_loss_and_gradients(tiny_model, dropout, checkpoi
 def test_fused_layers_launch_fewer_operators_in_a_training_step(tiny_model):
     from torch.profiler import profile
 
-    from bench.lora_kernels_cpu import launching_operators
+    from bench.lora_kernels_cpu import four_bit_model, launching_operators
     from qexpand.lora_kernels import fuse_lora_layers
 
     def launched(model) -> int:
@@ -69,7 +70,7 @@ def test_fused_layers_launch_fewer_operators_in_a_training_step(tiny_model):
             loss_and_lora_grads(model, checkpointing=True, autocast=True)
         return launching_operators(prof)
 
-    model = four_bit_lora_model(tiny_model, 0.05, "bfloat16")
+    model = four_bit_model(tiny_model)  # as training.py builds it
     before = launched(model)
     fuse_lora_layers(model)
     assert launched(model) < 0.85 * before
