@@ -200,7 +200,11 @@ def training_arguments(config: TrainConfig, run_dir: Path, steps_per_epoch: int)
         bf16=config.precision == "bf16",  # autocast; on the CPU too
         use_cpu=not cuda,
         gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        # Re-entrant checkpoints run each block's first forward pass without autograd (nothing recorded,
+        # nothing saved): 1.10-1.34x the rate on an H200 (bench/RESULTS.md). Compiled blocks keep the
+        # other form, which they were measured with: a first pass without autograd would compile a
+        # second graph.
+        gradient_checkpointing_kwargs={"use_reentrant": config.compile != "on"} if checkpointing else None,
         # Batches of similar length: dynamic padding then wastes little compute.
         train_sampling_strategy="group_by_length",
         # Eval loss once per epoch (or every --save-every steps); the best checkpoint is kept.
@@ -319,7 +323,7 @@ def load_model(config: TrainConfig, rank_device: str, tokenizer_dir: Path | None
     # Fused before compiling, so that compiled blocks trace the fused layers.
     if config.lora_kernels == "fused" and not lora_kernels.fuse_lora_layers(model):
         raise UserError("--lora-kernels fused found no LoRA layer it can fuse (it fuses plain LoRA on "
-                        "bitsandbytes 4-bit layers without biases). Leave --lora-kernels out.")
+                        "bitsandbytes 4-bit layers without biases). Pass --lora-kernels peft.")
     if config.compile == "on":
         modeling.compile_decoder_layers(model)  # compiles lazily, during the first steps
     return model, tokenizer

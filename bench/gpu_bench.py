@@ -36,6 +36,7 @@ if str(REPO) not in sys.path:
 
 from bench import gpu_report  # noqa: E402
 from bench.recipes import default as default_recipe  # noqa: E402
+from bench.recipes import tuning  # noqa: E402
 from bench.gpu_common import (  # noqa: E402
     H100_SXM_BF16_DENSE_TFLOPS, OFFLINE_DATASETS, Paths, model_params, mfu, package_version, python_command,
     run_logged, write_json,
@@ -45,9 +46,7 @@ from qexpand.rundir import read_json  # noqa: E402
 
 STAGE_GROUPS = ("train", "generate", "scripts")
 PROJECT_RECIPES = ("original", *default_recipe.VARIANTS)
-TUNING = ("copy", "nodrop", "liger", "packed", "packed-nodrop-liger", "packed-nodrop-liger-b64", "compile",
-          "compile-warm", "compile-graphs", "compile-nodrop", "compile-nockpt", "compile-b64")
-RECIPES = PROJECT_RECIPES + ("trl", "unsloth", "unsloth-padded") + tuple(f"tuning-{v}" for v in TUNING)
+RECIPES = PROJECT_RECIPES + ("trl", "unsloth", "unsloth-padded") + tuple(f"tuning-{v}" for v in tuning.VARIANTS)
 DEFAULT_RECIPES = ("default", "original", "trl", "unsloth")
 # Stages the report needs most come first, so a run cut short by --budget-s still has them.
 FIRST = ("train-default", "generate", "train-original", "train-trl", "train-unsloth", "scripts")

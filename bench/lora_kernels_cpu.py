@@ -6,7 +6,7 @@ for them. This counts them on a random Mistral with all 32 blocks but tiny width
 bf16 compute under autocast, LoRA r=8 on the 7 projections with dropout 0.05 in float32,
 recomputation: the default recipe's step, shrunk), where the host's share of a step is large, and
 times the step. It is a proxy: the GPU figure needs a GPU run (`bench/gpu_bench.py --recipes
-default,default-fused`).
+default-peft,default`).
 
     python bench/lora_kernels_cpu.py --out bench/results/lora_kernels_cpu.json
 """
@@ -69,7 +69,7 @@ def unfuse(model) -> int:
 
 def four_bit_model(folder: Path):
     """The base and LoRA layers as training.py builds them on CUDA (4-bit NF4, bf16 compute, LoRA r=8
-    with dropout 0.05 on the 7 projections), here on the CPU, with recomputation."""
+    with dropout 0.05 on the 7 projections), here on the CPU, with re-entrant recomputation."""
     from peft import get_peft_model
 
     from qexpand import modeling
@@ -78,7 +78,7 @@ def four_bit_model(folder: Path):
     model.enable_input_require_grads()
     model = get_peft_model(model, modeling.lora_config(model, 8, 16, 0.05, "all-linear"))
     model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})  # as training.py
     return model
 
 

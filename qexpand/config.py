@@ -76,9 +76,10 @@ class TrainConfig:
                           "per step, after a one-time compilation at the start; auto = on with CUDA when each "
                           "process trains on enough examples to repay the compilation (see the README)",
                           TRAINING, choices=("auto", "on", "off"))
-    lora_kernels: str = option("peft", "how a LoRA layer on a 4-bit base computes while training: peft's "
+    lora_kernels: str = option("auto", "how a LoRA layer on a 4-bit base computes while training: peft's "
                                "modules, or fused = one autograd function per layer (the same results, fewer "
-                               "launches; see the README)", TRAINING, choices=("peft", "fused"))
+                               "launches; see the README); auto = fused on the 4-bit base in the default recipe",
+                               TRAINING, choices=("auto", "peft", "fused"))
     save_every: int | None = option(None, "save a resumable checkpoint and compute the eval loss every N "
                                     "optimizer steps (0 = once per epoch)", TRAINING)
     logging_steps: int | None = option(None, "log the training loss every N steps", TRAINING)

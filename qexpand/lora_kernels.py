@@ -5,8 +5,10 @@ half of an eager step and about half of a compiled one (bench/RESULTS.md). peft'
 layer on a bitsandbytes NF4 base goes through four modules and one autograd function of Python, and
 launches a defensive copy of the base output, a separate scaling and a separate addition. Here the
 whole layer is one autograd function: the base product, the dropout, the two LoRA products and the
-scaled addition (one addmm), with a hand-written backward. The parameters stay peft's, so the
-adapter is saved and loaded exactly as before. Only the plain case is fused (one active adapter,
+scaled addition (one addmm), with a hand-written backward. The block scales of each 4-bit weight are
+de-quantized once when the layers are fused (double quantization stores them in 8 bits, and
+bitsandbytes would de-quantize them again in each of the three de-quantizations of a step: two
+launches each). The parameters stay peft's, so the adapter is saved and loaded exactly as before. Only the plain case is fused (one active adapter,
 no DoRA, no biases, not merged, in training mode); every other call goes through peft's own
 forward.
 """
@@ -27,9 +29,21 @@ def fuse_lora_layers(model) -> int:
     routed = 0
     for module in model.modules():
         if isinstance(module, LoraLinear4bit) and fusable(module):
+            weight = module.get_base_layer().weight
+            # Plain attributes, not buffers: the adapter's state dict stays peft's.
+            module.nf4_scales = (weight.quant_state, block_scales(weight.quant_state))
             module.forward = types.MethodType(forward, module)
             routed += 1
     return routed
+
+
+def block_scales(state):
+    """The float32 scale of every block of a 4-bit weight (stored in 8 bits under double quantization)."""
+    from bitsandbytes.functional import dequantize_blockwise
+
+    if not state.nested:
+        return state.absmax.float()
+    return (dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
 
 
 def plain_adapter(layer) -> str | None:
@@ -60,9 +74,14 @@ def fused_forward(self, x, *args, function=None, **kwargs):
     # Training steps only: eval passes are few, and bitsandbytes repacks 4-bit weights for the CPU
     # at inference, which only its own forward reads.
     adapter = plain_adapter(self)
-    if not self.training or args or kwargs or self.disable_adapters or self.merged or adapter is None:
-        return type(self).forward(self, x, *args, **kwargs)  # peft's own path
     base = self.get_base_layer()
+    state, scales = self.nf4_scales
+    # The weight's state is the one scaled at fusing, not repacked for the CPU (bitsandbytes does that
+    # in place at inference, after which only its own forward reads the weight).
+    same_weight = base.weight.quant_state is state and not getattr(state, "packing_format_for_cpu", False)
+    if (not self.training or args or kwargs or self.disable_adapters or self.merged or adapter is None
+            or not same_weight or scales.device != x.device):
+        return type(self).forward(self, x, *args, **kwargs)  # peft's own path
     dropout = self.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0  # Identity when dropout is 0
     device = x.device.type
@@ -70,7 +89,8 @@ def fused_forward(self, x, *args, function=None, **kwargs):
     # weights' own dtype, casting the result back.
     lora_dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                   else self.lora_A[adapter].weight.dtype)
-    return function.apply(x, base.weight, base.compute_dtype or x.dtype, self.lora_A[adapter].weight,
+    nf4 = (base.weight, scales, state.blocksize, state.quant_type, state.shape, state.dtype)
+    return function.apply(x, nf4, base.compute_dtype or x.dtype, self.lora_A[adapter].weight,
                           self.lora_B[adapter].weight, float(self.scaling[adapter]), p, lora_dtype)
 
 
@@ -79,16 +99,21 @@ def lora_on_nf4():
     """The autograd function, built on first use (importing this module imports neither torch nor
     bitsandbytes)."""
     import torch
-    from bitsandbytes.functional import dequantize_4bit
     from torch.nn.functional import linear
+
+    def dequantized(nf4, dtype):
+        weight, scales, blocksize, quant_type, shape, weight_dtype = nf4
+        # bitsandbytes' own operator, with the block scales de-quantized beforehand.
+        return torch.ops.bitsandbytes.dequantize_4bit.default(
+            weight, scales, blocksize, quant_type, shape, weight_dtype).to(dtype)
 
     class LoraOnNF4(torch.autograd.Function):
         """y = x W^T + scaling * dropout(x) A^T B^T, W in NF4; the gradients of x, A and B."""
 
         @staticmethod
-        def forward(ctx, x, weight, compute_dtype, lora_a, lora_b, scaling, p, lora_dtype):
+        def forward(ctx, x, nf4, compute_dtype, lora_a, lora_b, scaling, p, lora_dtype):
             with torch.autocast(x.device.type, enabled=False):
-                base = linear(x.to(compute_dtype), dequantize_4bit(weight, weight.quant_state).to(compute_dtype))
+                base = linear(x.to(compute_dtype), dequantized(nf4, compute_dtype))
                 kept = x.to(lora_dtype)
                 mask = None
                 if p > 0:
@@ -101,7 +126,7 @@ def lora_on_nf4():
                 else:
                     flat.add_((linear(low, b) * scaling).view(flat.shape).to(compute_dtype))
             ctx.save_for_backward(kept, low, mask, a, b)
-            ctx.weight, ctx.compute_dtype, ctx.scaling, ctx.p = weight, compute_dtype, scaling, p
+            ctx.nf4, ctx.compute_dtype, ctx.scaling, ctx.p = nf4, compute_dtype, scaling, p
             ctx.grad_dtypes, ctx.x_shape = (x.dtype, lora_a.dtype, lora_b.dtype), x.shape
             return base.to(x.dtype)
 
@@ -117,7 +142,7 @@ def lora_on_nf4():
             grad_a = (grad_low.t() @ kept).to(a_dtype)
             grad_x = None
             if ctx.needs_input_grad[0]:
-                weight = dequantize_4bit(ctx.weight, ctx.weight.quant_state).to(ctx.compute_dtype)
+                weight = dequantized(ctx.nf4, ctx.compute_dtype)
                 grad_kept = grad_low @ a
                 if mask is not None:
                     grad_kept = torch.ops.aten.native_dropout_backward(

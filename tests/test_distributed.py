@@ -20,7 +20,9 @@ def test_two_processes_train_one_run_that_the_test_script_scores(tmp_path, tiny_
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(REPO / "training.py"), "--model", str(tiny_model), "--split", "30", "5", "5",
-               "--epochs", "2", "--batch-size", "4", "--output-dir", str(out)]
+               "--epochs", "2", "--batch-size", "4", "--output-dir", str(out),
+               # Recomputation as on CUDA (re-entrant), which must work with data parallelism too.
+               "--gradient-checkpointing", "on"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) x batch 4 x accumulation 1 = effective batch 8" in result.stdout

@@ -27,11 +27,11 @@ def four_bit_lora_model(folder, dropout: float):
     return model
 
 
-def loss_and_lora_grads(model, checkpointing: bool, autocast: bool = False):
+def loss_and_lora_grads(model, checkpointing: bool, autocast: bool = False, reentrant: bool = False):
     import torch
 
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     ids = torch.randint(3, 500, (3, 11), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(7)  # the dropout masks
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -42,14 +42,16 @@ def loss_and_lora_grads(model, checkpointing: bool, autocast: bool = False):
     return loss.item(), grads
 
 
-@pytest.mark.parametrize("dropout,checkpointing", [(0.0, False), (0.1, False), (0.1, True)])
-def test_fused_layers_give_peft_loss_and_gradients(tiny_model, dropout, checkpointing):
+@pytest.mark.parametrize("dropout,checkpointing,reentrant", [(0.0, False, False), (0.1, False, False),
+                                                              (0.1, True, False), (0.1, True, True)])
+def test_fused_layers_give_peft_loss_and_gradients(tiny_model, dropout, checkpointing, reentrant):
+    """The reference is peft's layers with the recomputation training.py used before (not re-entrant)."""
     from qexpand.lora_kernels import fuse_lora_layers
 
     model = four_bit_lora_model(tiny_model, dropout)
     reference_loss, reference = loss_and_lora_grads(model, checkpointing)
     assert fuse_lora_layers(model) == 14  # 7 projections in each of the 2 blocks
-    loss, grads = loss_and_lora_grads(model, checkpointing)
+    loss, grads = loss_and_lora_grads(model, checkpointing, reentrant=reentrant)
     assert loss == pytest.approx(reference_loss, rel=1e-6)
     assert grads.keys() == reference.keys() and len(grads) == 28
     for name, grad in grads.items():
@@ -74,6 +76,43 @@ def test_fused_layers_launch_fewer_operators_in_a_training_step(tiny_model):
     before = launched(model)
     fuse_lora_layers(model)
     assert launched(model) < 0.85 * before
+
+
+def test_the_block_scales_are_dequantized_once_not_at_every_step(tiny_model):
+    from torch.profiler import profile
+
+    from qexpand.lora_kernels import fuse_lora_layers
+
+    def scale_dequantizations(model) -> int:
+        with profile() as prof:
+            loss_and_lora_grads(model, checkpointing=True)
+        return sum(e.count for e in prof.key_averages() if e.key == "bitsandbytes::dequantize_blockwise")
+
+    model = four_bit_lora_model(tiny_model, 0.1)  # double quantization: 8-bit block scales
+    assert scale_dequantizations(model) == 14 * 3  # peft: forward, recomputation, backward of each layer
+    fuse_lora_layers(model)
+    assert scale_dequantizations(model) == 0
+
+
+def test_a_training_step_after_an_eval_pass_is_peft_s(tiny_model):
+    """On the CPU bitsandbytes repacks 4-bit weights in an eval pass; the next training steps must not
+    read them as if they were not."""
+    import torch
+
+    from qexpand.lora_kernels import fuse_lora_layers
+
+    ids = torch.randint(3, 500, (2, 7), generator=torch.Generator().manual_seed(3))
+    fused, plain = (four_bit_lora_model(tiny_model, 0.0) for _ in range(2))
+    fuse_lora_layers(fused)
+    for model in (fused, plain):
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids)
+        model.train()
+    (loss, grads), (reference_loss, reference) = (loss_and_lora_grads(m, checkpointing=False) for m in (fused, plain))
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    for name, grad in grads.items():
+        assert (grad - reference[name]).abs().max().item() <= 1e-5 * reference[name].abs().max().item(), name
 
 
 def test_outside_training_and_with_the_adapter_off_the_layers_are_peft_s(tiny_model):

@@ -68,6 +68,29 @@ def test_neftune_noise_reaches_the_trainer_on_in_the_default_recipe_only(tmp_pat
     assert noise("--recipe", "original", "--optimizer", "adamw") is None
 
 
+def test_the_default_recipe_fuses_lora_layers_on_a_four_bit_base_only():
+    assert settled_on_the_cpu().lora_kernels == "peft"  # the CPU default base is not quantized
+    assert settled_on_the_cpu("--quantization", "nf4").lora_kernels == "fused"
+    assert settled_on_the_cpu("--quantization", "nf4", "--lora-kernels", "peft").lora_kernels == "peft"
+    # The original recipe keeps peft's layers, as the original code trained.
+    original = ("--recipe", "original", "--optimizer", "adamw", "--quantization", "nf4")
+    assert settled_on_the_cpu(*original).lora_kernels == "peft"
+
+
+def test_recomputation_is_re_entrant_unless_the_blocks_are_compiled(tmp_path):
+    import dataclasses
+
+    import training
+
+    def reentrant(*flags):
+        config = settled_on_the_cpu("--gradient-checkpointing", "on", *flags)
+        config = dataclasses.replace(config, compile=config.compile if config.compile != "auto" else "off")
+        return training.training_arguments(config, tmp_path, 10).gradient_checkpointing_kwargs["use_reentrant"]
+
+    assert reentrant() is True and reentrant("--compile", "on") is False
+    assert training.training_arguments(settled_on_the_cpu(), tmp_path, 10).gradient_checkpointing_kwargs is None
+
+
 def test_compile_auto_turns_on_only_for_long_cuda_runs():
     import dataclasses
 

@@ -11,8 +11,8 @@ VARIANTS = {
     "default-b64": ["--batch-size", "64"],
     "default-nodrop": ["--lora-dropout", "0"],
     "default-compile": ["--compile", "on"],
-    "default-fused": ["--lora-kernels", "fused"],
-    "default-fused-compile": ["--lora-kernels", "fused", "--compile", "on"],
+    # peft's LoRA layers (the default before the fused ones)
+    "default-peft": ["--lora-kernels", "peft"],
 }
 
 

@@ -27,10 +27,19 @@ VARIANTS = {
     "compile-nodrop": {"compile": True, "lora_dropout": 0.0},
     "compile-nockpt": {"compile": True, "checkpointing": False},
     "compile-b64": {"compile": True, "batch_size": 64},
+    # training.py --lora-kernels fused (qexpand.lora_kernels)
+    "fused": {"fused": True},
+    "fused-compile": {"fused": True, "compile": True},
+    # Re-entrant checkpoints: the first forward pass runs without autograd.
+    "reentrant": {"reentrant": True},
+    "fused-reentrant": {"fused": True, "reentrant": True},
 }
+# A second measurement of a variant in the same call, for an A-B-B-A order against the host's drift.
+VARIANTS.update({f"{name}-again": VARIANTS[name] for name in ("copy", "fused", "reentrant", "fused-reentrant")})
 COPY = {"batch_size": 32, "lora_dropout": 0.05, "liger": False, "packed": False, "checkpointing": True,
-        "compile": False, "compile_mode": None}
-PROFILED = ("copy", "compile")
+        "reentrant": False, "fused": False, "compile": False, "compile_mode": None}
+# Compiled variants are not profiled: a profiled step recompiles.
+PROFILED = ("copy", "fused", "reentrant", "fused-reentrant")
 
 
 def collator_for(tokenizer, packed: bool):
@@ -48,7 +57,7 @@ def run(opts, paths, device, left_s, variant: str) -> dict:
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from qexpand import modeling
+    from qexpand import lora_kernels, modeling
     from qexpand.prompt import PROMPT_TEMPLATE, tokenize_example
 
     settings = {**COPY, **VARIANTS[variant]}
@@ -58,6 +67,7 @@ def run(opts, paths, device, left_s, variant: str) -> dict:
     reset_peak(device)
     model.enable_input_require_grads()
     model = get_peft_model(model, modeling.lora_config(model, 8, 16, settings["lora_dropout"], "all-linear"))
+    fused_layers = lora_kernels.fuse_lora_layers(model) if settings["fused"] else 0  # before compiling
     compiled_layers = modeling.compile_decoder_layers(model, settings["compile_mode"]) if settings["compile"] else 0
     topics, _ = training_examples(paths, opts.train_examples)
     rows = Dataset.from_list([tokenize_example(tokenizer, PROMPT_TEMPLATE, t.query, t.description, 256)
@@ -67,21 +77,22 @@ def run(opts, paths, device, left_s, variant: str) -> dict:
         max_steps=opts.warmup_steps + opts.measure_steps, learning_rate=2e-4, lr_scheduler_type="cosine",
         optim="adamw_torch_fused" if device == "cuda" else "adamw_torch", bf16=device == "cuda",
         use_cpu=device != "cuda", gradient_checkpointing=settings["checkpointing"],
-        gradient_checkpointing_kwargs={"use_reentrant": False}, train_sampling_strategy="group_by_length",
+        gradient_checkpointing_kwargs={"use_reentrant": settings["reentrant"]}, train_sampling_strategy="group_by_length",
         use_liger_kernel=settings["liger"], save_strategy="no", eval_strategy="no", report_to="none",
         seed=opts.seed, data_seed=opts.seed, dataloader_num_workers=0, label_names=["labels"], disable_tqdm=True)
     collator = CountingCollator(collator_for(tokenizer, settings["packed"]))
     timer = step_timer(device)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[timer])
     result = {"settings": settings, "checkpointing": settings["checkpointing"], "batch_size": settings["batch_size"],
-              "grad_accum": 1, "model_load_s": round(load_s, 2), "compiled_layers": compiled_layers}
+              "grad_accum": 1, "model_load_s": round(load_s, 2), "compiled_layers": compiled_layers,
+              "fused_layers": fused_layers}
     result.update(measure_trainer(trainer, collator, timer, opts.warmup_steps, opts.measure_steps, 1))
     result["peak_gb"] = gpu_gb(device, peak=True)
     if settings["compile"]:
         from torch._dynamo.utils import counters
 
         result["graph_breaks"] = {reason[:120]: count for reason, count in counters["graph_break"].items()}
-    if variant in PROFILED and device == "cuda":
+    if variant.removesuffix("-again") in PROFILED and device == "cuda":
         result["profile"] = profile_step(trainer, collator)
     return result
 
