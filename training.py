@@ -177,6 +177,13 @@ def start_run_dir(plan: Plan, model, tokenizer, processes: int) -> runcheck.RunR
     return record
 
 
+def reentrant_recomputation(config: TrainConfig) -> bool:
+    """Re-entrant checkpoints run each block's first forward pass without autograd (nothing recorded,
+    nothing saved): 1.10-1.34x the rate on an H200 (bench/RESULTS.md). Compiled blocks keep the other
+    kind, which they were measured with: a first pass without autograd would compile a second graph."""
+    return config.compile != "on"
+
+
 def training_arguments(config: TrainConfig, run_dir: Path, steps_per_epoch: int):
     from transformers import TrainingArguments
 
@@ -200,11 +207,7 @@ def training_arguments(config: TrainConfig, run_dir: Path, steps_per_epoch: int)
         bf16=config.precision == "bf16",  # autocast; on the CPU too
         use_cpu=not cuda,
         gradient_checkpointing=checkpointing,
-        # Re-entrant checkpoints run each block's first forward pass without autograd (nothing recorded,
-        # nothing saved): 1.10-1.34x the rate on an H200 (bench/RESULTS.md). Compiled blocks keep the
-        # other form, which they were measured with: a first pass without autograd would compile a
-        # second graph.
-        gradient_checkpointing_kwargs={"use_reentrant": config.compile != "on"} if checkpointing else None,
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant_recomputation(config)} if checkpointing else None,
         # Batches of similar length: dynamic padding then wastes little compute.
         train_sampling_strategy="group_by_length",
         # Eval loss once per epoch (or every --save-every steps); the best checkpoint is kept.
@@ -417,10 +420,12 @@ def open_run_dir(plan: Plan, model, tokenizer, state) -> Path | None:
 
 def print_plan(plan: Plan, model, n_train: int, n_eval: int, processes: int, steps_per_epoch: int, checkpoint) -> None:
     c = plan.config
+    recomputation = "" if c.gradient_checkpointing != "on" else (
+        " (re-entrant)" if reentrant_recomputation(c) else " (not re-entrant, for the compiled blocks)")
     print(f"run directory: {plan.run_dir}\nbase model: {c.model} ({c.quantization}, {c.device}); precision "
           f"{c.precision}; recipe {c.recipe}; topics: {n_train} train / {n_eval} eval / {len(plan.split['test'])} test; "
           f"{model.get_nb_trainable_parameters()[0]:,} trainable parameters; gradient checkpointing "
-          f"{c.gradient_checkpointing}; compiled blocks {c.compile}; LoRA layers {c.lora_kernels}\n{processes} process(es) x batch "
+          f"{c.gradient_checkpointing}{recomputation}; compiled blocks {c.compile}; LoRA layers {c.lora_kernels}\n{processes} process(es) x batch "
           f"{c.batch_size} x accumulation {c.grad_accum} = effective batch "
           f"{processes * c.batch_size * c.grad_accum}; learning rate {c.learning_rate:g}; {steps_per_epoch} steps per epoch"
           + (f"; at most {c.max_steps} steps" if c.max_steps else "")

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "testing_finetuned_model.py is also timed, on the same run, before this one's")
     parser.add_argument("--peak-tflops", type=float, default=H100_SXM_BF16_DENSE_TFLOPS,
                         help="peak dense bf16 TFLOP/s for MFU")
+    parser.add_argument("--in-order", action="store_true",
+                        help="run the training recipes in the order given (e.g. A,B,B-again,A-again against the "
+                             "host's drift) instead of the most needed first")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="wall-clock budget; stages that would start after it are skipped")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: one stage in this process
@@ -243,8 +246,9 @@ def stage_scripts(run: Run) -> None:
             args += ["--sbert-model", paths.sbert]
         if opts.compare_testing_with:
             other = Path(opts.compare_testing_with).resolve()
+            older_args = ["--run", run_for_checkout(run_dir, other), *args[2:]]
             result["testing_compared"] = run_logged([sys.executable, str(other / "testing_finetuned_model.py"),
-                                                     *map(str, args)], paths, "testing-compared", run.left_s())
+                                                     *map(str, older_args)], paths, "testing-compared", run.left_s())
             result["testing_compared"]["checkout"] = str(other)
         testing = run_logged(python_command("testing_finetuned_model.py", *args), paths, "testing", run.left_s())
         if "error" not in testing:
@@ -257,9 +261,35 @@ def stage_scripts(run: Run) -> None:
     run.record("scripts", result, time.time() - started)
 
 
+def run_for_checkout(run_dir: Path, checkout: Path) -> Path:
+    """A copy of the run whose recorded training settings are only those the other checkout knows.
+
+    An older version refuses a record with settings it does not know; the settings added since
+    (NEFTune, compiled blocks, fused LoRA layers) act in training only, and the test script reads
+    none of them."""
+    import json
+    import subprocess
+
+    from qexpand import rundir
+
+    ask = ("import dataclasses, json; from qexpand.config import TrainConfig; "
+           "print(json.dumps([f.name for f in dataclasses.fields(TrainConfig)]))")
+    known = json.loads(subprocess.run([sys.executable, "-c", ask], cwd=checkout, capture_output=True, text=True,
+                                      check=True).stdout)
+    copy = run_dir.with_name(f"{run_dir.name}-for-{checkout.name}")
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(run_dir, copy)
+    record = read_json(copy / rundir.CONFIG_FILE)
+    record["config"] = {name: value for name, value in record["config"].items() if name in known}
+    (copy / rundir.CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return copy
+
+
 def planned_stages(opts) -> list[str]:
     wanted = [f"train-{r}" for r in opts.recipe_list] if "train" in opts.stage_groups else []
     wanted += [s for s in ("generate", "scripts") if s in opts.stage_groups]
+    if opts.in_order:
+        return wanted
     return sorted(wanted, key=lambda s: FIRST.index(s) if s in FIRST else len(FIRST))
 
 

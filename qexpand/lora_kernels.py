@@ -8,9 +8,9 @@ whole layer is one autograd function: the base product, the dropout, the two LoR
 scaled addition (one addmm), with a hand-written backward. The block scales of each 4-bit weight are
 de-quantized once when the layers are fused (double quantization stores them in 8 bits, and
 bitsandbytes would de-quantize them again in each of the three de-quantizations of a step: two
-launches each). The parameters stay peft's, so the adapter is saved and loaded exactly as before. Only the plain case is fused (one active adapter,
-no DoRA, no biases, not merged, in training mode); every other call goes through peft's own
-forward.
+launches each). The parameters stay peft's, so the adapter is saved and loaded exactly as before.
+Only the plain case is fused (one active adapter, no DoRA, no biases, not merged, in training mode);
+every other call goes through peft's own forward.
 """
 
 from __future__ import annotations
@@ -71,13 +71,12 @@ def fused_forward(self, x, *args, function=None, **kwargs):
     """The forward that `fuse_lora_layers` installs on a layer (`function` is `lora_on_nf4()`)."""
     import torch
 
-    # Training steps only: eval passes are few, and bitsandbytes repacks 4-bit weights for the CPU
-    # at inference, which only its own forward reads.
+    # Training steps only: eval passes are few. And only while the weight is the one whose scales were
+    # de-quantized at fusing: bitsandbytes repacks 4-bit weights for the CPU in place at inference,
+    # after which only its own forward reads them.
     adapter = plain_adapter(self)
     base = self.get_base_layer()
     state, scales = self.nf4_scales
-    # The weight's state is the one scaled at fusing, not repacked for the CPU (bitsandbytes does that
-    # in place at inference, after which only its own forward reads the weight).
     same_weight = base.weight.quant_state is state and not getattr(state, "packing_format_for_cpu", False)
     if (not self.training or args or kwargs or self.disable_adapters or self.merged or adapter is None
             or not same_weight or scales.device != x.device):

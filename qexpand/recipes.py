@@ -29,7 +29,8 @@ RECIPES = {
     # NEFTune noise 5 (the value its authors used for 7B models): chosen on eval topics, where it
     # scored a little higher on content terms and SBERT than no noise (bench/results/quality_tune_eval.md).
     # Fused LoRA layers where the base is 4-bit (peft's layers otherwise): the same gradients, 1.22-1.28x
-    # the training rate of peft's layers on an H200 (bench/RESULTS.md).
+    # the training rate of peft's layers on an H200 with non-re-entrant recomputation; with re-entrant
+    # recomputation (training.py's now) one run found them equal, a profiled one 1.42x (bench/RESULTS.md).
     "default": {**COMMON, "neftune_alpha": 5.0, "max_length": 256, "max_steps": 0, "learning_rate": 2e-4,
                 "grad_accum": 1, "optimizer": "adamw", "lora_targets": "all-linear", "pad_to": 0,
                 "lora_kernels": "fused",
@@ -42,7 +43,8 @@ RECIPES = {
 
 # Compiling the transformer blocks cost each training.py process 42 s (64 s the first time on a machine) on
 # an H200 and then saved about 0.005 s per training example (bench/RESULTS.md): it pays from about 8,000 to
-# 12,500 examples per process.
+# 12,500 examples per process. Those steps had peft's LoRA layers; with the fused ones the eager step is faster,
+# and compiled fused steps have not been timed, so this threshold is an estimate from the earlier default.
 COMPILE_PAYS_FROM_EXAMPLES = 10_000
 
 

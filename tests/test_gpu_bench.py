@@ -189,3 +189,35 @@ def test_length_grouping_makes_the_slowest_of_two_batches_cost_more_on_few_topic
     many = lengths * 10  # bigger sorted windows: neighbouring batches differ less
     assert slowest_batch_tokens(many, 32, 2, 3, 0) / slowest_batch_tokens(many, 32, 1, 3, 0) < two / one
 
+
+
+def test_an_older_checkout_reads_a_copy_of_the_run_without_the_settings_it_does_not_know(tmp_path):
+    from bench.gpu_bench import run_for_checkout
+
+    older = tmp_path / "older"
+    (older / "qexpand").mkdir(parents=True)
+    (older / "qexpand" / "__init__.py").write_text("")
+    (older / "qexpand" / "config.py").write_text(
+        "import dataclasses\n\n@dataclasses.dataclass\nclass TrainConfig:\n    model: str = ''\n    epochs: float = 3.0\n")
+    run = tmp_path / "runs" / "bench"
+    run.mkdir(parents=True)
+    record = {"config": {"model": "m", "epochs": 3.0, "lora_kernels": "fused"}, "processes": 1}
+    (run / "run_config.json").write_text(json.dumps(record))
+    (run / "adapter_model.safetensors").write_bytes(b"weights")
+    copy = run_for_checkout(run, older)
+    assert copy != run and (copy / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert json.loads((copy / "run_config.json").read_text()) == {"config": {"model": "m", "epochs": 3.0},
+                                                                  "processes": 1}
+    assert json.loads((run / "run_config.json").read_text()) == record  # the run itself is untouched
+
+
+def test_stages_run_most_needed_first_unless_asked_to_keep_the_given_order():
+    from bench.gpu_bench import build_parser, planned_stages, resolve_options
+
+    def planned(*flags):
+        return planned_stages(resolve_options(build_parser().parse_args(["--stages", "train", *flags])))
+
+    abba = "default-peft,default,default-again,default-peft-again"
+    assert planned("--recipes", abba) == ["train-default", "train-default-peft", "train-default-again",
+                                          "train-default-peft-again"]
+    assert planned("--recipes", abba, "--in-order") == [f"train-{r}" for r in abba.split(",")]

@@ -14,6 +14,8 @@ VARIANTS = {
     # peft's LoRA layers (the default before the fused ones)
     "default-peft": ["--lora-kernels", "peft"],
 }
+# A second measurement in the same call, for an A-B-B-A order (gpu_bench.py --in-order) against the host's drift.
+VARIANTS.update({f"{name}-again": VARIANTS[name] for name in ("default", "default-peft")})
 
 
 def run(opts, paths, device, left_s, variant: str = "default") -> dict:
