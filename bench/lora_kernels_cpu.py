@@ -1,14 +1,19 @@
-"""Host work of one training step with peft's LoRA layers and with the fused ones, on the CPU.
+"""Host work of one training step: peft's LoRA layers against the fused ones, each with both kinds of
+recomputation, on the CPU.
 
 A step of the default recipe on a GPU is bound by the host launching kernels (bench/RESULTS.md), so
 what matters is how many operators that launch a kernel a step runs, and how long the host takes
 for them. This counts them on a random Mistral with all 32 blocks but tiny widths (4-bit NF4 base,
 bf16 compute under autocast, LoRA r=8 on the 7 projections with dropout 0.05 in float32,
-recomputation: the default recipe's step, shrunk), where the host's share of a step is large, and
-times the step. It is a proxy: the GPU figure needs a GPU run (`bench/gpu_bench.py --recipes
-default-peft,default`).
+recomputation: the default recipe's step, shrunk), and times the step for peft's and the fused
+layers, each with non-re-entrant and re-entrant recomputation, in the order A B C D D C B A (a drift
+of the host's speed falls on both sides). With the real 32,000-word vocabulary the output layer's
+arithmetic takes much of a CPU step; `--vocab 512` leaves little but the host's own work, the part a
+GPU step waits for. It is a proxy: the GPU figure needs a GPU run (`bench/gpu_bench.py --in-order
+--recipes default,default-peft,default-peft-again,default-again`).
 
     python bench/lora_kernels_cpu.py --out bench/results/lora_kernels_cpu.json
+    python bench/lora_kernels_cpu.py --vocab 512 --steps 20 --out bench/results/lora_kernels_cpu_host.json
 """
 
 from __future__ import annotations
@@ -53,10 +58,14 @@ def measure(model, ids, steps: int) -> dict:
     training_step(model, ids)  # first step: allocations, lazy set-up
     with profile() as prof:
         training_step(model, ids)
+    # Counted before the timed steps: the profiler works through its records after it stops, and
+    # steps timed meanwhile share the CPU with it (they took four times as long).
+    operators = launching_operators(prof)
+    del prof
     started = time.perf_counter()
     for _ in range(steps):
         training_step(model, ids)
-    return {"launching_operators_per_step": launching_operators(prof),
+    return {"launching_operators_per_step": operators,
             "step_ms": round((time.perf_counter() - started) / steps * 1e3, 1)}
 
 
@@ -82,10 +91,35 @@ def four_bit_model(folder: Path):
     return model
 
 
+# (LoRA layers, re-entrant recomputation); the first is the default before the fused layers.
+VARIANTS = (("peft", False), ("peft", True), ("fused", False), ("fused", True))
+
+
+def variant_name(layers: str, reentrant: bool) -> str:
+    return f"{layers}, {'re-entrant' if reentrant else 'non-re-entrant'}"
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean operators and step time of each variant over its runs, and each one's ratios to the first."""
+    summary = {}
+    for layers, reentrant in VARIANTS:
+        mine = [run for run in runs if (run["layers"], run["reentrant"]) == (layers, reentrant)]
+        summary[variant_name(layers, reentrant)] = {
+            key: round(sum(run[key] for run in mine) / len(mine), 1) for key in ("launching_operators_per_step", "step_ms")}
+    first = summary[variant_name(*VARIANTS[0])]
+    for values in summary.values():
+        values["step_ms_over_first"] = round(values["step_ms"] / first["step_ms"], 3)
+        values["operators_over_first"] = round(values["launching_operators_per_step"]
+                                               / first["launching_operators_per_step"], 3)
+    return summary
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps of each kind")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps of each run")
     parser.add_argument("--batch", type=int, nargs=2, default=(4, 24), metavar=("ROWS", "TOKENS"))
+    parser.add_argument("--vocab", type=int, default=32000,
+                        help="vocabulary of the random model (512: the step is nearly all host work)")
     parser.add_argument("--out", default=None, help="result JSON")
     args = parser.parse_args(argv)
     import torch
@@ -95,22 +129,20 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)  # the host of one training process: one thread launches
     with tempfile.TemporaryDirectory() as folder:
-        save_random_mistral(Path(folder), tiny=True, seed=0, layers=32)
+        save_random_mistral(Path(folder), tiny=True, seed=0, layers=32, vocab=args.vocab)
         model = four_bit_model(Path(folder))
-        ids = torch.randint(3, 32000, tuple(args.batch), generator=torch.Generator().manual_seed(0))
-        result = {"model": dict(TINY_MISTRAL, num_hidden_layers=32), "batch": list(args.batch),
-                  "torch": torch.__version__, "order": "peft fused fused peft", "runs": []}
-        for kind in ("peft", "fused", "fused", "peft"):  # A-B-B-A: a drift of the host's speed cancels
-            fused = fuse_lora_layers(model) if kind == "fused" else unfuse(model)
-            result["runs"].append({"kind": kind, "fused_layers": fused, **measure(model, ids, args.steps)})
-    for kind in ("peft", "fused"):
-        runs = [run for run in result["runs"] if run["kind"] == kind]
-        result[kind] = {key: round(sum(run[key] for run in runs) / 2, 1)
-                        for key in ("launching_operators_per_step", "step_ms")}
-    for key in ("launching_operators_per_step", "step_ms"):
-        result[f"fused_over_peft_{key}"] = round(result["fused"][key] / result["peft"][key], 3)
+        ids = torch.randint(3, args.vocab, tuple(args.batch), generator=torch.Generator().manual_seed(0))
+        order = VARIANTS + VARIANTS[::-1]
+        result = {"model": dict(TINY_MISTRAL, num_hidden_layers=32, vocab_size=args.vocab), "batch": list(args.batch),
+                  "torch": torch.__version__, "order": [variant_name(*v) for v in order], "runs": []}
+        for layers, reentrant in order:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            fused = fuse_lora_layers(model) if layers == "fused" else unfuse(model)
+            result["runs"].append({"layers": layers, "reentrant": reentrant, "fused_layers": fused,
+                                   **measure(model, ids, args.steps)})
+    result["summary"] = summarise(result["runs"])
     result["command"] = " ".join(["python", *sys.argv])
-    print(json.dumps({k: v for k, v in result.items() if k != "model"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("model", "runs")}, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -21,14 +21,15 @@ TINY_MISTRAL = dict(MISTRAL_7B, hidden_size=64, intermediate_size=128, num_hidde
 
 
 def save_random_mistral(folder: Path, tiny: bool, seed: int, device: str = "cpu", dtype=None,
-                        layers: int | None = None) -> int:
-    """Build the random model on `device` (with `layers` blocks instead of the shape's own, if
-    given) and save it into `folder`; returns its parameter count."""
+                        layers: int | None = None, vocab: int | None = None) -> int:
+    """Build the random model on `device` (with `layers` blocks and a `vocab`-word vocabulary instead
+    of the shape's own, if given) and save it into `folder`; returns its parameter count."""
     import torch
     from transformers import AutoModelForCausalLM, MistralConfig
 
     shape = TINY_MISTRAL if tiny else MISTRAL_7B
-    config = MistralConfig(**dict(shape, num_hidden_layers=layers or shape["num_hidden_layers"]))
+    config = MistralConfig(**dict(shape, num_hidden_layers=layers or shape["num_hidden_layers"],
+                                  vocab_size=vocab or shape["vocab_size"]))
     torch.manual_seed(seed)
     # On a GPU, the normal_ init of 7.24B bf16 values takes well under a second.
     with torch.device(device):

@@ -147,3 +147,16 @@ def test_compiled_blocks_trace_the_fused_layers_whole(tiny_model):
     assert loss == pytest.approx(reference_loss, rel=1e-6)
     for name, grad in grads.items():
         assert (grad - reference[name]).abs().max().item() <= 1e-5 * reference[name].abs().max().item(), name
+
+
+def test_the_cpu_bench_averages_each_variant_and_compares_it_with_the_old_default():
+    from bench.lora_kernels_cpu import VARIANTS, summarise
+
+    runs = [{"layers": layers, "reentrant": reentrant, "launching_operators_per_step": 100 if layers == "peft" else 70,
+             "step_ms": step_ms} for (layers, reentrant), step_ms in zip(VARIANTS + VARIANTS[::-1],
+                                                                        (400, 300, 350, 250, 270, 370, 320, 420))]
+    summary = summarise(runs)
+    assert summary["peft, non-re-entrant"] == {"launching_operators_per_step": 100, "step_ms": 410,
+                                               "step_ms_over_first": 1.0, "operators_over_first": 1.0}
+    assert summary["fused, re-entrant"]["step_ms"] == 260 and summary["fused, re-entrant"]["step_ms_over_first"] == 0.634
+    assert summary["fused, non-re-entrant"]["operators_over_first"] == 0.7
