@@ -21,12 +21,13 @@ def test_two_processes_train_one_run_that_the_test_script_scores(tmp_path, tiny_
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(REPO / "training.py"), "--model", str(tiny_model), "--split", "30", "5", "5",
                "--epochs", "2", "--batch-size", "4", "--output-dir", str(out),
-               # Recomputation as on CUDA (re-entrant), which must work with data parallelism too.
-               "--gradient-checkpointing", "on"]
+               # The 4-bit base, fused LoRA layers and re-entrant recomputation, as on CUDA: they must work
+               # with data parallelism too.
+               "--quantization", "nf4", "--gradient-checkpointing", "on"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) x batch 4 x accumulation 1 = effective batch 8" in result.stdout
-    assert "gradient checkpointing on (re-entrant)" in result.stdout
+    assert "gradient checkpointing on (re-entrant)" in result.stdout and "LoRA layers fused" in result.stdout
     assert result.stdout.count("run directory:") == 1  # only the main process reports
     runs = list(out.iterdir())
     assert len(runs) == 1  # both processes agreed on one run directory
