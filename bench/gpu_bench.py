@@ -281,7 +281,7 @@ def run_for_checkout(run_dir: Path, checkout: Path) -> Path:
     shutil.copytree(run_dir, copy)
     record = read_json(copy / rundir.CONFIG_FILE)
     record["config"] = {name: value for name, value in record["config"].items() if name in known}
-    (copy / rundir.CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_json(copy / rundir.CONFIG_FILE, record)
     return copy
 
 

@@ -78,7 +78,7 @@ def unfuse(model) -> int:
 
 def four_bit_model(folder: Path):
     """The base and LoRA layers as training.py builds them on CUDA (4-bit NF4, bf16 compute, LoRA r=8
-    with dropout 0.05 on the 7 projections), here on the CPU, with re-entrant recomputation."""
+    with dropout 0.05 on the 7 projections), here on the CPU; the caller turns recomputation on."""
     from peft import get_peft_model
 
     from qexpand import modeling
@@ -87,7 +87,6 @@ def four_bit_model(folder: Path):
     model.enable_input_require_grads()
     model = get_peft_model(model, modeling.lora_config(model, 8, 16, 0.05, "all-linear"))
     model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})  # as training.py
     return model
 
 

@@ -30,7 +30,6 @@ process, the step's wall time, the GPU's busy time, NCCL kernels and host waits.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import shutil
@@ -49,6 +48,7 @@ from bench.gpu_common import Paths, environment_without_hub, logged_rate, write_
 from bench.recipes.project import warm_up_once  # noqa: E402
 from qexpand import rundir  # noqa: E402
 from qexpand.recipes import RECIPES  # noqa: E402
+from qexpand.rundir import read_json  # noqa: E402
 
 EXAMPLES = 280
 PROFILE_SKIP = 8  # optimizer steps before a profiled window
@@ -268,7 +268,7 @@ def profiled(args, paths: Paths, opts) -> dict:
         if process.wait() != 0:
             raise subprocess.CalledProcessError(process.returncode, process.args)
         summaries = sorted(out.glob("profile-rank*.json"))
-        result["runs"][str(processes)] = [json.loads(path.read_text()) for path in summaries]
+        result["runs"][str(processes)] = [read_json(path) for path in summaries]
         write_json(Path(args.out), result)
     return result
 

@@ -67,9 +67,9 @@ def test_fused_layers_launch_fewer_operators_in_a_training_step(tiny_model):
 
     def launched(model) -> int:
         """In one training step as training.py runs it on CUDA (bf16 compute, autocast, LoRA weights
-        in float32, recomputation)."""
+        in float32, re-entrant recomputation)."""
         with profile() as prof:
-            loss_and_lora_grads(model, checkpointing=True, autocast=True)
+            loss_and_lora_grads(model, checkpointing=True, autocast=True, reentrant=True)
         return launching_operators(prof)
 
     model = four_bit_model(tiny_model)  # as training.py builds it
