@@ -324,9 +324,11 @@ def load_model(config: TrainConfig, rank_device: str, tokenizer_dir: Path | None
     lora = modeling.lora_config(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
     model = get_peft_model(model, lora)
     # Fused before compiling, so that compiled blocks trace the fused layers.
-    if config.lora_kernels == "fused" and not lora_kernels.fuse_lora_layers(model):
-        raise UserError("--lora-kernels fused found no LoRA layer it can fuse (it fuses plain LoRA on "
-                        "bitsandbytes 4-bit layers without biases). Pass --lora-kernels peft.")
+    if config.lora_kernels == "fused":
+        if not lora_kernels.fuse_lora_layers(model):
+            raise UserError("--lora-kernels fused found no LoRA layer it can fuse (it fuses plain LoRA on "
+                            "bitsandbytes 4-bit layers without biases). Pass --lora-kernels peft.")
+        lora_kernels.fuse_rms_norms(model)
     if config.compile == "on":
         modeling.compile_decoder_layers(model)  # compiles lazily, during the first steps
     return model, tokenizer
@@ -384,7 +386,8 @@ def fit(plan: Plan, state) -> None:
         print_plan(plan, model, len(train_set), len(eval_set), state.num_processes, steps_per_epoch, checkpoint)
     first_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
     train_started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with modeling.training_attention(settled.device):
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - train_started
     if state.is_main_process:
         # Throughput of this invocation only: after a resume, the steps before the checkpoint

@@ -1,4 +1,4 @@
-"""One autograd function per LoRA layer on a 4-bit base, for training with fewer launches.
+"""Training on a 4-bit base with fewer launches: one autograd function per LoRA layer, torch's RMSNorm.
 
 A training step of the default recipe is bound by the host, not the GPU: the GPU runs kernels about
 half of an eager step and about half of a compiled one (bench/RESULTS.md). peft's forward of a LoRA
@@ -10,7 +10,8 @@ de-quantized once when the layers are fused (double quantization stores them in 
 bitsandbytes would de-quantize them again in each of the three de-quantizations of a step: two
 launches each). The parameters stay peft's, so the adapter is saved and loaded exactly as before.
 Only the plain case is fused (one active adapter, no DoRA, no biases, not merged, in training mode);
-every other call goes through peft's own forward.
+every other call goes through peft's own forward. The LoRA weights are cast to the products' dtype
+once per optimizer step, and the model's RMSNorms run as torch's single operator while training.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def fuse_lora_layers(model) -> int:
 
     # The function is looked up here, not in the forward: torch.compile then sees it as a constant.
     forward = functools.partial(fused_forward, function=lora_on_nf4())
+    optimizer_steps()  # counting from before the first step
     routed = 0
     for module in model.modules():
         if isinstance(module, LoraLinear4bit) and fusable(module):
@@ -35,6 +37,49 @@ def fuse_lora_layers(model) -> int:
             module.forward = types.MethodType(forward, module)
             routed += 1
     return routed
+
+
+@functools.cache
+def optimizer_steps() -> list[int]:
+    """How many optimizer steps any optimizer of this process has taken since the first call (a global
+    hook of torch's, installed by that call)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    counter = [0]
+
+    def count(optimizer, args, kwargs):
+        counter[0] += 1
+
+    register_optimizer_step_post_hook(count)
+    return counter
+
+
+def fuse_rms_norms(model) -> int:
+    """Route every RMSNorm of the model (Mistral's: 2 per block and 1 at the end) through torch's
+    `rms_norm` while training; returns how many were routed. The model's own norm is eight operators
+    forward and about ten backward, each a launch from Python; torch's is one operator each way, a
+    single kernel on CUDA. It rounds once where the model's rounds twice (the normalised values to
+    bf16, then their product with the weight), so outputs can differ in the last bit of bf16."""
+    routed = 0
+    for module in model.modules():
+        if (type(module).__name__.endswith("RMSNorm") and isinstance(getattr(module, "variance_epsilon", None), float)
+                and getattr(module, "weight", None) is not None and module.weight.dim() == 1):
+            module.forward = types.MethodType(fused_rms_norm_forward, module)
+            routed += 1
+    return routed
+
+
+def fused_rms_norm_forward(self, hidden):
+    """The forward that `fuse_rms_norms` installs: torch's rms_norm in training mode where input and
+    weight share a dtype (the model's own computes the mixed case with type promotion), else the
+    model's own forward."""
+    import torch
+
+    if not self.training or hidden.dtype != self.weight.dtype:
+        return type(self).forward(self, hidden)
+    # Outside autocast, which may run norms in float32: the model's norm returns the input's dtype.
+    with torch.autocast(hidden.device.type, enabled=False):
+        return torch.nn.functional.rms_norm(hidden, self.weight.shape, self.weight, self.variance_epsilon)
 
 
 def block_scales(state):
@@ -89,8 +134,31 @@ def fused_forward(self, x, *args, function=None, **kwargs):
     lora_dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                   else self.lora_A[adapter].weight.dtype)
     nf4 = (base.weight, scales, state.blocksize, state.quant_type, state.shape, state.dtype)
-    return function.apply(x, nf4, base.compute_dtype or x.dtype, self.lora_A[adapter].weight,
-                          self.lora_B[adapter].weight, float(self.scaling[adapter]), p, lora_dtype)
+    lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+    return function.apply(x, nf4, base.compute_dtype or x.dtype, lora_a, lora_b,
+                          cast_lora_weights(self, lora_a, lora_b, lora_dtype), float(self.scaling[adapter]), p)
+
+
+def cast_lora_weights(layer, lora_a, lora_b, dtype):
+    """The LoRA weights in the dtype the products run in, cast once per optimizer step, not in every
+    forward pass: the weights are float32 and the products bf16 under autocast, and with recomputation
+    each weight went through two casts a step (896 kernel launches a step on Mistral-7B). A cast stays
+    valid while no optimizer step has been taken since (in this process, by any optimizer), neither
+    weight has been written to (their version counters; torch's fused AdamW leaves those as they are,
+    hence the step count) and neither has moved."""
+    import torch
+
+    if lora_a.dtype == dtype and lora_b.dtype == dtype:
+        return lora_a.detach(), lora_b.detach()
+    if torch.compiler.is_compiling():  # a compiled block fuses the casts into its own kernels
+        return lora_a.detach().to(dtype), lora_b.detach().to(dtype)
+    key = (dtype, optimizer_steps()[0], lora_a._version, lora_b._version, lora_a.data_ptr(), lora_b.data_ptr())
+    cached = layer.__dict__.get("lora_weight_casts")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, lora_a.to(dtype), lora_b.to(dtype))
+        layer.__dict__["lora_weight_casts"] = cached  # a plain attribute: not in the state dict
+    return cached[1], cached[2]
 
 
 @functools.cache
@@ -110,17 +178,17 @@ def lora_on_nf4():
         """y = x W^T + scaling * dropout(x) A^T B^T, W in NF4; the gradients of x, A and B."""
 
         @staticmethod
-        def forward(ctx, x, nf4, compute_dtype, lora_a, lora_b, scaling, p, lora_dtype):
+        def forward(ctx, x, nf4, compute_dtype, lora_a, lora_b, cast_weights, scaling, p):
+            a, b = cast_weights  # lora_a and lora_b in the dtype of the LoRA products
             with torch.autocast(x.device.type, enabled=False):
                 base = linear(x.to(compute_dtype), dequantized(nf4, compute_dtype))
-                kept = x.to(lora_dtype)
+                kept = x.to(a.dtype)
                 mask = None
                 if p > 0:
                     kept, mask = torch.native_dropout(kept, p, True)
-                a, b = lora_a.to(lora_dtype), lora_b.to(lora_dtype)
                 low = linear(kept, a)  # (..., r)
                 flat = base.view(-1, base.shape[-1])
-                if lora_dtype == compute_dtype:
+                if a.dtype == compute_dtype:
                     flat.addmm_(low.view(-1, low.shape[-1]), b.t(), alpha=scaling)
                 else:
                     flat.add_((linear(low, b) * scaling).view(flat.shape).to(compute_dtype))
@@ -146,8 +214,9 @@ def lora_on_nf4():
                 if mask is not None:
                     grad_kept = torch.ops.aten.native_dropout_backward(
                         grad_kept, mask.reshape(grad_kept.shape), 1.0 / (1.0 - ctx.p))
-                grad_x = (grad.to(ctx.compute_dtype) @ weight).add_(grad_kept.to(ctx.compute_dtype)).to(x_dtype)
-                grad_x = grad_x.view(ctx.x_shape)
+                # One launch for the product and the sum.
+                grad_x = torch.addmm(grad_kept.to(ctx.compute_dtype), grad.to(ctx.compute_dtype), weight)
+                grad_x = grad_x.to(x_dtype).view(ctx.x_shape)
             return grad_x, None, None, grad_a, grad_b, None, None, None
 
     return LoraOnNF4

@@ -160,3 +160,108 @@ def test_the_cpu_bench_averages_each_variant_and_compares_it_with_the_old_defaul
                                                "step_ms_over_first": 1.0, "operators_over_first": 1.0}
     assert summary["fused, re-entrant"]["step_ms"] == 260 and summary["fused, re-entrant"]["step_ms_over_first"] == 0.634
     assert summary["fused, non-re-entrant"]["operators_over_first"] == 0.7
+
+
+def test_the_lora_weights_are_cast_once_per_optimizer_step(tiny_model):
+    """Under bf16 autocast the float32 LoRA weights are cast for the products; the cast is reused until
+    the optimizer (or anything else) writes to a weight, and then made again from the new values."""
+    import torch
+
+    from qexpand.lora_kernels import cast_lora_weights, fuse_lora_layers
+
+    model = four_bit_lora_model(tiny_model, 0.0)
+    fuse_lora_layers(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    first = cast_lora_weights(layer, a, b, torch.bfloat16)
+    assert first[0].dtype == torch.bfloat16 and torch.equal(first[0], a.detach().to(torch.bfloat16))
+    assert all(again is cached for again, cached in zip(cast_lora_weights(layer, a, b, torch.bfloat16), first))
+    optimizer = torch.optim.AdamW([a, b], lr=0.1, fused=True)  # CUDA's optimizer in training.py
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    optimizer.step()
+    after = cast_lora_weights(layer, a, b, torch.bfloat16)
+    assert torch.equal(after[0], a.detach().to(torch.bfloat16)) and torch.equal(after[1], b.detach().to(torch.bfloat16))
+    assert not torch.equal(after[0], first[0])
+
+
+def test_fused_layers_follow_peft_over_optimizer_steps_under_autocast(tiny_model):
+    """Three steps of the fused AdamW training.py uses on CUDA (it leaves the weights' version counters
+    alone) under bf16 autocast: a cast kept past a step would train on the first weights throughout."""
+    import torch
+
+    from qexpand.lora_kernels import fuse_lora_layers
+
+    def losses(model) -> list[float]:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01, fused=True)
+        ids = torch.randint(3, 500, (3, 11), generator=torch.Generator().manual_seed(1))
+        seen = []
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            seen.append(loss.item())
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+        return seen
+
+    fused, plain = (four_bit_lora_model(tiny_model, 0.0) for _ in range(2))
+    fuse_lora_layers(fused)
+    fused_losses, plain_losses = losses(fused), losses(plain)
+    assert plain_losses[2] < plain_losses[0] - 0.2  # the steps change the model
+    assert fused_losses == pytest.approx(plain_losses, abs=0.01)  # bf16 rounding apart
+
+
+def test_fused_rms_norms_give_the_model_s_loss_and_gradients_and_leave_eval_alone(tiny_model):
+    import torch
+
+    from qexpand.lora_kernels import fuse_lora_layers, fuse_rms_norms
+
+    model = four_bit_lora_model(tiny_model, 0.0)
+    reference_loss, reference = loss_and_lora_grads(model, checkpointing=True, reentrant=True)
+    fuse_lora_layers(model)
+    assert fuse_rms_norms(model) == 5  # two in each of the 2 blocks, one after the last
+    loss, grads = loss_and_lora_grads(model, checkpointing=True, reentrant=True)
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    for name, grad in grads.items():
+        assert (grad - reference[name]).abs().max().item() <= 1e-5 * reference[name].abs().max().item(), name
+    ids = torch.randint(3, 500, (1, 5), generator=torch.Generator().manual_seed(2))
+    plain = four_bit_lora_model(tiny_model, 0.0)
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)  # the model's own norm
+
+
+def test_a_fused_rms_norm_in_bf16_differs_from_the_model_s_by_rounding_only():
+    import torch
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+
+    from qexpand.lora_kernels import fuse_rms_norms
+
+    norm, fused = MistralRMSNorm(256), MistralRMSNorm(256)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 256))
+        fused.load_state_dict(norm.state_dict())
+    norm, fused = norm.to(torch.bfloat16), fused.to(torch.bfloat16)
+    assert fuse_rms_norms(fused) == 1
+    hidden = torch.randn(4, 9, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = norm(hidden), fused(hidden)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    # One bf16 step of the result at most (8 significant bits).
+    assert ((got.float() - expected.float()).abs() <= expected.float().abs() * 2 ** -7 + 1e-6).all()
+
+
+def test_training_attention_leaves_cudnn_out_on_cuda_and_changes_nothing_elsewhere():
+    import torch
+
+    from qexpand.modeling import training_attention
+
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+              torch.backends.cuda.mem_efficient_sdp_enabled())
+    with training_attention("cpu"):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before[0]
+    with training_attention("cuda"):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+            torch.backends.cuda.mem_efficient_sdp_enabled()) == before

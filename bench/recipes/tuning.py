@@ -6,10 +6,13 @@ tokenisation) with the Trainer settings training.py used when these variants wer
 batch 32, peft's LoRA layers, recomputation without re-entrant checkpoints, fused AdamW, bf16
 autocast, length-grouped batches padded to a multiple of 8. It stays that way so that the commands in
 bench/RESULTS.md keep measuring what they measured; training.py's default is now the variant
-`fused-reentrant`. A change that pays here is proposed for training.py, not made behind its back.
+`fused-reentrant-norms-attention` (the fused layers as of the checkout: since they cast the LoRA weights
+once per optimizer step, every `fused` variant includes that). A change that pays here is proposed for training.py, not made behind its back.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from bench.gpu_build import training_examples
 from bench.gpu_common import CountingCollator, gpu_gb, measure_trainer, reset_peak, step_timer, timed
@@ -35,13 +38,21 @@ VARIANTS = {
     # Re-entrant checkpoints: the first forward pass runs without autograd.
     "reentrant": {"reentrant": True},
     "fused-reentrant": {"fused": True, "reentrant": True},
+    # On top: torch's RMSNorm while training (qexpand.lora_kernels.fuse_rms_norms), attention kernels
+    # other than cuDNN's (qexpand.modeling.training_attention), both (training.py's default since).
+    "fused-reentrant-norms": {"fused": True, "reentrant": True, "norms": True},
+    "fused-reentrant-attention": {"fused": True, "reentrant": True, "attention": True},
+    "fused-reentrant-norms-attention": {"fused": True, "reentrant": True, "norms": True, "attention": True},
 }
 # A second measurement of a variant in the same call, for an A-B-B-A order against the host's drift.
-VARIANTS.update({f"{name}-again": VARIANTS[name] for name in ("copy", "fused", "reentrant", "fused-reentrant")})
+VARIANTS.update({f"{name}-again": VARIANTS[name]
+                 for name in ("copy", "fused", "reentrant", "fused-reentrant", "fused-reentrant-norms-attention")})
 COPY = {"batch_size": 32, "lora_dropout": 0.05, "liger": False, "packed": False, "checkpointing": True,
-        "reentrant": False, "fused": False, "compile": False, "compile_mode": None}
+        "reentrant": False, "fused": False, "compile": False, "compile_mode": None, "norms": False,
+        "attention": False}
 # Compiled variants are not profiled: a profiled step recompiles.
-PROFILED = ("copy", "fused", "reentrant", "fused-reentrant")
+PROFILED = ("copy", "fused", "reentrant", "fused-reentrant", "fused-reentrant-norms", "fused-reentrant-attention",
+            "fused-reentrant-norms-attention")
 
 
 def collator_for(tokenizer, packed: bool):
@@ -70,6 +81,7 @@ def run(opts, paths, device, left_s, variant: str) -> dict:
     model.enable_input_require_grads()
     model = get_peft_model(model, modeling.lora_config(model, 8, 16, settings["lora_dropout"], "all-linear"))
     fused_layers = lora_kernels.fuse_lora_layers(model) if settings["fused"] else 0  # before compiling
+    fused_norms = lora_kernels.fuse_rms_norms(model) if settings["norms"] else 0
     compiled_layers = modeling.compile_decoder_layers(model, settings["compile_mode"]) if settings["compile"] else 0
     topics, _ = training_examples(paths, opts.train_examples)
     rows = Dataset.from_list([tokenize_example(tokenizer, PROMPT_TEMPLATE, t.query, t.description, 256)
@@ -87,15 +99,16 @@ def run(opts, paths, device, left_s, variant: str) -> dict:
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=[timer])
     result = {"settings": settings, "checkpointing": settings["checkpointing"], "batch_size": settings["batch_size"],
               "grad_accum": 1, "model_load_s": round(load_s, 2), "compiled_layers": compiled_layers,
-              "fused_layers": fused_layers}
-    result.update(measure_trainer(trainer, collator, timer, opts.warmup_steps, opts.measure_steps, 1))
-    result["peak_gb"] = gpu_gb(device, peak=True)
+              "fused_layers": fused_layers, "fused_norms": fused_norms}
+    with modeling.training_attention(device) if settings["attention"] else contextlib.nullcontext():
+        result.update(measure_trainer(trainer, collator, timer, opts.warmup_steps, opts.measure_steps, 1))
+        result["peak_gb"] = gpu_gb(device, peak=True)
+        if variant.removesuffix("-again") in PROFILED and device == "cuda":
+            result["profile"] = profile_step(trainer, collator)
     if settings["compile"]:
         from torch._dynamo.utils import counters
 
         result["graph_breaks"] = {reason[:120]: count for reason, count in counters["graph_break"].items()}
-    if variant.removesuffix("-again") in PROFILED and device == "cuda":
-        result["profile"] = profile_step(trainer, collator)
     return result
 
 
