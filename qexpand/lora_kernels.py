@@ -59,14 +59,30 @@ def fuse_rms_norms(model) -> int:
     `rms_norm` while training; returns how many were routed. The model's own norm is eight operators
     forward and about ten backward, each a launch from Python; torch's is one operator each way, a
     single kernel on CUDA. It rounds once where the model's rounds twice (the normalised values to
-    bf16, then their product with the weight), so outputs can differ in the last bit of bf16."""
+    bf16, then their product with the weight), so outputs can differ in the last bit of bf16. A norm
+    is routed only if it computes what torch's does on a probe (some models' RMSNorm scales by
+    1 + weight, or keeps its epsilon elsewhere): those keep their own."""
     routed = 0
     for module in model.modules():
-        if (type(module).__name__.endswith("RMSNorm") and isinstance(getattr(module, "variance_epsilon", None), float)
-                and getattr(module, "weight", None) is not None and module.weight.dim() == 1):
+        if type(module).__name__.endswith("RMSNorm") and computes_plain_rms_norm(module):
             module.forward = types.MethodType(fused_rms_norm_forward, module)
             routed += 1
     return routed
+
+
+def computes_plain_rms_norm(module) -> bool:
+    """Whether the module's forward is weight * x / sqrt(mean(x^2) + variance_epsilon), tried in float32
+    on random rows (1 + weight, the other common form, differs from weight whatever the weight)."""
+    import torch
+
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if not isinstance(eps, float) or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return False
+    probe = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device)
+    with torch.no_grad():
+        theirs = type(module).forward(module, probe).float()
+        ours = torch.nn.functional.rms_norm(probe, weight.shape, weight.float(), eps)
+    return theirs.shape == ours.shape and torch.allclose(theirs, ours, rtol=1e-3, atol=1e-5)
 
 
 def fused_rms_norm_forward(self, hidden):

@@ -265,3 +265,21 @@ def test_training_attention_leaves_cudnn_out_on_cuda_and_changes_nothing_elsewhe
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
             torch.backends.cuda.mem_efficient_sdp_enabled()) == before
+
+
+def test_rms_norms_that_compute_something_else_keep_their_own_forward():
+    """Gemma's norm scales by 1 + weight: torch's rms_norm would train another model."""
+    import torch
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+
+    from qexpand.lora_kernels import fuse_rms_norms
+
+    class OnePlusWeightRMSNorm(MistralRMSNorm):
+        def forward(self, hidden):
+            variance = hidden.float().pow(2).mean(-1, keepdim=True)
+            return (1 + self.weight) * (hidden.float() * torch.rsqrt(variance + self.variance_epsilon))
+
+    model = torch.nn.ModuleList([MistralRMSNorm(64), OnePlusWeightRMSNorm(64), GemmaRMSNorm(64)])
+    assert fuse_rms_norms(model) == 1
+    assert "forward" in model[0].__dict__ and "forward" not in model[1].__dict__ and "forward" not in model[2].__dict__
