@@ -43,6 +43,8 @@ VARIANTS = {
     "fused-reentrant-norms": {"fused": True, "reentrant": True, "norms": True},
     "fused-reentrant-attention": {"fused": True, "reentrant": True, "attention": True},
     "fused-reentrant-norms-attention": {"fused": True, "reentrant": True, "norms": True, "attention": True},
+    # training.py --compile on now: the same, compiled blocks, non-re-entrant recomputation.
+    "fused-norms-attention-compile": {"fused": True, "norms": True, "attention": True, "compile": True},
 }
 # A second measurement of a variant in the same call, for an A-B-B-A order against the host's drift.
 VARIANTS.update({f"{name}-again": VARIANTS[name]
