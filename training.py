@@ -386,7 +386,7 @@ def fit(plan: Plan, state) -> None:
         print_plan(plan, model, len(train_set), len(eval_set), state.num_processes, steps_per_epoch, checkpoint)
     first_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
     train_started = time.perf_counter()
-    with modeling.training_attention(settled.device):
+    with modeling.training_attention(settled.device, compiled=settled.compile == "on"):
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - train_started
     if state.is_main_process:

@@ -74,12 +74,13 @@ class TrainConfig:
                                          "off on the CPU", TRAINING, choices=("auto", "on", "off"))
     compile: str = option("auto", "torch.compile each transformer block: fused kernels and far fewer launches "
                           "per step, after a one-time compilation at the start; auto = on with CUDA when each "
-                          "process trains on enough examples to repay the compilation (see the README)",
+                          "process trains on enough examples to repay the compilation and the LoRA layers are "
+                          "peft's (see the README)",
                           TRAINING, choices=("auto", "on", "off"))
     lora_kernels: str = option("auto", "how a LoRA layer on a 4-bit base computes while training: peft's "
                                "modules, or fused = one autograd function per layer, and torch's own RMSNorm (the same "
                                "results up to bf16 rounding, fewer launches; see the README); auto = fused on the "
-                               "4-bit base in the default recipe",
+                               "4-bit base in the default recipe, peft with --compile on",
                                TRAINING, choices=("auto", "peft", "fused"))
     save_every: int | None = option(None, "save a resumable checkpoint and compute the eval loss every N "
                                     "optimizer steps (0 = once per epoch)", TRAINING)

@@ -201,15 +201,14 @@ def lora_config(model, rank: int, alpha: int, dropout: float, targets: str):
                       target_modules=lora_target_modules(model, targets), task_type="CAUSAL_LM")
 
 
-def training_attention(device: str):
-    """The attention kernels training runs with: on CUDA, PyTorch's flash and memory-efficient kernels
-    before cuDNN's. With the padding mask of a training batch, scaled_dot_product_attention otherwise
-    picks cuDNN's, whose host side took about 0.37 ms a call on an H200 against a few tens of
+def training_attention(device: str, compiled: bool):
+    """The attention kernels eager training runs with: on CUDA, PyTorch's flash and memory-efficient
+    kernels before cuDNN's. With the padding mask of a training batch, scaled_dot_product_attention
+    otherwise picks cuDNN's, whose host side took about 0.37 ms a call on an H200 against a few tens of
     microseconds for the others (bench/RESULTS.md), and a training step of the default recipe waits
-    for its host. Elsewhere a no-op."""
-    import contextlib
-
-    if device != "cuda":
+    for its host. Compiled blocks keep the library's choice, which they were measured with. Elsewhere
+    a no-op."""
+    if device != "cuda" or compiled:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -251,16 +251,17 @@ def test_a_fused_rms_norm_in_bf16_differs_from_the_model_s_by_rounding_only():
     assert ((got.float() - expected.float()).abs() <= expected.float().abs() * 2 ** -7 + 1e-6).all()
 
 
-def test_training_attention_leaves_cudnn_out_on_cuda_and_changes_nothing_elsewhere():
+def test_eager_training_attention_leaves_cudnn_out_on_cuda_and_changes_nothing_elsewhere():
     import torch
 
     from qexpand.modeling import training_attention
 
     before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
               torch.backends.cuda.mem_efficient_sdp_enabled())
-    with training_attention("cpu"):
-        assert torch.backends.cuda.cudnn_sdp_enabled() == before[0]
-    with training_attention("cuda"):
+    for device, compiled in (("cpu", False), ("cuda", True)):  # compiled blocks keep the library's choice
+        with training_attention(device, compiled):
+            assert torch.backends.cuda.cudnn_sdp_enabled() == before[0]
+    with training_attention("cuda", compiled=False):
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),

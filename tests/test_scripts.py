@@ -105,6 +105,15 @@ def test_compile_auto_turns_on_only_for_long_cuda_runs():
     assert decided(enough, 2) == "off"  # two processes share the examples: each sees half
     assert decided(enough, 1, "cuda", "--max-steps", "10") == "off"
     assert decided(280, 1, "cuda", "--compile", "on") == "on" and decided(enough, 1, "cuda", "--compile", "off") == "off"
+    assert decided(enough, 1, "cuda", "--quantization", "nf4") == "off"  # the fused layers are not compiled
+
+
+def test_compiled_blocks_get_peft_s_layers_and_refuse_the_fused_ones():
+    from qexpand.errors import UserError
+
+    assert settled_on_the_cpu("--quantization", "nf4", "--compile", "on").lora_kernels == "peft"
+    with pytest.raises(UserError, match="--compile on cannot go with --lora-kernels fused"):
+        settled_on_the_cpu("--quantization", "nf4", "--compile", "on", "--lora-kernels", "fused")
 
 
 def test_compiled_blocks_train_on_the_cpu(workspace, tiny_model):

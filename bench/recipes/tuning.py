@@ -102,7 +102,8 @@ def run(opts, paths, device, left_s, variant: str) -> dict:
     result = {"settings": settings, "checkpointing": settings["checkpointing"], "batch_size": settings["batch_size"],
               "grad_accum": 1, "model_load_s": round(load_s, 2), "compiled_layers": compiled_layers,
               "fused_layers": fused_layers, "fused_norms": fused_norms}
-    with modeling.training_attention(device) if settings["attention"] else contextlib.nullcontext():
+    attention = modeling.training_attention(device, compiled=False)  # as asked, compiled variants too
+    with attention if settings["attention"] else contextlib.nullcontext():
         result.update(measure_trainer(trainer, collator, timer, opts.warmup_steps, opts.measure_steps, 1))
         result["peak_gb"] = gpu_gb(device, peak=True)
         if variant.removesuffix("-again") in PROFILED and device == "cuda":
