@@ -30,7 +30,8 @@ RECIPES = {
     # scored a little higher on content terms and SBERT than no noise (bench/results/quality_tune_eval.md).
     # Fused LoRA layers where the base is 4-bit (peft's layers otherwise): the same gradients, 1.22-1.28x
     # the training rate of peft's layers on an H200 with non-re-entrant recomputation; with re-entrant
-    # recomputation (training.py's now) one run found them equal, a profiled one 1.42x (bench/RESULTS.md).
+    # recomputation (training.py's now) one run found them equal, a profiled one 1.42x; with their casts
+    # kept for an optimizer step, torch's RMSNorm and attention without cuDNN, 1.22x over that (bench/RESULTS.md).
     "default": {**COMMON, "neftune_alpha": 5.0, "max_length": 256, "max_steps": 0, "learning_rate": 2e-4,
                 "grad_accum": 1, "optimizer": "adamw", "lora_targets": "all-linear", "pad_to": 0,
                 "lora_kernels": "fused",

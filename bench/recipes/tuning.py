@@ -6,8 +6,9 @@ tokenisation) with the Trainer settings training.py used when these variants wer
 batch 32, peft's LoRA layers, recomputation without re-entrant checkpoints, fused AdamW, bf16
 autocast, length-grouped batches padded to a multiple of 8. It stays that way so that the commands in
 bench/RESULTS.md keep measuring what they measured; training.py's default is now the variant
-`fused-reentrant-norms-attention` (the fused layers as of the checkout: since they cast the LoRA weights
-once per optimizer step, every `fused` variant includes that). A change that pays here is proposed for training.py, not made behind its back.
+`fused-reentrant-norms-attention` (the fused layers as of the checkout: since they cast the LoRA
+weights once per optimizer step, every `fused` variant includes that). A change that pays here is
+proposed for training.py, not made behind its back.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ VARIANTS = {
     "fused-reentrant-norms": {"fused": True, "reentrant": True, "norms": True},
     "fused-reentrant-attention": {"fused": True, "reentrant": True, "attention": True},
     "fused-reentrant-norms-attention": {"fused": True, "reentrant": True, "norms": True, "attention": True},
-    # training.py --compile on now: the same, compiled blocks, non-re-entrant recomputation.
+    # The same, compiled, non-re-entrant: it trained to a far higher loss on an H200, so training.py
+    # compiles peft's layers only (bench/results/gpu_compiled_fused_window.json).
     "fused-norms-attention-compile": {"fused": True, "norms": True, "attention": True, "compile": True},
 }
 # A second measurement of a variant in the same call, for an A-B-B-A order against the host's drift.
