@@ -104,6 +104,11 @@ def settle_resumed(config: TrainConfig, run_dir: Path, record: runcheck.RunRecor
                      "A resumed run continues with its recorded settings: leave those options out.")
     if record.config.device == "cuda":
         resolve_device("cuda")  # a run trained on CUDA does not silently continue on the CPU
+    if record.config.compile == "on" and record.config.lora_kernels == "fused":
+        raise UserError(f"{run_dir} was recorded by an earlier version with compiled blocks over fused LoRA "
+                        "layers, a combination that trained to a far higher loss on a GPU than the same layers "
+                        "eagerly (bench/RESULTS.md), so it is not continued. Start the run afresh under another "
+                        "--run-name (this folder stays as it is); --compile on now trains with peft's layers.")
     return dataclasses.replace(record.config, output_dir=config.output_dir, resume=str(run_dir))
 
 

@@ -151,3 +151,23 @@ def test_a_run_recorded_before_later_settings_existed_still_reads(tmp_path):
     written["config"]["lora_kernels"] = "fused"
     (tmp_path / "run_config.json").write_text(json.dumps(written))
     assert read_record(tmp_path).config.lora_kernels == "fused"  # a recorded value is kept
+
+
+def test_a_run_recorded_with_compiled_blocks_over_fused_layers_is_not_resumed(tmp_path):
+    """An earlier version settled --compile on to fused layers; that pair trained to a wrong loss on a GPU."""
+    import pytest
+
+    import training
+    from qexpand.config import TrainConfig
+    from qexpand.errors import UserError
+    from qexpand.runcheck import RunRecord
+
+    def resumed(lora_kernels: str):
+        record = RunRecord(config=TrainConfig(device="cpu", compile="on", lora_kernels=lora_kernels),
+                           base_model_signature={}, tokenizer_check={"texts": [], "ids": []}, processes=1,
+                           versions={}, created_at="then")
+        return training.settle_resumed(training.parse_config(["--resume", str(tmp_path)]), tmp_path, record)
+
+    with pytest.raises(UserError, match="not continued"):
+        resumed("fused")
+    assert resumed("peft").compile == "on"
