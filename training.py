@@ -328,8 +328,8 @@ def load_model(config: TrainConfig, rank_device: str, tokenizer_dir: Path | None
         model.enable_input_require_grads()  # LoRA inputs need grads for recomputation
     lora = modeling.lora_config(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
     model = get_peft_model(model, lora)
-    # Settling keeps the fused layers and compiled blocks apart; a run recorded with both by an earlier
-    # version resumes as recorded, fused before compiling as it was.
+    # Never both fused and compiled: settling keeps them apart, and a run an earlier version recorded
+    # with both is refused at resume (settle_resumed).
     if config.lora_kernels == "fused":
         if not lora_kernels.fuse_lora_layers(model):
             raise UserError("--lora-kernels fused found no LoRA layer it can fuse (it fuses plain LoRA on "
