@@ -6,14 +6,16 @@ what matters is how many operators that launch a kernel a step runs, and how lon
 for them. This counts them on a random Mistral with all 32 blocks but tiny widths (4-bit NF4 base,
 bf16 compute under autocast, LoRA r=8 on the 7 projections with dropout 0.05 in float32,
 recomputation: the default recipe's step, shrunk), and times the step for peft's and the fused
-layers, each with non-re-entrant and re-entrant recomputation, in the order A B C D D C B A (a drift
-of the host's speed falls on both sides). With the real 32,000-word vocabulary the output layer's
+layers, each with non-re-entrant and re-entrant recomputation, and for the fused layers grouped by
+siblings (re-entrant), in the order A B C D E E D C B A (a drift of the host's speed falls on both
+sides). With the real 32,000-word vocabulary the output layer's
 arithmetic takes much of a CPU step; `--vocab 512` leaves little but the host's own work, the part a
 GPU step waits for. It is a proxy: the GPU figure needs a GPU run (`bench/gpu_bench.py --in-order
 --recipes default,default-peft,default-peft-again,default-again`).
 
     python bench/lora_kernels_cpu.py --out bench/results/lora_kernels_cpu.json
     python bench/lora_kernels_cpu.py --vocab 512 --steps 20 --out bench/results/lora_kernels_cpu_host.json
+    python bench/lora_kernels_cpu.py --vocab 512 --steps 20 --out bench/results/lora_kernels_cpu_grouped.json
 """
 
 from __future__ import annotations
@@ -90,8 +92,10 @@ def four_bit_model(folder: Path):
     return model
 
 
-# (LoRA layers, re-entrant recomputation); the first is the default before the fused layers.
-VARIANTS = (("peft", False), ("peft", True), ("fused", False), ("fused", True))
+# (LoRA layers, re-entrant recomputation); the first is the default before the fused layers. "fused"
+# is one call per layer; "grouped" fuses sibling layers into one call and keeps the de-quantized weights
+# of the recomputation for the backward pass (training.py's default).
+VARIANTS = (("peft", False), ("peft", True), ("fused", False), ("fused", True), ("grouped", True))
 
 
 def variant_name(layers: str, reentrant: bool) -> str:
@@ -136,7 +140,8 @@ def main(argv=None) -> int:
                   "torch": torch.__version__, "order": [variant_name(*v) for v in order], "runs": []}
         for layers, reentrant in order:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-            fused = fuse_lora_layers(model) if layers == "fused" else unfuse(model)
+            fused = unfuse(model) if layers == "peft" else fuse_lora_layers(
+                model, group_siblings=layers == "grouped", keep_weights_for_backward=layers == "grouped")
             result["runs"].append({"layers": layers, "reentrant": reentrant, "fused_layers": fused,
                                    **measure(model, ids, args.steps)})
     result["summary"] = summarise(result["runs"])

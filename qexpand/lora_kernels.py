@@ -1,42 +1,60 @@
-"""Training on a 4-bit base with fewer launches: one autograd function per LoRA layer, torch's RMSNorm.
+"""Training on a 4-bit base with fewer launches: one autograd function per LoRA layer or group of
+sibling layers, torch's RMSNorm.
 
 A training step of the default recipe is bound by the host, not the GPU: the GPU runs kernels about
 half of an eager step and about half of a compiled one (bench/RESULTS.md). peft's forward of a LoRA
 layer on a bitsandbytes NF4 base goes through four modules and one autograd function of Python, and
 launches a defensive copy of the base output, a separate scaling and a separate addition. Here the
 whole layer is one autograd function: the base product, the dropout, the two LoRA products and the
-scaled addition (one addmm), with a hand-written backward. The block scales of each 4-bit weight are
+scaled addition (one addmm), with a hand-written backward. Layers that the block calls on the same
+input (query, key and value; gate and up) are one call: they share one dropout of the input (peft
+draws a mask per layer: with dropout, siblings here see the same mask, each layer the same
+distribution as in peft) and one product with their A matrices stacked, and the input's gradient
+gathers their products in place. The block scales of each 4-bit weight are
 de-quantized once when the layers are fused (double quantization stores them in 8 bits, and
 bitsandbytes would de-quantize them again in each of the three de-quantizations of a step: two
-launches each). The parameters stay peft's, so the adapter is saved and loaded exactly as before.
-Only the plain case is fused (one active adapter, no DoRA, no biases, not merged, in training mode);
-every other call goes through peft's own forward. The LoRA weights are cast to the products' dtype
-once per optimizer step, and the model's RMSNorms run as torch's single operator while training.
+launches each); with re-entrant recomputation the weights de-quantized for the recomputation also
+serve the backward pass. The parameters stay peft's, so the adapter is saved and loaded exactly as
+before. Only the plain case is fused (one active adapter, no DoRA, no biases, not merged, in training
+mode); every other call goes through peft's own forward. The LoRA weights are cast to the products'
+dtype once per optimizer step, and the model's RMSNorms run as torch's single operator while training.
 """
-
 from __future__ import annotations
 
 import functools
 import types
 
 
-def fuse_lora_layers(model) -> int:
-    """Route every fusable peft LoRA layer on a bitsandbytes 4-bit base through `lora_on_nf4()`;
-    returns how many were routed."""
+# Sibling layers that the usual decoder blocks (Llama, Mistral, Qwen, Gemma) call one after another on
+# the same input; each set is fused into one autograd function where their adapters agree.
+SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fuse_lora_layers(model, group_siblings: bool = True, keep_weights_for_backward: bool = False) -> int:
+    """Route every fusable peft LoRA layer on a bitsandbytes 4-bit base through `lora_on_nf4()`, sibling
+    layers on one input as one call (`group_siblings`); returns how many layers were routed.
+    `keep_weights_for_backward` keeps a layer's de-quantized base weight from a forward pass that records
+    gradients to its backward pass, one de-quantization fewer per layer and step: only for re-entrant
+    recomputation, where just one block's forward pass records at a time (Mistral-7B: 0.44 GB held);
+    without recomputation it would hold every de-quantized weight of the model."""
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
     # The function is looked up here, not in the forward: torch.compile then sees it as a constant.
     forward = functools.partial(fused_forward, function=lora_on_nf4())
     optimizer_steps()  # counting from before the first step
-    routed = 0
-    for module in model.modules():
+    routed = {}
+    for name, module in model.named_modules():
         if isinstance(module, LoraLinear4bit) and fusable(module):
             weight = module.get_base_layer().weight
             # Plain attributes, not buffers: the adapter's state dict stays peft's.
             module.nf4_scales = (weight.quant_state, block_scales(weight.quant_state))
+            module.keep_weights_for_backward = keep_weights_for_backward
+            module.__dict__.pop("sibling_group", None)  # fused again: grouped anew below, or not at all
             module.forward = types.MethodType(forward, module)
-            routed += 1
-    return routed
+            routed[name] = module
+    if group_siblings:
+        form_sibling_groups(routed)
+    return len(routed)
 
 
 @functools.cache
@@ -128,54 +146,132 @@ def fusable(layer) -> bool:
             and getattr(base.weight, "quant_state", None) is not None)
 
 
+class SiblingGroup:
+    """Layers of one module that the model calls one after another on the same input (a block's query,
+    key and value projections; its gate and up projections): the first one called computes them all in
+    one autograd function and keeps the others' outputs until they are called with that same input."""
+
+    def __init__(self, members):
+        self.members = tuple(members)
+        self.pending = None  # (the input, {member: its output}) between the leader's call and theirs
+
+    def take(self, layer, x):
+        """The output the leader computed for `layer` from this very `x`, or None (computed alone then)."""
+        if self.pending is None or self.pending[0] is not x or layer not in self.pending[1]:
+            return None
+        output = self.pending[1].pop(layer)
+        if not self.pending[1]:
+            self.pending = None  # nothing left: the input is no longer held
+        return output
+
+
+def form_sibling_groups(layers_by_name: dict) -> int:
+    """Give each set of same-parent layers named in SHARED_INPUT_SIBLINGS whose adapters and 4-bit
+    weights agree (input width, rank, scaling, dropout, 4-bit format) one SiblingGroup; returns how many
+    groups were formed."""
+    formed = 0
+    for parent in dict.fromkeys(name.rpartition(".")[0] for name in layers_by_name):
+        for names in SHARED_INPUT_SIBLINGS:
+            members = [layers_by_name[f"{parent}.{name}"] for name in names if f"{parent}.{name}" in layers_by_name]
+            if len(members) > 1 and len({group_signature(layer) for layer in members}) == 1:
+                group = SiblingGroup(members)
+                for layer in members:
+                    layer.__dict__["sibling_group"] = group  # a plain attribute: not a submodule
+                formed += 1
+    return formed
+
+
+def group_signature(layer):
+    adapter = plain_adapter(layer)
+    state = layer.get_base_layer().weight.quant_state
+    return (adapter, layer.lora_A[adapter].weight.shape[::-1], float(layer.scaling[adapter]),
+            repr(layer.lora_dropout[adapter]), state.blocksize, state.quant_type, state.dtype)
+
+
 def fused_forward(self, x, *args, function=None, **kwargs):
     """The forward that `fuse_lora_layers` installs on a layer (`function` is `lora_on_nf4()`)."""
+    import torch
+
+    group = self.__dict__.get("sibling_group")
+    if group is not None:
+        output = group.take(self, x)
+        if output is not None:
+            return output
+    call = fused_call(self, x, args, kwargs)
+    if call is None:
+        return type(self).forward(self, x, *args, **kwargs)  # peft's own path
+    members, calls = (self,), [call]
+    # Only the first sibling leads, and only eagerly: a compiled block traces each layer alone.
+    if group is not None and group.members[0] is self and not torch.compiler.is_compiling():
+        others = [fused_call(layer, x, (), {}) for layer in group.members[1:]]
+        if all(other is not None and other[1:3] == call[1:3] and other[5:] == call[5:] for other in others):
+            members, calls = group.members, [call, *others]
+    nf4s = tuple(c[0] for c in calls)
+    lora_as, lora_bs = [c[3] for c in calls], [c[4] for c in calls]
+    casts = cast_lora_weights(group if len(members) > 1 else self, lora_as, lora_bs, call[2])
+    keep = self.keep_weights_for_backward and torch.is_grad_enabled()
+    outputs = function.apply(x, (nf4s, call[1], call[5], call[6], keep), casts, *lora_as, *lora_bs)
+    if len(members) > 1:
+        group.pending = (x, dict(zip(members[1:], outputs[1:])))
+    return outputs[0]
+
+
+def fused_call(layer, x, args, kwargs):
+    """What the fused function needs for `layer` in this call: (its 4-bit weight, the base's compute
+    dtype, the LoRA products' dtype, LoRA A, LoRA B, scaling, dropout p); None where peft's own forward
+    must run."""
     import torch
 
     # Training steps only: eval passes are few. And only while the weight is the one whose scales were
     # de-quantized at fusing: bitsandbytes repacks 4-bit weights for the CPU in place at inference,
     # after which only its own forward reads them.
-    adapter = plain_adapter(self)
-    base = self.get_base_layer()
-    state, scales = self.nf4_scales
+    adapter = plain_adapter(layer)
+    base = layer.get_base_layer()
+    state, scales = layer.nf4_scales
     same_weight = base.weight.quant_state is state and not getattr(state, "packing_format_for_cpu", False)
-    if (not self.training or args or kwargs or self.disable_adapters or self.merged or adapter is None
+    if (not layer.training or args or kwargs or layer.disable_adapters or layer.merged or adapter is None
             or not same_weight or scales.device != x.device):
-        return type(self).forward(self, x, *args, **kwargs)  # peft's own path
-    dropout = self.lora_dropout[adapter]
+        return None
+    dropout = layer.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0  # Identity when dropout is 0
     device = x.device.type
     # Under autocast peft runs the LoRA products in the autocast dtype; without it, in the LoRA
     # weights' own dtype, casting the result back.
     lora_dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-                  else self.lora_A[adapter].weight.dtype)
+                  else layer.lora_A[adapter].weight.dtype)
     nf4 = (base.weight, scales, state.blocksize, state.quant_type, state.shape, state.dtype)
-    lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-    return function.apply(x, nf4, base.compute_dtype or x.dtype, lora_a, lora_b,
-                          cast_lora_weights(self, lora_a, lora_b, lora_dtype), float(self.scaling[adapter]), p)
+    return (nf4, base.compute_dtype or x.dtype, lora_dtype, layer.lora_A[adapter].weight,
+            layer.lora_B[adapter].weight, float(layer.scaling[adapter]), p)
 
 
-def cast_lora_weights(layer, lora_a, lora_b, dtype):
-    """The LoRA weights in the dtype the products run in, cast once per optimizer step, not in every
-    forward pass: the weights are float32 and the products bf16 under autocast, and with recomputation
-    each weight went through two casts a step, one now (Mistral-7B: 448 launches fewer a step, 11,661
-    kernels against 12,109 in a profiled step on an H200, bench/RESULTS.md). A cast stays
-    valid while no optimizer step has been taken since (in this process, by any optimizer), neither
-    weight has been written to (their version counters; torch's fused AdamW leaves those as they are,
-    hence the step count) and neither has moved."""
+def cast_lora_weights(holder, lora_as, lora_bs, dtype):
+    """The LoRA weights of one layer or one sibling group in the dtype the products run in: the A
+    matrices stacked into one (members x r, in) matrix, the B matrices as they are. Made once per
+    optimizer step, not in every forward pass: the weights are float32 and the products bf16 under
+    autocast, and with recomputation each weight went through two casts a step (Mistral-7B: 448
+    launches a step, bench/RESULTS.md). A cast stays valid while no optimizer step has been taken since
+    (in this process, by any optimizer), no weight has been written to (their version counters; torch's
+    fused AdamW leaves those as they are, hence the step count) and none has moved."""
     import torch
 
-    if lora_a.dtype == dtype and lora_b.dtype == dtype:
-        return lora_a.detach(), lora_b.detach()
     if torch.compiler.is_compiling():  # a compiled block fuses the casts into its own kernels
-        return lora_a.detach().to(dtype), lora_b.detach().to(dtype)
-    key = (dtype, optimizer_steps()[0], lora_a._version, lora_b._version, lora_a.data_ptr(), lora_b.data_ptr())
-    cached = layer.__dict__.get("lora_weight_casts")
+        return stacked_lora_weights(lora_as, lora_bs, dtype)
+    weights = (*lora_as, *lora_bs)
+    key = (dtype, optimizer_steps()[0], *((w._version, w.data_ptr()) for w in weights))
+    cached = holder.__dict__.get("lora_weight_casts")
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            cached = (key, lora_a.to(dtype), lora_b.to(dtype))
-        layer.__dict__["lora_weight_casts"] = cached  # a plain attribute: not in the state dict
-    return cached[1], cached[2]
+            cached = (key, stacked_lora_weights(lora_as, lora_bs, dtype))
+        holder.__dict__["lora_weight_casts"] = cached  # a plain attribute: not in the state dict
+    return cached[1]
+
+
+def stacked_lora_weights(lora_as, lora_bs, dtype):
+    import torch
+
+    a_stack = lora_as[0].detach().to(dtype) if len(lora_as) == 1 else torch.cat(
+        [a.detach().to(dtype) for a in lora_as])
+    return a_stack, tuple(b.detach().to(dtype) for b in lora_bs)
 
 
 @functools.cache
@@ -192,48 +288,68 @@ def lora_on_nf4():
             weight, scales, blocksize, quant_type, shape, weight_dtype).to(dtype)
 
     class LoraOnNF4(torch.autograd.Function):
-        """y = x W^T + scaling * dropout(x) A^T B^T, W in NF4; the gradients of x, A and B."""
+        """For each member i of a layer or sibling group: y_i = x W_i^T + scaling * dropout(x) A_i^T B_i^T,
+        W_i in NF4; the gradients of x and of every A_i and B_i. The members share the input, its dropout
+        mask and one product with their A matrices stacked; each has its own base product and output."""
 
         @staticmethod
-        def forward(ctx, x, nf4, compute_dtype, lora_a, lora_b, cast_weights, scaling, p):
-            a, b = cast_weights  # lora_a and lora_b in the dtype of the LoRA products
+        def forward(ctx, x, spec, casts, *lora_weights):
+            nf4s, compute_dtype, scaling, p, keep_weights = spec
+            a, bs = casts  # (members x r, in) and each member's (out_i, r), in the LoRA products' dtype
+            flat_x = x.reshape(-1, x.shape[-1])
+            rank = bs[0].shape[1]
+            outputs, weights = [], []
             with torch.autocast(x.device.type, enabled=False):
-                base = linear(x.to(compute_dtype), dequantized(nf4, compute_dtype))
-                kept = x.to(a.dtype)
-                mask = None
+                kept, mask = flat_x.to(a.dtype), None
                 if p > 0:
                     kept, mask = torch.native_dropout(kept, p, True)
-                low = linear(kept, a)  # (..., r)
-                flat = base.view(-1, base.shape[-1])
-                if a.dtype == compute_dtype:
-                    flat.addmm_(low.view(-1, low.shape[-1]), b.t(), alpha=scaling)
-                else:
-                    flat.add_((linear(low, b) * scaling).view(flat.shape).to(compute_dtype))
-            ctx.save_for_backward(kept, low, mask, a, b)
-            ctx.nf4, ctx.compute_dtype, ctx.scaling, ctx.p = nf4, compute_dtype, scaling, p
-            ctx.grad_dtypes, ctx.x_shape = (x.dtype, lora_a.dtype, lora_b.dtype), x.shape
-            return base.to(x.dtype)
+                low = linear(kept, a)  # (tokens, members x r)
+                base_input = flat_x.to(compute_dtype)
+                for i, (nf4, b) in enumerate(zip(nf4s, bs)):
+                    weight = dequantized(nf4, compute_dtype)
+                    base = linear(base_input, weight)
+                    member_low = low[:, i * rank:(i + 1) * rank]
+                    if a.dtype == compute_dtype:
+                        base.addmm_(member_low, b.t(), alpha=scaling)
+                    else:
+                        base.add_((linear(member_low, b) * scaling).to(compute_dtype))
+                    outputs.append(base.to(x.dtype).view(*x.shape[:-1], base.shape[-1]))
+                    weights.append(weight if keep_weights else None)
+            ctx.save_for_backward(kept, low, mask, a, *bs)
+            ctx.kept_weights, ctx.spec, ctx.x_shape = weights, spec, x.shape
+            ctx.grad_dtypes = (x.dtype, [w.dtype for w in lora_weights])
+            return tuple(outputs)
 
         @staticmethod
-        def backward(ctx, grad):
-            kept, low, mask, a, b = ctx.saved_tensors
-            x_dtype, a_dtype, b_dtype = ctx.grad_dtypes
-            grad = grad.reshape(-1, grad.shape[-1])
-            kept, low = kept.reshape(-1, kept.shape[-1]), low.reshape(-1, low.shape[-1])
-            scaled = grad.to(a.dtype) * ctx.scaling
-            grad_b = (scaled.t() @ low).to(b_dtype)
-            grad_low = scaled @ b  # (tokens, r)
-            grad_a = (grad_low.t() @ kept).to(a_dtype)
+        def backward(ctx, *grads):
+            kept, low, mask, a, *bs = ctx.saved_tensors
+            nf4s, compute_dtype, scaling, p, _ = ctx.spec
+            x_dtype, weight_dtypes = ctx.grad_dtypes
+            members, rank = len(bs), bs[0].shape[1]
+            grads = [g.reshape(-1, g.shape[-1]).to(a.dtype) for g in grads]
+            # The low-rank products' gradient, transposed (members x r, tokens): each member writes its
+            # rows, the scaling rides in the products (no pass over the output gradient for it).
+            grad_low_t = torch.empty(members * rank, grads[0].shape[0], dtype=a.dtype, device=a.device)
+            grad_bs = []
+            for i, (g, b) in enumerate(zip(grads, bs)):
+                rows = grad_low_t[i * rank:(i + 1) * rank]
+                torch.addmm(rows, b.t(), g.t(), beta=0, alpha=scaling, out=rows)
+                grad_b = torch.addmm(b, g.t(), low[:, i * rank:(i + 1) * rank], beta=0, alpha=scaling)
+                grad_bs.append(grad_b.to(weight_dtypes[members + i]))
+            grad_a = (grad_low_t @ kept).to(weight_dtypes[0])
             grad_x = None
             if ctx.needs_input_grad[0]:
-                weight = dequantized(ctx.nf4, ctx.compute_dtype)
-                grad_kept = grad_low @ a
+                grad_kept = grad_low_t.t() @ a  # (tokens, in)
                 if mask is not None:
-                    grad_kept = torch.ops.aten.native_dropout_backward(
-                        grad_kept, mask.reshape(grad_kept.shape), 1.0 / (1.0 - ctx.p))
-                # One launch for the product and the sum.
-                grad_x = torch.addmm(grad_kept.to(ctx.compute_dtype), grad.to(ctx.compute_dtype), weight)
+                    grad_kept = torch.ops.aten.native_dropout_backward(grad_kept, mask, 1.0 / (1.0 - p))
+                grad_x = None
+                for nf4, g, weight in zip(nf4s, grads, ctx.kept_weights):
+                    weight = dequantized(nf4, compute_dtype) if weight is None else weight
+                    # Each product and the sum in one launch: the first onto the dropout's gradient, the
+                    # other members' in place onto that.
+                    grad_x = (torch.addmm(grad_kept.to(compute_dtype), g.to(compute_dtype), weight) if grad_x is None
+                              else grad_x.addmm_(g.to(compute_dtype), weight))
                 grad_x = grad_x.to(x_dtype).view(ctx.x_shape)
-            return grad_x, None, None, grad_a, grad_b, None, None, None
+            return (grad_x, None, None, *grad_a.split(rank), *grad_bs)
 
     return LoraOnNF4

@@ -42,15 +42,19 @@ def loss_and_lora_grads(model, checkpointing: bool, autocast: bool = False, reen
     return loss.item(), grads
 
 
-@pytest.mark.parametrize("dropout,checkpointing,reentrant", [(0.0, False, False), (0.1, False, False),
-                                                              (0.1, True, False), (0.1, True, True)])
-def test_fused_layers_give_peft_loss_and_gradients(tiny_model, dropout, checkpointing, reentrant):
-    """The reference is peft's layers with the recomputation training.py used before (not re-entrant)."""
+@pytest.mark.parametrize("dropout,checkpointing,reentrant,grouped,keep", [
+    (0.0, False, False, True, False), (0.1, False, False, False, False), (0.1, True, False, False, False),
+    (0.1, True, True, False, False), (0.0, True, True, True, True), (0.1, True, True, False, True)])
+def test_fused_layers_give_peft_loss_and_gradients(tiny_model, dropout, checkpointing, reentrant, grouped, keep):
+    """The reference is peft's layers with the recomputation training.py used before (not re-entrant).
+    Siblings in one call share a dropout mask where peft draws one per layer: they are compared with
+    peft without dropout here, and with dropout against the layers one call each (next test)."""
     from qexpand.lora_kernels import fuse_lora_layers
 
     model = four_bit_lora_model(tiny_model, dropout)
     reference_loss, reference = loss_and_lora_grads(model, checkpointing)
-    assert fuse_lora_layers(model) == 14  # 7 projections in each of the 2 blocks
+    routed = fuse_lora_layers(model, group_siblings=grouped, keep_weights_for_backward=keep)
+    assert routed == 14  # 7 projections in each of the 2 blocks
     loss, grads = loss_and_lora_grads(model, checkpointing, reentrant=reentrant)
     assert loss == pytest.approx(reference_loss, rel=1e-6)
     assert grads.keys() == reference.keys() and len(grads) == 28
@@ -76,6 +80,87 @@ def test_fused_layers_launch_fewer_operators_in_a_training_step(tiny_model):
     before = launched(model)
     fuse_lora_layers(model)
     assert launched(model) < 0.85 * before
+
+
+def test_grouped_siblings_compute_what_the_layers_compute_one_by_one_with_one_dropout_mask(tiny_model, monkeypatch):
+    """With dropout drawn as a function of the input alone (so that every layer on the same input gets
+    the same mask, as grouped siblings share one), grouping changes neither the loss nor a gradient,
+    with re-entrant recomputation and the weights kept for the backward pass."""
+    import torch
+
+    from qexpand.lora_kernels import fuse_lora_layers
+
+    def dropout_of_the_input(x, p, train):
+        mask = torch.sin(x * 1000.0) > 2 * p - 1  # about 1 - p kept, the same mask for the same input
+        return x * mask / (1 - p), mask
+
+    monkeypatch.setattr(torch, "native_dropout", dropout_of_the_input)
+    seen = []
+    for grouped in (False, True):
+        model = four_bit_lora_model(tiny_model, 0.1)
+        fuse_lora_layers(model, group_siblings=grouped, keep_weights_for_backward=grouped)
+        seen.append(loss_and_lora_grads(model, checkpointing=True, reentrant=True))
+    (loss, grads), (reference_loss, reference) = seen[1], seen[0]
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    for name, grad in grads.items():
+        scale = reference[name].abs().max().item()
+        assert scale > 0 and (grad - reference[name]).abs().max().item() <= 1e-5 * scale, name
+
+
+def test_sibling_layers_run_as_one_call_and_keep_their_weights_for_the_backward_pass(tiny_model):
+    """q/k/v and gate/up of each block: one autograd call per group and pass, not one per layer. With
+    re-entrant recomputation the weights de-quantized in the recomputation serve the backward pass:
+    two de-quantizations of each weight a step (the first pass and the recomputation), not three."""
+    from torch.profiler import profile
+
+    from bench.lora_kernels_cpu import four_bit_model, launching_operators
+    from qexpand.lora_kernels import fuse_lora_layers
+
+    def step(model) -> dict:
+        loss_and_lora_grads(model, checkpointing=True, autocast=True, reentrant=True)  # casts made
+        with profile() as prof:
+            loss_and_lora_grads(model, checkpointing=True, autocast=True, reentrant=True)
+        counts = {e.key: e.count for e in prof.key_averages()}
+        return {"calls": counts["LoraOnNF4"], "dequantized": counts["bitsandbytes::dequantize_4bit"],
+                "launched": launching_operators(prof)}
+
+    seen = {}
+    for grouped, keep in ((False, False), (True, False), (True, True)):
+        model = four_bit_model(tiny_model)
+        fuse_lora_layers(model, group_siblings=grouped, keep_weights_for_backward=keep)
+        seen[grouped, keep] = step(model)
+    # 2 blocks x 2 passes: 7 calls a block alone, 4 grouped (q/k/v, o, gate/up, down)
+    assert seen[False, False]["calls"] == 28 and seen[True, False]["calls"] == 16
+    assert seen[False, False]["dequantized"] == seen[True, False]["dequantized"] == 14 * 3
+    assert seen[True, True]["dequantized"] == 14 * 2
+    # (bitsandbytes' de-quantization is one CUDA kernel, but no aten operator on the CPU)
+    assert seen[True, True]["launched"] <= seen[True, False]["launched"] < 0.9 * seen[False, False]["launched"]
+
+
+def test_a_sibling_called_on_another_input_computes_its_own_output(tiny_model):
+    """The leader (q_proj) keeps k's and v's outputs for its own input only; a sibling called on
+    anything else gets what it would have computed alone, and the kept outputs go once taken."""
+    import torch
+
+    from qexpand.lora_kernels import fuse_lora_layers
+
+    grouped, alone = (four_bit_lora_model(tiny_model, 0.0) for _ in range(2))
+    fuse_lora_layers(grouped)
+    fuse_lora_layers(alone, group_siblings=False)
+    first, other = (torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    attention, reference = (m.base_model.model.model.layers[0].self_attn for m in (grouped, alone))
+    group = attention.q_proj.sibling_group
+    assert group.members == (attention.q_proj, attention.k_proj, attention.v_proj)
+    def same(a, b):  # the stacked A product rounds differently from one layer's own, in float32
+        return torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    with torch.no_grad():
+        assert same(attention.q_proj(first), reference.q_proj(first))
+        assert group.pending[0] is first and len(group.pending[1]) == 2
+        assert same(attention.k_proj(other), reference.k_proj(other))  # not q's input: computed
+        assert same(attention.v_proj(first), reference.v_proj(first))  # q's input: taken
+        assert same(attention.k_proj(first), reference.k_proj(first))
+        assert group.pending is None
 
 
 def test_the_block_scales_are_dequantized_once_not_at_every_step(tiny_model):
@@ -154,34 +239,46 @@ def test_the_cpu_bench_averages_each_variant_and_compares_it_with_the_old_defaul
 
     runs = [{"layers": layers, "reentrant": reentrant, "launching_operators_per_step": 100 if layers == "peft" else 70,
              "step_ms": step_ms} for (layers, reentrant), step_ms in zip(VARIANTS + VARIANTS[::-1],
-                                                                        (400, 300, 350, 250, 270, 370, 320, 420))]
+                                                                        (400, 300, 350, 250, 200, 220, 270, 370, 320, 420))]
     summary = summarise(runs)
     assert summary["peft, non-re-entrant"] == {"launching_operators_per_step": 100, "step_ms": 410,
                                                "step_ms_over_first": 1.0, "operators_over_first": 1.0}
     assert summary["fused, re-entrant"]["step_ms"] == 260 and summary["fused, re-entrant"]["step_ms_over_first"] == 0.634
     assert summary["fused, non-re-entrant"]["operators_over_first"] == 0.7
+    assert summary["grouped, re-entrant"]["step_ms"] == 210 and summary["grouped, re-entrant"]["step_ms_over_first"] == 0.512
 
 
 def test_the_lora_weights_are_cast_once_per_optimizer_step(tiny_model):
-    """Under bf16 autocast the float32 LoRA weights are cast for the products; the cast is reused until
-    the optimizer (or anything else) writes to a weight, and then made again from the new values."""
+    """Under bf16 autocast the float32 LoRA weights are cast for the products (a group's A matrices
+    stacked into one); the cast is reused until the optimizer (or anything else) writes to a
+    weight, and then made again from the new values."""
     import torch
 
     from qexpand.lora_kernels import cast_lora_weights, fuse_lora_layers
 
     model = four_bit_lora_model(tiny_model, 0.0)
     fuse_lora_layers(model)
-    layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    first = cast_lora_weights(layer, a, b, torch.bfloat16)
-    assert first[0].dtype == torch.bfloat16 and torch.equal(first[0], a.detach().to(torch.bfloat16))
-    assert all(again is cached for again, cached in zip(cast_lora_weights(layer, a, b, torch.bfloat16), first))
-    optimizer = torch.optim.AdamW([a, b], lr=0.1, fused=True)  # CUDA's optimizer in training.py
-    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    attention = model.base_model.model.model.layers[0].self_attn
+    group = attention.q_proj.sibling_group
+    assert [layer for layer in group.members] == [attention.q_proj, attention.k_proj, attention.v_proj]
+    a_s = [layer.lora_A["default"].weight for layer in group.members]
+    b_s = [layer.lora_B["default"].weight for layer in group.members]
+
+    def cast(weights):
+        return [w.detach().to(torch.bfloat16) for w in weights]
+
+    def as_expected(casts) -> bool:
+        return torch.equal(casts[0], torch.cat(cast(a_s))) and all(map(torch.equal, casts[1], cast(b_s)))
+
+    first = cast_lora_weights(group, a_s, b_s, torch.bfloat16)
+    assert first[0].dtype == torch.bfloat16 and as_expected(first)
+    assert cast_lora_weights(group, a_s, b_s, torch.bfloat16) is first
+    optimizer = torch.optim.AdamW([*a_s, *b_s], lr=0.1, fused=True)  # CUDA's optimizer in training.py
+    for weight in (*a_s, *b_s):
+        weight.grad = torch.ones_like(weight)
     optimizer.step()
-    after = cast_lora_weights(layer, a, b, torch.bfloat16)
-    assert torch.equal(after[0], a.detach().to(torch.bfloat16)) and torch.equal(after[1], b.detach().to(torch.bfloat16))
-    assert not torch.equal(after[0], first[0])
+    after = cast_lora_weights(group, a_s, b_s, torch.bfloat16)
+    assert as_expected(after) and not torch.equal(after[0], first[0])
 
 
 def test_fused_layers_follow_peft_over_optimizer_steps_under_autocast(tiny_model):

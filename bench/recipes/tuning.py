@@ -6,9 +6,11 @@ tokenisation) with the Trainer settings training.py used when these variants wer
 batch 32, peft's LoRA layers, recomputation without re-entrant checkpoints, fused AdamW, bf16
 autocast, length-grouped batches padded to a multiple of 8. It stays that way so that the commands in
 bench/RESULTS.md keep measuring what they measured; training.py's default is now the variant
-`fused-reentrant-norms-attention` (the fused layers as of the checkout: since they cast the LoRA
-weights once per optimizer step, every `fused` variant includes that). A change that pays here is
-proposed for training.py, not made behind its back.
+`fused-reentrant-norms-attention-grouped`. The `fused` variants take the fused layers as of the
+checkout (since they cast the LoRA weights once per optimizer step, every one includes that), one
+call per layer unless `grouped` is set, so `fused-reentrant-norms-attention` is training.py's
+default before sibling layers were grouped. A change that pays here is proposed for training.py,
+not made behind its back.
 """
 
 from __future__ import annotations
@@ -47,16 +49,21 @@ VARIANTS = {
     # The same, compiled, non-re-entrant: it trained to a far higher loss on an H200, so training.py
     # compiles peft's layers only (bench/results/gpu_compiled_fused_window.json).
     "fused-norms-attention-compile": {"fused": True, "norms": True, "attention": True, "compile": True},
+    # On top: sibling layers (q/k/v, gate/up) as one call each, and the de-quantized weights of the
+    # recomputation kept for the backward pass (training.py's default since).
+    "fused-reentrant-norms-attention-grouped": {"fused": True, "reentrant": True, "norms": True, "attention": True,
+                                                "grouped": True, "keep_weights": True},
 }
 # A second measurement of a variant in the same call, for an A-B-B-A order against the host's drift.
 VARIANTS.update({f"{name}-again": VARIANTS[name]
-                 for name in ("copy", "fused", "reentrant", "fused-reentrant", "fused-reentrant-norms-attention")})
+                 for name in ("copy", "fused", "reentrant", "fused-reentrant", "fused-reentrant-norms-attention",
+                             "fused-reentrant-norms-attention-grouped")})
 COPY = {"batch_size": 32, "lora_dropout": 0.05, "liger": False, "packed": False, "checkpointing": True,
         "reentrant": False, "fused": False, "compile": False, "compile_mode": None, "norms": False,
-        "attention": False}
+        "attention": False, "grouped": False, "keep_weights": False}
 # Compiled variants are not profiled: a profiled step recompiles.
 PROFILED = ("copy", "fused", "reentrant", "fused-reentrant", "fused-reentrant-norms", "fused-reentrant-attention",
-            "fused-reentrant-norms-attention")
+            "fused-reentrant-norms-attention", "fused-reentrant-norms-attention-grouped")
 
 
 def collator_for(tokenizer, packed: bool):
@@ -84,7 +91,9 @@ def run(opts, paths, device, left_s, variant: str) -> dict:
     reset_peak(device)
     model.enable_input_require_grads()
     model = get_peft_model(model, modeling.lora_config(model, 8, 16, settings["lora_dropout"], "all-linear"))
-    fused_layers = lora_kernels.fuse_lora_layers(model) if settings["fused"] else 0  # before compiling
+    keep = settings["keep_weights"] and settings["checkpointing"] and settings["reentrant"]
+    fused_layers = lora_kernels.fuse_lora_layers(model, group_siblings=settings["grouped"],
+                                                 keep_weights_for_backward=keep) if settings["fused"] else 0
     fused_norms = lora_kernels.fuse_rms_norms(model) if settings["norms"] else 0
     compiled_layers = modeling.compile_decoder_layers(model, settings["compile_mode"]) if settings["compile"] else 0
     topics, _ = training_examples(paths, opts.train_examples)
