@@ -19,10 +19,12 @@ before. Only the plain case is fused (one active adapter, no DoRA, no biases, no
 mode); every other call goes through peft's own forward. The LoRA weights are cast to the products'
 dtype once per optimizer step, and the model's RMSNorms run as torch's single operator while training.
 """
+
 from __future__ import annotations
 
 import functools
 import types
+from typing import Any, NamedTuple
 
 
 # Sibling layers that the usual decoder blocks (Llama, Mistral, Qwen, Gemma) call one after another on
@@ -35,8 +37,9 @@ def fuse_lora_layers(model, group_siblings: bool = True, keep_weights_for_backwa
     layers on one input as one call (`group_siblings`); returns how many layers were routed.
     `keep_weights_for_backward` keeps a layer's de-quantized base weight from a forward pass that records
     gradients to its backward pass, one de-quantization fewer per layer and step: only for re-entrant
-    recomputation, where just one block's forward pass records at a time (Mistral-7B: 0.44 GB held);
-    without recomputation it would hold every de-quantized weight of the model."""
+    recomputation, where just one block's forward pass records at a time (Mistral-7B: one block's
+    weights, 0.44 GB in bf16); without recomputation it would hold every de-quantized weight of the
+    model."""
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
     # The function is looked up here, not in the forward: torch.compile then sees it as a constant.
@@ -204,22 +207,36 @@ def fused_forward(self, x, *args, function=None, **kwargs):
     # Only the first sibling leads, and only eagerly: a compiled block traces each layer alone.
     if group is not None and group.members[0] is self and not torch.compiler.is_compiling():
         others = [fused_call(layer, x, (), {}) for layer in group.members[1:]]
-        if all(other is not None and other[1:3] == call[1:3] and other[5:] == call[5:] for other in others):
+        if all(other is not None and other.settings() == call.settings() for other in others):
             members, calls = group.members, [call, *others]
-    nf4s = tuple(c[0] for c in calls)
-    lora_as, lora_bs = [c[3] for c in calls], [c[4] for c in calls]
-    casts = cast_lora_weights(group if len(members) > 1 else self, lora_as, lora_bs, call[2])
+    lora_as, lora_bs = [c.lora_a for c in calls], [c.lora_b for c in calls]
+    casts = cast_lora_weights(group if len(members) > 1 else self, lora_as, lora_bs, call.lora_dtype)
     keep = self.keep_weights_for_backward and torch.is_grad_enabled()
-    outputs = function.apply(x, (nf4s, call[1], call[5], call[6], keep), casts, *lora_as, *lora_bs)
+    spec = (tuple(c.nf4 for c in calls), call.compute_dtype, call.scaling, call.p, keep)
+    outputs = function.apply(x, spec, casts, *lora_as, *lora_bs)
     if len(members) > 1:
         group.pending = (x, dict(zip(members[1:], outputs[1:])))
     return outputs[0]
 
 
-def fused_call(layer, x, args, kwargs):
-    """What the fused function needs for `layer` in this call: (its 4-bit weight, the base's compute
-    dtype, the LoRA products' dtype, LoRA A, LoRA B, scaling, dropout p); None where peft's own forward
-    must run."""
+class LayerCall(NamedTuple):
+    """What the fused function needs of one layer in one call."""
+
+    nf4: tuple  # the 4-bit weight, its block scales and format
+    compute_dtype: Any  # the base product's dtype
+    lora_dtype: Any  # the LoRA products' dtype
+    lora_a: Any
+    lora_b: Any
+    scaling: float
+    p: float  # dropout
+
+    def settings(self) -> tuple:
+        """What siblings computed in one call must share."""
+        return self.compute_dtype, self.lora_dtype, self.scaling, self.p
+
+
+def fused_call(layer, x, args, kwargs) -> LayerCall | None:
+    """What the fused function needs for `layer` in this call; None where peft's own forward must run."""
     import torch
 
     # Training steps only: eval passes are few. And only while the weight is the one whose scales were
@@ -240,8 +257,8 @@ def fused_call(layer, x, args, kwargs):
     lora_dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                   else layer.lora_A[adapter].weight.dtype)
     nf4 = (base.weight, scales, state.blocksize, state.quant_type, state.shape, state.dtype)
-    return (nf4, base.compute_dtype or x.dtype, lora_dtype, layer.lora_A[adapter].weight,
-            layer.lora_B[adapter].weight, float(layer.scaling[adapter]), p)
+    return LayerCall(nf4, base.compute_dtype or x.dtype, lora_dtype, layer.lora_A[adapter].weight,
+                     layer.lora_B[adapter].weight, float(layer.scaling[adapter]), p)
 
 
 def cast_lora_weights(holder, lora_as, lora_bs, dtype):

@@ -49,8 +49,9 @@ VARIANTS = {
     # The same, compiled, non-re-entrant: it trained to a far higher loss on an H200, so training.py
     # compiles peft's layers only (bench/results/gpu_compiled_fused_window.json).
     "fused-norms-attention-compile": {"fused": True, "norms": True, "attention": True, "compile": True},
-    # On top: sibling layers (q/k/v, gate/up) as one call each, and the de-quantized weights of the
-    # recomputation kept for the backward pass (training.py's default since).
+    # On top: sibling layers (q/k/v, gate/up) as one call each, sharing one dropout mask, and the
+    # de-quantized weights of the recomputation kept for the backward pass (training.py's default since;
+    # at be0a17d the same name meant the first version, a mask per layer).
     "fused-reentrant-norms-attention-grouped": {"fused": True, "reentrant": True, "norms": True, "attention": True,
                                                 "grouped": True, "keep_weights": True},
 }
