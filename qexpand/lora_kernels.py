@@ -359,7 +359,6 @@ def lora_on_nf4():
                 grad_kept = grad_low_t.t() @ a  # (tokens, in)
                 if mask is not None:
                     grad_kept = torch.ops.aten.native_dropout_backward(grad_kept, mask, 1.0 / (1.0 - p))
-                grad_x = None
                 for nf4, g, weight in zip(nf4s, grads, ctx.kept_weights):
                     weight = dequantized(nf4, compute_dtype) if weight is None else weight
                     # Each product and the sum in one launch: the first onto the dropout's gradient, the

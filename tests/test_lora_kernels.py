@@ -151,6 +151,7 @@ def test_a_sibling_called_on_another_input_computes_its_own_output(tiny_model):
     attention, reference = (m.base_model.model.model.layers[0].self_attn for m in (grouped, alone))
     group = attention.q_proj.sibling_group
     assert group.members == (attention.q_proj, attention.k_proj, attention.v_proj)
+
     def same(a, b):  # the stacked A product rounds differently from one layer's own, in float32
         return torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
