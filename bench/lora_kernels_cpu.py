@@ -15,7 +15,7 @@ GPU step waits for. It is a proxy: the GPU figure needs a GPU run (`bench/gpu_be
 
     python bench/lora_kernels_cpu.py --out bench/results/lora_kernels_cpu.json
     python bench/lora_kernels_cpu.py --vocab 512 --steps 20 --out bench/results/lora_kernels_cpu_host.json
-    python bench/lora_kernels_cpu.py --vocab 512 --steps 20 --out bench/results/lora_kernels_cpu_grouped.json
+    python bench/lora_kernels_cpu.py --vocab 512 --steps 20 --out bench/results/lora_kernels_cpu_grouped_shared.json
 """
 
 from __future__ import annotations
