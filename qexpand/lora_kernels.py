@@ -168,27 +168,22 @@ class SiblingGroup:
         return output
 
 
-def form_sibling_groups(layers_by_name: dict) -> int:
-    """Give each set of same-parent layers named in SHARED_INPUT_SIBLINGS whose adapters and 4-bit
-    weights agree (input width, rank, scaling, dropout, 4-bit format) one SiblingGroup; returns how many
-    groups were formed."""
-    formed = 0
+def form_sibling_groups(layers_by_name: dict) -> None:
+    """Give each set of same-parent layers named in SHARED_INPUT_SIBLINGS whose LoRA A matrices have one
+    shape (input width and rank: they are stacked into one product) one SiblingGroup. What else they
+    must share (dtypes, scaling, dropout) is compared at every call (LayerCall.settings), since adapters
+    can change after fusing."""
     for parent in dict.fromkeys(name.rpartition(".")[0] for name in layers_by_name):
         for names in SHARED_INPUT_SIBLINGS:
             members = [layers_by_name[f"{parent}.{name}"] for name in names if f"{parent}.{name}" in layers_by_name]
-            if len(members) > 1 and len({group_signature(layer) for layer in members}) == 1:
+            if len(members) > 1 and len({lora_a_shape(layer) for layer in members}) == 1:
                 group = SiblingGroup(members)
                 for layer in members:
                     layer.__dict__["sibling_group"] = group  # a plain attribute: not a submodule
-                formed += 1
-    return formed
 
 
-def group_signature(layer):
-    adapter = plain_adapter(layer)
-    state = layer.get_base_layer().weight.quant_state
-    return (adapter, layer.lora_A[adapter].weight.shape[::-1], float(layer.scaling[adapter]),
-            repr(layer.lora_dropout[adapter]), state.blocksize, state.quant_type, state.dtype)
+def lora_a_shape(layer):
+    return layer.lora_A[plain_adapter(layer)].weight.shape
 
 
 def fused_forward(self, x, *args, function=None, **kwargs):
