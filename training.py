@@ -12,6 +12,7 @@ returns the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -225,6 +226,9 @@ def training_arguments(config: TrainConfig, run_dir: Path, steps_per_epoch: int)
         greater_is_better=False,
         save_total_limit=2,
         logging_steps=config.logging_steps,
+        # The loss is logged as it is, NaN included: the filter would read every step's loss back from
+        # the GPU (a wait for the whole step) to hide a NaN in the log, not in training.
+        logging_nan_inf_filter=False,
         neftune_noise_alpha=config.neftune_alpha or None,  # noise on the training inputs only, not in eval
         label_names=["labels"],
         report_to="none",
@@ -236,14 +240,30 @@ def training_arguments(config: TrainConfig, run_dir: Path, steps_per_epoch: int)
 
 
 def trainer_class(compiled: bool):
-    """The Trainer; with compiled blocks, one that evaluates them eagerly: the few eval batches of an
-    epoch do not repay a second compilation (the one without gradients)."""
+    """The Trainer, counting the model's parameters once for its floating-point-operation tally; with
+    compiled blocks, one that also evaluates them eagerly: the few eval batches of an epoch do not
+    repay a second compilation (the one without gradients)."""
     from transformers import Trainer
 
-    if not compiled:
-        return Trainer
+    class CountingOnceTrainer(Trainer):
+        operations_per_token = None
 
-    class EagerEvalTrainer(Trainer):
+        def floating_point_ops(self, inputs):
+            # The Trainer adds operations per token x tokens to a tally for every batch and finds the
+            # former by walking every module to count parameters (milliseconds of host time, which a step
+            # bound by its host waits for); the count does not change while training: found once.
+            main_input = getattr(self.model, "main_input_name", "input_ids")
+            tokens = inputs[main_input].numel() if main_input in inputs else 0
+            if not tokens:
+                return super().floating_point_ops(inputs)
+            if self.operations_per_token is None:
+                self.operations_per_token = super().floating_point_ops(inputs) // tokens
+            return self.operations_per_token * tokens
+
+    if not compiled:
+        return CountingOnceTrainer
+
+    class EagerEvalTrainer(CountingOnceTrainer):
         def evaluate(self, *args, **kwargs):
             import torch
 
@@ -395,7 +415,9 @@ def fit(plan: Plan, state) -> None:
         print_plan(plan, model, len(train_set), len(eval_set), state.num_processes, steps_per_epoch, checkpoint)
     first_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
     train_started = time.perf_counter()
-    with modeling.training_attention(settled.device, compiled=settled.compile == "on"):
+    # With the fused layers, the rotary embedding is one autograd function too (the fewer-launches set).
+    rotary = lora_kernels.rotary_for_training(model) if settled.lora_kernels == "fused" else contextlib.nullcontext()
+    with modeling.training_attention(settled.device, compiled=settled.compile == "on"), rotary:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - train_started
     if state.is_main_process:

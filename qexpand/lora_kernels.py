@@ -17,12 +17,16 @@ launches each); with re-entrant recomputation the weights de-quantized for the r
 serve the backward pass. The parameters stay peft's, so the adapter is saved and loaded exactly as
 before. Only the plain case is fused (one active adapter, no DoRA, no biases, not merged, in training
 mode); every other call goes through peft's own forward. The LoRA weights are cast to the products'
-dtype once per optimizer step, and the model's RMSNorms run as torch's single operator while training.
+dtype once per optimizer step, the model's RMSNorms run as torch's single operator while training,
+and the rotary position embedding of queries and keys is one autograd function with a hand-written
+backward (`rotary_for_training`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 import types
 from typing import Any, NamedTuple
 
@@ -364,3 +368,102 @@ def lora_on_nf4():
             return (grad_x, None, None, *grad_a.split(rank), *grad_bs)
 
     return LoraOnNF4
+
+
+@contextlib.contextmanager
+def rotary_for_training(model):
+    """While inside, the rotary position embedding of the model's attention (the library module's
+    `apply_rotary_pos_emb`, which the attention calls from its module) is `rotary_embedding`: the same
+    forward arithmetic, rounding for rounding, as one autograd function with a hand-written backward.
+    The library's launches five operators for each of q and k in a forward pass (a product, the negated
+    half, the two halves joined, a product, a sum) and about nine in the backward pass (the joined halves
+    taken apart into zeroed buffers and summed back); with recomputation that is about 38 launches per
+    block and step, here 22 (a copy swaps the halves, the sine carries the sign and is signed once per
+    forward pass, and the backward pass is three operators per tensor). A module's function is replaced
+    only if it computes what ours does on a probe (the half-split form of Llama and Mistral); calls ours
+    does not handle (rotation of part of a head, sine or cosine that need gradients, mixed dtypes) go to
+    the library's own. Yields how many modules' functions were replaced; each is put back on leaving."""
+    replaced = []
+    for name in sorted({type(module).__module__ for module in model.modules()}):
+        library_module = sys.modules.get(name)
+        original = getattr(library_module, "apply_rotary_pos_emb", None)
+        if callable(original) and not isinstance(original, functools.partial) and rotates_halves(original):
+            library_module.apply_rotary_pos_emb = functools.partial(rotary_embedding, library_rotary=original)
+            replaced.append((library_module, original))
+    try:
+        yield len(replaced)
+    finally:
+        for library_module, original in replaced:
+            library_module.apply_rotary_pos_emb = original
+
+
+def rotates_halves(library_rotary) -> bool:
+    """Whether `library_rotary(q, k, cos, sin)` computes q cos + rotate_half(q) sin (and so for k), the
+    half-split rotary embedding, tried in float32 on random values."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 5, 8, generator=generator), torch.randn(2, 2, 5, 8, generator=generator)
+    cos, sin = torch.randn(2, 5, 8, generator=generator), torch.randn(2, 5, 8, generator=generator)
+    try:
+        with torch.no_grad():
+            theirs = library_rotary(q, k, cos, sin)
+    except Exception:  # another signature or layout: not ours to replace
+        return False
+    ours = [x * cos.unsqueeze(1) + torch.cat((-x[..., 4:], x[..., :4]), -1) * sin.unsqueeze(1) for x in (q, k)]
+    return (isinstance(theirs, tuple) and len(theirs) == 2
+            and all(t.shape == o.shape and torch.allclose(t, o, atol=1e-6) for t, o in zip(theirs, ours)))
+
+
+def rotary_embedding(q, k, cos, sin, unsqueeze_dim=1, *args, library_rotary=None, **kwargs):
+    """`apply_rotary_pos_emb` while `rotary_for_training` is in force: `rotary_function()` for the plain
+    case, the library's own function otherwise."""
+    head = q.shape[-1]
+    plain = (not args and not kwargs and head % 2 == 0 and cos.shape[-1] == head == k.shape[-1]
+             and sin.shape == cos.shape and q.dtype == k.dtype == cos.dtype == sin.dtype
+             and not cos.requires_grad and not sin.requires_grad)
+    if not plain:
+        return library_rotary(q, k, cos, sin, unsqueeze_dim, *args, **kwargs)
+    rotation, signed_sine = rotary_function()
+    return rotation.apply(q, k, cos.unsqueeze(unsqueeze_dim), signed_sine(sin).unsqueeze(unsqueeze_dim))
+
+
+@functools.cache
+def rotary_function():
+    """The autograd function of the rotary embedding, and the cached signed sine it takes."""
+    import torch
+
+    def swapped_halves(x):
+        """x with its two halves of the last dimension swapped: one copy."""
+        return x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+
+    # rotate_half(x) * sin == swapped_halves(x) * [-sin_1, sin_2] (a sign moves from one factor to the
+    # other: exact). Every block of a forward pass gets the same sine tensor: it is signed once.
+    last = [None, None, None]  # the sine, its version counter, its signed form
+
+    def signed_sine(sin):
+        if last[0] is not sin or last[1] != sin._version:
+            first, second = sin.chunk(2, dim=-1)
+            last[:] = sin, sin._version, torch.cat((-first, second), dim=-1)
+        return last[2]
+
+    def rotated(x, cos, signed_sin):
+        return x * cos + swapped_halves(x) * signed_sin  # the library's products and sum, in its order
+
+    class RotaryEmbedding(torch.autograd.Function):
+        """(q, k) -> (q cos + rotate_half(q) sin, k cos + rotate_half(k) sin); the gradient of each is
+        g cos + swapped_halves(g * signed sine), the rotation's transpose."""
+
+        @staticmethod
+        def forward(ctx, q, k, cos, signed_sin):
+            ctx.save_for_backward(cos, signed_sin)
+            return rotated(q, cos, signed_sin), rotated(k, cos, signed_sin)
+
+        @staticmethod
+        def backward(ctx, grad_q, grad_k):
+            cos, signed_sin = ctx.saved_tensors
+            grads = [None if g is None else torch.addcmul(swapped_halves(g * signed_sin), g, cos)
+                     for g in (grad_q, grad_k)]
+            return grads[0], grads[1], None, None
+
+    return RotaryEmbedding, signed_sine

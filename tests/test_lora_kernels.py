@@ -382,3 +382,97 @@ def test_rms_norms_that_compute_something_else_keep_their_own_forward():
     model = torch.nn.ModuleList([MistralRMSNorm(64), OnePlusWeightRMSNorm(64), GemmaRMSNorm(64)])
     assert fuse_rms_norms(model) == 1
     assert "forward" in model[0].__dict__ and "forward" not in model[1].__dict__ and "forward" not in model[2].__dict__
+
+
+def rotary_inputs(dtype, head_dim: int = 16):
+    """Queries (4 heads) and keys (2 heads) of 2 sequences of 7 tokens, with Mistral's cosine and sine."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 7, head_dim, generator=generator), torch.randn(2, 2, 7, head_dim, generator=generator)
+    angles = torch.randn(2, 7, head_dim // 2, generator=generator)
+    angles = torch.cat((angles, angles), dim=-1)
+    grad_q, grad_k = torch.randn(q.shape, generator=generator), torch.randn(k.shape, generator=generator)
+    return [t.to(dtype) for t in (q, k, angles.cos(), angles.sin(), grad_q, grad_k)]
+
+
+def rotated_with_grads(rotary, q, k, cos, sin, grad_q, grad_k):
+    import torch
+
+    q, k = q.clone().requires_grad_(), k.clone().requires_grad_()
+    q_out, k_out = rotary(q, k, cos, sin)
+    torch.autograd.backward((q_out, k_out), (grad_q, grad_k))
+    return q_out.detach(), k_out.detach(), q.grad, k.grad
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_the_training_rotary_embedding_rotates_as_the_library_does_and_back_in_its_backward(dtype_name):
+    import torch
+    from transformers.models.mistral import modeling_mistral
+
+    from qexpand.lora_kernels import rotary_embedding
+
+    library = modeling_mistral.apply_rotary_pos_emb
+    inputs = rotary_inputs(getattr(torch, dtype_name))
+    theirs = rotated_with_grads(library, *inputs)
+    ours = rotated_with_grads(lambda *a: rotary_embedding(*a, library_rotary=library), *inputs)
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])  # the same roundings
+    exact = rotated_with_grads(library, *[t.double() for t in inputs])  # the gradients in float64
+    for mine, library_grad, exact_grad in zip(ours[2:], theirs[2:], exact[2:]):
+        if dtype_name == "float32":
+            assert torch.allclose(mine, library_grad, atol=1e-6)
+        else:  # one rounding where the library's backward rounds each term: no further from the exact value
+            assert (mine.double() - exact_grad).abs().max() <= (library_grad.double() - exact_grad).abs().max()
+
+
+def test_the_training_rotary_embedding_is_in_force_inside_only_and_gives_the_model_s_loss_and_gradients(
+        tiny_model, monkeypatch):
+    from transformers.models.mistral import modeling_mistral
+
+    from qexpand import lora_kernels
+    from qexpand.lora_kernels import fuse_lora_layers, rotary_for_training
+
+    library = modeling_mistral.apply_rotary_pos_emb
+    model = four_bit_lora_model(tiny_model, 0.0)
+    fuse_lora_layers(model, keep_weights_for_backward=True)
+    reference_loss, reference = loss_and_lora_grads(model, checkpointing=True, reentrant=True)
+    calls, function = [], lora_kernels.rotary_function
+    monkeypatch.setattr(lora_kernels, "rotary_function", lambda: calls.append(1) or function())
+    with rotary_for_training(model) as replaced:
+        assert replaced == 1 and modeling_mistral.apply_rotary_pos_emb is not library
+        loss, grads = loss_and_lora_grads(model, checkpointing=True, reentrant=True)
+    assert modeling_mistral.apply_rotary_pos_emb is library  # put back
+    assert len(calls) == 2 * 2  # the 2 blocks, in the first pass and the recomputation
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    for name, grad in grads.items():
+        assert (grad - reference[name]).abs().max().item() <= 1e-5 * reference[name].abs().max().item(), name
+
+
+def test_rotary_calls_the_training_function_does_not_handle_go_to_the_library_s_own():
+    import torch
+    from transformers.models.mistral import modeling_mistral
+
+    from qexpand.lora_kernels import rotary_embedding, rotary_function, rotates_halves
+
+    q, k, cos, sin, _, _ = rotary_inputs(torch.float32)
+    library_calls = []
+
+    def library(*args, **kwargs):
+        library_calls.append(args[2].shape[-1])
+        return modeling_mistral.apply_rotary_pos_emb(*args, **kwargs)
+
+    rotary_function.cache_clear()
+    rotary_embedding(q, k, cos, sin, library_rotary=library)
+    assert library_calls == [] and rotary_function.cache_info().currsize == 1  # the plain case is ours
+    rotary_embedding(q, k, cos[..., :8], sin[..., :8], library_rotary=lambda *a: library_calls.append("part"))
+    rotary_embedding(q, k, cos.requires_grad_(), sin, library_rotary=library)  # a cosine that learns
+    rotary_embedding(q, k.double(), cos.detach(), sin, library_rotary=library)  # mixed dtypes
+    assert library_calls == ["part", 16, 16]
+
+    def interleaved(q, k, cos, sin, unsqueeze_dim=1):  # GPT-J's form: pairs (0, 1), (2, 3), ... rotate
+        def rotate(x):
+            return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        return (q * cos.unsqueeze(1) + rotate(q) * sin.unsqueeze(1), k * cos.unsqueeze(1) + rotate(k) * sin.unsqueeze(1))
+
+    assert rotates_halves(modeling_mistral.apply_rotary_pos_emb) and not rotates_halves(interleaved)
+    assert not rotates_halves(lambda q, k: (q, k))  # another signature

@@ -68,6 +68,28 @@ def test_neftune_noise_reaches_the_trainer_on_in_the_default_recipe_only(tmp_pat
     assert noise("--recipe", "original", "--optimizer", "adamw") is None
 
 
+def test_the_trainer_counts_parameters_once_and_logs_the_loss_as_it_is(tmp_path, tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer
+
+    import training
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    counted, count = [], model.num_parameters
+    model.num_parameters = lambda **kwargs: counted.append(kwargs) or count(**kwargs)
+    arguments = training.training_arguments(settled_on_the_cpu(), tmp_path, 10)
+    assert arguments.logging_nan_inf_filter is False  # no read-back of every step's loss to hide a NaN
+    eval_set = [{"input_ids": [1, 2]}]  # the run's arguments evaluate once an epoch
+    ours, theirs = (trainer(model=model, args=arguments, eval_dataset=eval_set)
+                    for trainer in (training.trainer_class(compiled=False), Trainer))
+    for rows, tokens in ((4, 16), (2, 40), (32, 56)):
+        batch = {"input_ids": torch.ones(rows, tokens, dtype=torch.long)}
+        assert ours.floating_point_ops(batch) == theirs.floating_point_ops(batch) == 6 * rows * tokens * count(
+            exclude_embeddings=True)
+    assert len(counted) == 1 + 3  # ours once, the Trainer's own at every batch
+    assert ours.floating_point_ops({"labels": torch.ones(2, 3)}) == 0  # no input ids: the Trainer's answer
+
+
 def test_the_default_recipe_fuses_lora_layers_on_a_four_bit_base_only():
     assert settled_on_the_cpu().lora_kernels == "peft"  # the CPU default base is not quantized
     assert settled_on_the_cpu("--quantization", "nf4").lora_kernels == "fused"
