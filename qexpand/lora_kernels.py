@@ -54,7 +54,7 @@ def fuse_lora_layers(model, group_siblings: bool = True, keep_weights_for_backwa
         if isinstance(module, LoraLinear4bit) and fusable(module):
             weight = module.get_base_layer().weight
             # Plain attributes, not buffers: the adapter's state dict stays peft's.
-            module.nf4_scales = (weight.quant_state, block_scales(weight.quant_state))
+            module.nf4_weight = (weight.quant_state, nf4_operands(weight))
             module.keep_weights_for_backward = keep_weights_for_backward
             module.__dict__.pop("sibling_group", None)  # fused again: grouped anew below, or not at all
             module.forward = types.MethodType(forward, module)
@@ -130,6 +130,14 @@ def block_scales(state):
     if not state.nested:
         return state.absmax.float()
     return (dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+
+
+def nf4_operands(weight) -> tuple:
+    """What bitsandbytes' de-quantization takes for a 4-bit weight, decided once: its packed bytes as a
+    plain tensor (its parameter class runs Python code for every operator it takes part in, about 8
+    microseconds of host time a call on the CPU), the block scales in float32, and the format."""
+    state = weight.quant_state
+    return (weight.data, block_scales(state), state.blocksize, state.quant_type, state.shape, state.dtype)
 
 
 def plain_adapter(layer) -> str | None:
@@ -221,7 +229,7 @@ def fused_forward(self, x, *args, function=None, **kwargs):
 class LayerCall(NamedTuple):
     """What the fused function needs of one layer in one call."""
 
-    nf4: tuple  # the 4-bit weight, its block scales and format
+    nf4: tuple  # the 4-bit weight's packed bytes, block scales and format (nf4_operands)
     compute_dtype: Any  # the base product's dtype
     lora_dtype: Any  # the LoRA products' dtype
     lora_a: Any
@@ -243,7 +251,8 @@ def fused_call(layer, x, args, kwargs) -> LayerCall | None:
     # after which only its own forward reads them.
     adapter = plain_adapter(layer)
     base = layer.get_base_layer()
-    state, scales = layer.nf4_scales
+    state, nf4 = layer.nf4_weight
+    scales = nf4[1]
     same_weight = base.weight.quant_state is state and not getattr(state, "packing_format_for_cpu", False)
     if (not layer.training or args or kwargs or layer.disable_adapters or layer.merged or adapter is None
             or not same_weight or scales.device != x.device):
@@ -255,7 +264,6 @@ def fused_call(layer, x, args, kwargs) -> LayerCall | None:
     # weights' own dtype, casting the result back.
     lora_dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                   else layer.lora_A[adapter].weight.dtype)
-    nf4 = (base.weight, scales, state.blocksize, state.quant_type, state.shape, state.dtype)
     return LayerCall(nf4, base.compute_dtype or x.dtype, lora_dtype, layer.lora_A[adapter].weight,
                      layer.lora_B[adapter].weight, float(layer.scaling[adapter]), p)
 

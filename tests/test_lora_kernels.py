@@ -180,6 +180,29 @@ def test_the_block_scales_are_dequantized_once_not_at_every_step(tiny_model):
     assert scale_dequantizations(model) == 0
 
 
+def test_the_fused_layers_hand_bitsandbytes_plain_tensors(tiny_model, monkeypatch):
+    """bitsandbytes' 4-bit parameter class runs Python for every operator it takes part in."""
+    from bitsandbytes.nn import Params4bit
+
+    from qexpand.lora_kernels import fuse_lora_layers
+
+    model = four_bit_lora_model(tiny_model, 0.1)
+    seen, handler = [], Params4bit.__torch_function__.__func__
+
+    def operators_seen(cls, func, *args, **kwargs):
+        if getattr(func, "__name__", "") != "__get__":  # attribute reads (the test's own p.grad) aside
+            seen.append(func)
+        return handler(cls, func, *args, **kwargs)
+
+    monkeypatch.setattr(Params4bit, "__torch_function__", classmethod(operators_seen))
+    loss_and_lora_grads(model, checkpointing=True)
+    assert seen  # peft's layers de-quantize the parameter itself
+    fuse_lora_layers(model)
+    seen.clear()
+    loss_and_lora_grads(model, checkpointing=True)
+    assert seen == []
+
+
 def test_a_training_step_after_an_eval_pass_is_peft_s(tiny_model):
     """On the CPU bitsandbytes repacks 4-bit weights in an eval pass; the next training steps must not
     read them as if they were not."""
