@@ -290,13 +290,29 @@ def step_clock():
 
 
 def data_collator(config: TrainConfig, tokenizer):
+    """Batches for training and the eval loss, padded on the right, without a padding mask."""
     from transformers import DataCollatorForSeq2Seq
 
+    if tokenizer.padding_side != "right":
+        raise ValueError("training batches are padded on the right (load_model sets it)")
     # Labels are padded with IGNORE_INDEX. By default each batch is padded to its own longest example
     # (multiple of 8); with --pad-to every example to that fixed length, as the original recipe did.
     if config.pad_to:
-        return DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=config.pad_to)
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8)
+        pad = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=config.pad_to)
+    else:
+        pad = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8)
+
+    def collate(features):
+        # Pads come after every real token of their row and the model attends causally, so no real token
+        # attends to a pad, and the pads' own outputs carry no loss: the padding mask changes nothing the
+        # loss sees. Without it the attention is plain causal attention (PyTorch's flash kernel, the key
+        # and value heads shared inside it), where a mask makes the library copy them once for each
+        # query head that reads them and use a slower kernel.
+        batch = pad(features)
+        batch.pop("attention_mask", None)
+        return batch
+
+    return collate
 
 
 def latest_complete_checkpoint(run_dir: Path) -> Path | None:

@@ -90,6 +90,42 @@ def test_the_trainer_counts_parameters_once_and_logs_the_loss_as_it_is(tmp_path,
     assert ours.floating_point_ops({"labels": torch.ones(2, 3)}) == 0  # no input ids: the Trainer's answer
 
 
+def test_training_batches_leave_out_the_padding_mask_and_the_loss_and_gradients_stay(tiny_model):
+    """Pads sit after every real token of their row and the model attends causally: no real token sees one."""
+    import torch
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+
+    import training
+    from qexpand import modeling
+    from qexpand.prompt import PROMPT_TEMPLATE, tokenize_example
+
+    tokenizer = modeling.load_tokenizer(str(tiny_model))
+    tokenizer.padding_side = "right"
+    pairs = [("internet privacy", "What are effective methods for ensuring online privacy?"),
+             ("hubble", "Find information on the Hubble telescope's discoveries about distant galaxies and dark energy."),
+             ("jaguar", "The animal, not the car.")]
+    features = [tokenize_example(tokenizer, PROMPT_TEMPLATE, q, d, 256) for q, d in pairs]
+    batch = training.data_collator(settled_on_the_cpu(), tokenizer)(features)
+    masked = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8)(features)
+    assert "attention_mask" not in batch and masked["attention_mask"].float().mean() < 0.9  # real padding
+    assert torch.equal(batch["input_ids"], masked["input_ids"]) and torch.equal(batch["labels"], masked["labels"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+
+    def loss_and_grads(inputs):
+        loss = model(**inputs).loss
+        grads = torch.autograd.grad(loss, [p for p in model.parameters()])
+        return loss.item(), grads
+
+    loss, grads = loss_and_grads(batch)
+    masked_loss, masked_grads = loss_and_grads(masked)
+    assert loss == pytest.approx(masked_loss, rel=1e-5)
+    for grad, masked_grad in zip(grads, masked_grads):
+        assert torch.allclose(grad, masked_grad, atol=1e-6, rtol=1e-4)
+    tokenizer.padding_side = "left"
+    with pytest.raises(ValueError, match="on the right"):
+        training.data_collator(settled_on_the_cpu(), tokenizer)
+
+
 def test_the_default_recipe_fuses_lora_layers_on_a_four_bit_base_only():
     assert settled_on_the_cpu().lora_kernels == "peft"  # the CPU default base is not quantized
     assert settled_on_the_cpu("--quantization", "nf4").lora_kernels == "fused"
