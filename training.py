@@ -432,7 +432,8 @@ def fit(plan: Plan, state) -> None:
     first_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
     train_started = time.perf_counter()
     # With the fused layers, the rotary embedding is one autograd function too (the fewer-launches set).
-    rotary = lora_kernels.rotary_for_training(model) if settled.lora_kernels == "fused" else contextlib.nullcontext()
+    fused = settled.lora_kernels == "fused"
+    rotary = lora_kernels.rotary_for_training(model) if fused else contextlib.nullcontext()
     with modeling.training_attention(settled.device, compiled=settled.compile == "on"), rotary:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - train_started

@@ -79,9 +79,9 @@ class TrainConfig:
                           TRAINING, choices=("auto", "on", "off"))
     lora_kernels: str = option("auto", "how a LoRA layer on a 4-bit base computes while training: peft's "
                                "modules, or fused = one autograd function per layer (one for the layers that read "
-                               "the same input, which then share a dropout mask), and torch's own RMSNorm (fewer "
-                               "launches; see the README); auto = fused on the 4-bit base in the default recipe, "
-                               "peft with --compile on",
+                               "the same input, which then share a dropout mask), torch's own RMSNorm and one "
+                               "function for the rotary embedding (fewer launches; see the README); auto = fused "
+                               "on the 4-bit base in the default recipe, peft with --compile on",
                                TRAINING, choices=("auto", "peft", "fused"))
     save_every: int | None = option(None, "save a resumable checkpoint and compute the eval loss every N "
                                     "optimizer steps (0 = once per epoch)", TRAINING)

@@ -1,7 +1,7 @@
 """Training on a 4-bit base with fewer launches: one autograd function per LoRA layer or group of
-sibling layers, torch's RMSNorm.
+sibling layers, torch's RMSNorm, one function for the rotary embedding.
 
-A training step of the default recipe is bound by the host, not the GPU: the GPU runs kernels about
+A training step of the default recipe was bound by the host, not the GPU: the GPU ran kernels about
 half of an eager step and about half of a compiled one (bench/RESULTS.md). peft's forward of a LoRA
 layer on a bitsandbytes NF4 base goes through four modules and one autograd function of Python, and
 launches a defensive copy of the base output, a separate scaling and a separate addition. Here the

@@ -495,7 +495,8 @@ def test_rotary_calls_the_training_function_does_not_handle_go_to_the_library_s_
     def interleaved(q, k, cos, sin, unsqueeze_dim=1):  # GPT-J's form: pairs (0, 1), (2, 3), ... rotate
         def rotate(x):
             return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
-        return (q * cos.unsqueeze(1) + rotate(q) * sin.unsqueeze(1), k * cos.unsqueeze(1) + rotate(k) * sin.unsqueeze(1))
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
 
     assert rotates_halves(modeling_mistral.apply_rotary_pos_emb) and not rotates_halves(interleaved)
     assert not rotates_halves(lambda q, k: (q, k))  # another signature

@@ -102,12 +102,12 @@ def test_training_batches_leave_out_the_padding_mask_and_the_loss_and_gradients_
     tokenizer = modeling.load_tokenizer(str(tiny_model))
     tokenizer.padding_side = "right"
     pairs = [("internet privacy", "What are effective methods for ensuring online privacy?"),
-             ("hubble", "Find information on the Hubble telescope's discoveries about distant galaxies and dark energy."),
+             ("hubble", "Find the Hubble telescope's discoveries about distant galaxies and dark energy."),
              ("jaguar", "The animal, not the car.")]
     features = [tokenize_example(tokenizer, PROMPT_TEMPLATE, q, d, 256) for q, d in pairs]
     batch = training.data_collator(settled_on_the_cpu(), tokenizer)(features)
     masked = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8)(features)
-    assert "attention_mask" not in batch and masked["attention_mask"].float().mean() < 0.9  # real padding
+    assert "attention_mask" not in batch and (masked["attention_mask"] == 0).sum(dim=1).max() >= 8  # real padding
     assert torch.equal(batch["input_ids"], masked["input_ids"]) and torch.equal(batch["labels"], masked["labels"])
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
 
