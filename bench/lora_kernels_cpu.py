@@ -6,9 +6,9 @@ what matters is how many operators that launch a kernel a step runs, and how lon
 for them. This counts them on a random Mistral with all 32 blocks but tiny widths (4-bit NF4 base,
 bf16 compute under autocast, LoRA r=8 on the 7 projections with dropout 0.05 in float32,
 recomputation: the default recipe's step, shrunk), and times the step for peft's and the fused
-layers, each with non-re-entrant and re-entrant recomputation, and for the fused layers grouped by
-siblings (re-entrant), in the order A B C D E E D C B A (a drift of the host's speed falls on both
-sides). With the real 32,000-word vocabulary the output layer's
+layers, each with non-re-entrant and re-entrant recomputation, for the fused layers grouped by
+siblings (re-entrant), and for those with the rotary embedding as one function (`rotary_for_training`),
+in the order A B C D E F F E D C B A (a drift of the host's speed falls on both sides). With the real 32,000-word vocabulary the output layer's
 arithmetic takes much of a CPU step; `--vocab 512` leaves little but the host's own work, the part a
 GPU step waits for. It is a proxy: the GPU figure needs a GPU run (`bench/gpu_bench.py --in-order
 --recipes default,default-peft,default-peft-again,default-again`).
@@ -16,11 +16,13 @@ GPU step waits for. It is a proxy: the GPU figure needs a GPU run (`bench/gpu_be
     python bench/lora_kernels_cpu.py --out bench/results/lora_kernels_cpu.json
     python bench/lora_kernels_cpu.py --vocab 512 --steps 20 --out bench/results/lora_kernels_cpu_host.json
     python bench/lora_kernels_cpu.py --vocab 512 --steps 20 --out bench/results/lora_kernels_cpu_grouped_shared.json
+    python bench/lora_kernels_cpu.py --vocab 512 --steps 20 --out bench/results/lora_kernels_cpu_rotary.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -94,8 +96,10 @@ def four_bit_model(folder: Path):
 
 # (LoRA layers, re-entrant recomputation); the first is the default before the fused layers. "fused"
 # is one call per layer; "grouped" fuses sibling layers into one call and keeps the de-quantized weights
-# of the recomputation for the backward pass (training.py's default).
-VARIANTS = (("peft", False), ("peft", True), ("fused", False), ("fused", True), ("grouped", True))
+# of the recomputation for the backward pass; "grouped+rotary" adds the rotary embedding as one function
+# (training.py's default).
+VARIANTS = (("peft", False), ("peft", True), ("fused", False), ("fused", True), ("grouped", True),
+            ("grouped+rotary", True))
 
 
 def variant_name(layers: str, reentrant: bool) -> str:
@@ -128,7 +132,7 @@ def main(argv=None) -> int:
     import torch
 
     from bench.random_mistral import TINY_MISTRAL, save_random_mistral
-    from qexpand.lora_kernels import fuse_lora_layers
+    from qexpand.lora_kernels import fuse_lora_layers, rotary_for_training
 
     torch.set_num_threads(1)  # the host of one training process: one thread launches
     with tempfile.TemporaryDirectory() as folder:
@@ -140,10 +144,13 @@ def main(argv=None) -> int:
                   "torch": torch.__version__, "order": [variant_name(*v) for v in order], "runs": []}
         for layers, reentrant in order:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            grouped = layers.startswith("grouped")
             fused = unfuse(model) if layers == "peft" else fuse_lora_layers(
-                model, group_siblings=layers == "grouped", keep_weights_for_backward=layers == "grouped")
-            result["runs"].append({"layers": layers, "reentrant": reentrant, "fused_layers": fused,
-                                   **measure(model, ids, args.steps)})
+                model, group_siblings=grouped, keep_weights_for_backward=grouped)
+            rotary = rotary_for_training(model) if layers == "grouped+rotary" else contextlib.nullcontext()
+            with rotary:
+                result["runs"].append({"layers": layers, "reentrant": reentrant, "fused_layers": fused,
+                                       **measure(model, ids, args.steps)})
     result["summary"] = summarise(result["runs"])
     result["command"] = " ".join(["python", *sys.argv])
     print(json.dumps({k: v for k, v in result.items() if k not in ("model", "runs")}, indent=2))
