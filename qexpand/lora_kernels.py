@@ -406,8 +406,8 @@ def rotary_for_training(model):
 
 
 def rotates_halves(library_rotary) -> bool:
-    """Whether `library_rotary(q, k, cos, sin)` computes q cos + rotate_half(q) sin (and so for k), the
-    half-split rotary embedding, tried in float32 on random values."""
+    """Whether `library_rotary(q, k, cos, sin)` computes what `rotary_function()` does, q cos +
+    rotate_half(q) sin (and so for k), the half-split rotary embedding, tried in float32 on random values."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
@@ -418,7 +418,9 @@ def rotates_halves(library_rotary) -> bool:
             theirs = library_rotary(q, k, cos, sin)
     except Exception:  # another signature or layout: not ours to replace
         return False
-    ours = [x * cos.unsqueeze(1) + torch.cat((-x[..., 4:], x[..., :4]), -1) * sin.unsqueeze(1) for x in (q, k)]
+    rotation, signed_sine = rotary_function()
+    with torch.no_grad():
+        ours = rotation.apply(q, k, cos.unsqueeze(1), signed_sine(sin).unsqueeze(1))
     return (isinstance(theirs, tuple) and len(theirs) == 2
             and all(t.shape == o.shape and torch.allclose(t, o, atol=1e-6) for t, o in zip(theirs, ours)))
 

@@ -465,6 +465,8 @@ def test_the_training_rotary_embedding_is_in_force_inside_only_and_gives_the_mod
     monkeypatch.setattr(lora_kernels, "rotary_function", lambda: calls.append(1) or function())
     with rotary_for_training(model) as replaced:
         assert replaced == 1 and modeling_mistral.apply_rotary_pos_emb is not library
+        assert len(calls) == 1  # the probe compared the library's rotation with this one
+        calls.clear()
         loss, grads = loss_and_lora_grads(model, checkpointing=True, reentrant=True)
     assert modeling_mistral.apply_rotary_pos_emb is library  # put back
     assert len(calls) == 2 * 2  # the 2 blocks, in the first pass and the recomputation
