@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from qexpand import data, lora_kernels, modeling, options, quiet, rundir, runcheck
+from qexpand import batches, data, lora_kernels, modeling, options, quiet, rundir, runcheck
 from qexpand.config import INVOCATION_FIELDS, TrainConfig, validate_training
 from qexpand.errors import UserError, fail_if_problems, run_cli
 from qexpand.prompt import format_prompt, tokenize_example
@@ -236,17 +236,35 @@ def training_arguments(config: TrainConfig, run_dir: Path, steps_per_epoch: int)
         data_seed=config.seed,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every LoRA weight is used in every step
+        # The only buffers are the rotary frequencies, the same in every process from the start: sending
+        # them at every forward pass would only make each process wait for the others once more a step.
+        ddp_broadcast_buffers=False,
+        # Each process's summed token loss over the step's token count in all processes: the gradient is
+        # the same however the step's examples are shared out (the batches of several processes differ
+        # in size, see trainer_class).
+        average_tokens_across_devices=True,
     )
 
 
 def trainer_class(compiled: bool):
-    """The Trainer, counting the model's parameters once for its floating-point-operation tally; with
-    compiled blocks, one that also evaluates them eagerly: the few eval batches of an epoch do not
-    repay a second compilation (the one without gradients)."""
+    """The Trainer, counting the model's parameters once for its floating-point-operation tally and,
+    with several processes, cutting each optimizer step's examples into batches of equal padded size
+    (`qexpand.batches`); with compiled blocks, one that also evaluates them eagerly: the few eval
+    batches of an epoch do not repay a second compilation (the one without gradients)."""
     from transformers import Trainer
 
     class CountingOnceTrainer(Trainer):
         operations_per_token = None
+
+        def _get_train_sampler(self, train_dataset=None):
+            # One process keeps the Trainer's length-grouped batches (train_sampling_strategy).
+            if self.args.world_size == 1:
+                return super()._get_train_sampler(train_dataset)
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            return batches.balanced_sampler_class()(
+                [len(ids) for ids in dataset["input_ids"]], self.args.per_device_train_batch_size,
+                self.args.world_size, self.args.gradient_accumulation_steps, self.args.process_index,
+                self.args.data_seed if self.args.data_seed is not None else self.args.seed)
 
         def floating_point_ops(self, inputs):
             # The Trainer adds operations per token x tokens to a tally for every batch and finds the
@@ -271,6 +289,15 @@ def trainer_class(compiled: bool):
                 return super().evaluate(*args, **kwargs)
 
     return EagerEvalTrainer
+
+
+def share_gradient_buckets(trainer) -> None:
+    """With several processes, each LoRA weight's gradient lives in the buffer the processes sum
+    (DistributedDataParallel's `gradient_as_bucket_view`): no copy of every gradient back out of it
+    after the sum, one launch per weight and step fewer."""
+    handler = trainer.accelerator.ddp_handler  # the settings accelerate wraps the model with
+    if handler is not None:
+        handler.gradient_as_bucket_view = True
 
 
 def step_clock():
@@ -300,7 +327,7 @@ def data_collator(config: TrainConfig, tokenizer):
     if config.pad_to:
         pad = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=config.pad_to)
     else:
-        pad = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8)
+        pad = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=batches.PAD_MULTIPLE)
 
     def collate(features):
         # Pads come after every real token of their row and the model attends causally, so no real token
@@ -427,6 +454,7 @@ def fit(plan: Plan, state) -> None:
         model=model, args=training_arguments(settled, run_dir, steps_per_epoch), train_dataset=train_set,
         eval_dataset=eval_set, data_collator=data_collator(settled, tokenizer), callbacks=[step_clock()])
     quiet.hide_eval_progress_bar(trainer)
+    share_gradient_buckets(trainer)
     if state.is_main_process:
         print_plan(plan, model, len(train_set), len(eval_set), state.num_processes, steps_per_epoch, checkpoint)
     first_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0

@@ -19,8 +19,8 @@ COPIES copies), with no short runs: each run's rate per optimizer step is read o
 during the call, which the sequential order puts on one side only.
 
 With --length-grouping nothing is trained: how much longer the slowest process's batch of a step is
-with N processes than with one (padded tokens, the Trainer's length-grouped order), computed from the
-real token counts.
+with N processes than with one (padded tokens), computed from the real token counts, for the batches
+training.py gives several processes and for the length-grouped batches dealt out in turn as before.
 
 With --profile-steps K a 1-GPU and an N-GPU run each stop after a few steps, and K optimizer steps in
 the middle of their first epoch go through the PyTorch profiler (bench/profiled_training.py): per
@@ -30,7 +30,6 @@ process, the step's wall time, the GPU's busy time, NCCL kernels and host waits.
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import shutil
 import subprocess
@@ -46,7 +45,7 @@ from bench import gpu_bench  # noqa: E402
 from bench.gpu_build import topic_order, write_split_file  # noqa: E402
 from bench.gpu_common import Paths, environment_without_hub, logged_rate, write_json  # noqa: E402
 from bench.recipes.project import warm_up_once  # noqa: E402
-from qexpand import rundir  # noqa: E402
+from qexpand import batches, rundir  # noqa: E402
 from qexpand.recipes import RECIPES  # noqa: E402
 from qexpand.rundir import read_json  # noqa: E402
 
@@ -74,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--length-grouping", action="store_true",
                         help="no training: compute how much longer the slowest process's batch of a step is with N "
                              "processes than with one, in padded tokens, for the topics repeated 1, 3, 6, 10 and "
-                             "--repeat times (the Trainer's length-grouped order); with --tiny it needs no GPU")
+                             "--repeat times (training.py's batches for several processes, and the length-grouped batches "
+                             "dealt out in turn); with --tiny it needs no GPU")
     parser.add_argument("--cpu-affinity", action="store_true",
                         help="accelerate launch --enable_cpu_affinity for every run: each process kept to the CPU "
                              "cores next to its GPU (needs nvidia-ml-py)")
@@ -215,39 +215,48 @@ def abba_scaling(args, paths: Paths, opts) -> dict:
     return result
 
 
-PAD_MULTIPLE = 8  # training.py's collator pads each batch to a multiple of 8 tokens
-
-
-def slowest_batch_tokens(lengths: list[int], batch_size: int, processes: int, epochs: int, seed: int) -> float:
+def slowest_batch_tokens(lengths: list[int], batch_size: int, processes: int, epochs: int, seed: int,
+                         balanced: bool) -> float:
     """Mean, over optimizer steps, of the padded tokens (batch x its longest example) of the slowest
-    process's batch: the Trainer's length-grouped order, cut into batches dealt round-robin to the
-    processes as accelerate does. A data-parallel step waits for that batch."""
+    process's batch, which a data-parallel step waits for. balanced=False: the Trainer's length-grouped
+    order cut into batches that accelerate deals out in turn (one process; several before the balanced
+    cut); True: the batches training.py gives several processes (qexpand.batches)."""
     import torch
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
     generator = torch.Generator().manual_seed(seed)
     costs = []
-    for _ in range(epochs):
-        order = get_length_grouped_indices(lengths, batch_size, generator=generator)
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        for start in range(0, len(batches) - processes + 1, processes):
-            costs.append(max(len(batch) * math.ceil(max(lengths[i] for i in batch) / PAD_MULTIPLE) * PAD_MULTIPLE
-                             for batch in batches[start:start + processes]))
+    for epoch in range(epochs):
+        if balanced:
+            samplers = [batches.balanced_sampler_class()(lengths, batch_size, processes, 1, rank, seed)
+                        for rank in range(processes)]
+            for sampler in samplers:
+                sampler.set_epoch(epoch)
+            steps = zip(*samplers)
+        else:
+            order = get_length_grouped_indices(lengths, batch_size, generator=generator)
+            dealt = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+            steps = (dealt[start:start + processes] for start in range(0, len(dealt) - processes + 1, processes))
+        costs += [max(batches.padded_cost(len(batch), max(lengths[i] for i in batch)) for batch in step)
+                  for step in steps]
     return sum(costs) / len(costs)
 
 
 def length_grouping(args, paths: Paths, opts) -> dict:
-    """How much the length grouping alone lengthens an N-process step over a 1-process step (same
-    batch size per process), from the benchmark's real token counts; no training."""
+    """How much the batching alone lengthens an N-process step over a 1-process step (same batch size
+    per process), from the benchmark's real token counts; no training."""
     _, topic_lengths = topic_order(paths)
     batch = RECIPES["default"]["batch_size"]["cuda"]
     result = {"gpus": [1, args.gpus], "epochs": args.epochs, "batch_size": batch, "copies": {}}
     for copies in sorted({1, 3, 6, 10, args.repeat}):
         lengths = [topic_lengths[i % len(topic_lengths)] for i in range(EXAMPLES * copies)]
-        one, many = (slowest_batch_tokens(lengths, batch, n, args.epochs, opts.seed) for n in (1, args.gpus))
-        result["copies"][str(copies)] = {"slowest_batch_tokens_1": round(one),
-                                         f"slowest_batch_tokens_{args.gpus}": round(many),
-                                         "step_cost_ratio": round(many / one, 3)}
+        one = slowest_batch_tokens(lengths, batch, 1, args.epochs, opts.seed, balanced=False)
+        dealt, balanced = (slowest_batch_tokens(lengths, batch, args.gpus, args.epochs, opts.seed, balanced=cut)
+                           for cut in (False, True))
+        result["copies"][str(copies)] = {
+            "slowest_batch_tokens_1": round(one), f"slowest_batch_tokens_{args.gpus}_dealt": round(dealt),
+            f"slowest_batch_tokens_{args.gpus}_balanced": round(balanced),
+            "step_cost_ratio_dealt": round(dealt / one, 3), "step_cost_ratio_balanced": round(balanced / one, 3)}
     return result
 
 

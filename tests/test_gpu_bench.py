@@ -175,20 +175,21 @@ def test_a_run_too_short_for_the_window_says_so_in_its_summary(tmp_path, tiny_mo
     assert "no window was profiled" in summary["error"] and "step_ms" not in summary
 
 
-def test_length_grouping_makes_the_slowest_of_two_batches_cost_more_on_few_topics():
+def test_dealt_batches_make_the_slowest_of_two_cost_more_on_few_topics_and_balanced_ones_do_not():
     import random
 
     from bench.multi_gpu import slowest_batch_tokens
 
-    assert slowest_batch_tokens([40] * 256, 32, 2, 1, 0) == 32 * 40  # equal lengths: nothing to wait for
+    for balanced in (False, True):  # equal lengths: nothing to wait for
+        assert slowest_batch_tokens([40] * 256, 32, 2, 1, 0, balanced) == 32 * 40
     lengths = [random.Random(i).randint(52, 118) for i in range(280)]
-    one, two = (slowest_batch_tokens(lengths, 32, n, 3, 0) for n in (1, 2))
-    # Two processes take two neighbouring batches of the sorted order per step and wait for the
-    # longer one; one process averages both.
-    assert two > 1.1 * one
+    one, dealt, balanced = (slowest_batch_tokens(lengths, 32, n, 3, 0, cut) for n, cut in
+                            ((1, False), (2, False), (2, True)))
+    # Dealt out, two processes take two neighbouring batches of the sorted order per step and wait
+    # for the longer one; one process averages both. Cut by padded tokens, neither waits long.
+    assert dealt > 1.1 * one and balanced < 1.02 * one
     many = lengths * 10  # bigger sorted windows: neighbouring batches differ less
-    assert slowest_batch_tokens(many, 32, 2, 3, 0) / slowest_batch_tokens(many, 32, 1, 3, 0) < two / one
-
+    assert slowest_batch_tokens(many, 32, 2, 3, 0, False) / slowest_batch_tokens(many, 32, 1, 3, 0, False) < dealt / one
 
 
 def test_an_older_checkout_reads_a_copy_of_the_run_without_the_settings_it_does_not_know(tmp_path):

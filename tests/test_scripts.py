@@ -90,6 +90,24 @@ def test_the_trainer_counts_parameters_once_and_logs_the_loss_as_it_is(tmp_path,
     assert ours.floating_point_ops({"labels": torch.ones(2, 3)}) == 0  # no input ids: the Trainer's answer
 
 
+def test_data_parallel_processes_keep_gradients_in_the_summed_buckets_and_send_no_buffers(tmp_path, tiny_model):
+    """Settings for several processes (the model is wrapped in DistributedDataParallel only then)."""
+    import dataclasses
+
+    import training
+
+    settled = dataclasses.replace(settled_on_the_cpu(), model=str(tiny_model))
+    model, _ = training.load_model(settled, "cpu", None)
+    # Nothing to send at each forward pass: the only buffers are the rotary frequencies, fixed at load.
+    assert {name.rsplit(".", 1)[-1] for name, _ in model.named_buffers()} == {"inv_freq", "original_inv_freq"}
+    arguments = training.training_arguments(settled, tmp_path, 10)
+    # Batches of unequal size in one step: each process's loss is divided by the step's token count.
+    assert arguments.average_tokens_across_devices is True
+    trainer = training.trainer_class(compiled=False)(model=model, args=arguments, eval_dataset=[{"input_ids": [1]}])
+    training.share_gradient_buckets(trainer)
+    assert trainer.accelerator.ddp_handler.to_kwargs() == {"broadcast_buffers": False, "gradient_as_bucket_view": True}
+
+
 def test_training_batches_leave_out_the_padding_mask_and_the_loss_and_gradients_stay(tiny_model):
     """Pads sit after every real token of their row and the model attends causally: no real token sees one."""
     import torch

@@ -1,0 +1,114 @@
+"""Training batches for several data-parallel processes, cut so that no process waits on a longer batch.
+
+One process trains on the Trainer's length-grouped order: batches of similar length, each padded to
+its longest example. With several processes, accelerate deals those batches out in turn, so each
+optimizer step pairs neighbours of one sorted window, the first always the longer; every process then
+waits, at the gradient all-reduce, for the one with the most padded tokens (on the 280 default topics,
+23% more than one process's average batch; bench/RESULTS.md). Here each optimizer step takes one
+window of the same length-grouped order (batch x processes x accumulation examples), sorted by length,
+and cuts it into one contiguous group per process and micro-batch so that the largest group's padded
+tokens are as few as they can be: the groups holding the longest examples get fewer of them. The
+Trainer divides every process's summed token loss by the step's token count over all processes
+(`average_tokens_across_devices`, on by default), so the gradient does not depend on how a step's
+examples are shared out.
+"""
+
+from __future__ import annotations
+
+import math
+
+PAD_MULTIPLE = 8  # training.py's collator pads each batch to a multiple of this many tokens
+
+
+def padded_cost(count: int, longest: int, multiple: int = PAD_MULTIPLE) -> int:
+    """Tokens of a batch of `count` examples padded to its longest (rounded up to `multiple`)."""
+    return count * math.ceil(longest / multiple) * multiple
+
+
+def group_sizes(lengths_longest_first: list[int], groups: int, multiple: int = PAD_MULTIPLE) -> list[int]:
+    """How many examples each of `groups` contiguous groups takes from `lengths_longest_first` (sorted,
+    longest first; at least one each) so that the largest group's padded tokens are fewest."""
+    count = len(lengths_longest_first)
+    if not 1 <= groups <= count:
+        raise ValueError(f"cannot cut {count} examples into {groups} non-empty groups")
+    padded = [padded_cost(1, length, multiple) for length in lengths_longest_first]
+
+    def fill(limit: int) -> list[int] | None:
+        # Greedy: each group, from the longest examples on, takes as many as stay within `limit`,
+        # leaving one for each group after it. A group that takes fewer only pushes examples to
+        # groups that cost no more per example, so if this fails no cut within `limit` exists.
+        sizes, start = [], 0
+        for group in range(groups):
+            later = groups - group - 1
+            take = count - start if later == 0 else min(max(limit // padded[start], 1), count - start - later)
+            if take * padded[start] > limit:
+                return None
+            sizes.append(take)
+            start += take
+        return sizes
+
+    limits = sorted({size * cost for cost in set(padded) for size in range(1, count + 1)})
+    low, high = 0, len(limits) - 1  # the largest limit always fits: one group holds all but groups - 1
+    while low < high:
+        middle = (low + high) // 2
+        if fill(limits[middle]) is None:
+            low = middle + 1
+        else:
+            high = middle
+    return fill(limits[low])
+
+
+def step_groups(indices: list[int], lengths: list[int], processes: int, accumulation: int) -> list[list[list[int]]]:
+    """One optimizer step's examples (`indices` into `lengths`) as [process][micro-batch] groups: cut by
+    `group_sizes`, then dealt by cost, the `processes` costliest groups to the first micro-batch of each
+    process, the next ones to the second, so that the processes of each micro-batch cost alike."""
+    ordered = sorted(indices, key=lambda i: lengths[i], reverse=True)
+    sizes = group_sizes([lengths[i] for i in ordered], processes * accumulation)
+    groups, start = [], 0
+    for size in sizes:
+        groups.append(ordered[start:start + size])
+        start += size
+    groups.sort(key=lambda group: padded_cost(len(group), lengths[group[0]]), reverse=True)
+    return [[groups[slot * processes + rank] for slot in range(accumulation)] for rank in range(processes)]
+
+
+def balanced_sampler_class():
+    """The batch sampler class (built on first use: it derives from the Trainer's rank-aware sampler,
+    which the Trainer hands to the data loader as it is, without accelerate dealing its batches out)."""
+    import torch
+    from transformers.trainer_pt_utils import BatchRebalanceSampler, get_length_grouped_indices
+
+    class BalancedLengthGroupedBatches(BatchRebalanceSampler):
+        """This process's micro-batches: each optimizer step one window of the length-grouped order,
+        cut by `step_groups`. Every process computes the same windows from the same seed and epoch."""
+
+        def __init__(self, lengths: list[int], batch_size: int, processes: int, accumulation: int,
+                     rank: int, seed: int):
+            # The parent's constructor is not called: only its type matters to the Trainer.
+            self.lengths, self.processes, self.accumulation = list(lengths), processes, accumulation
+            self.rank, self.seed, self.epoch = rank, seed, 0
+            self.window = batch_size * processes * accumulation
+            if len(self.lengths) < processes * accumulation:
+                raise ValueError(f"{len(self.lengths)} training examples cannot fill one micro-batch for each "
+                                 f"of {processes} processes x {accumulation} accumulation steps")
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def windows(self) -> list[list[int]]:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = get_length_grouped_indices(self.lengths, self.window, generator=generator)
+            windows = [order[start:start + self.window] for start in range(0, len(order), self.window)]
+            short = self.processes * self.accumulation - len(windows[-1])
+            if short > 0:  # a last window too small to give every group an example borrows from the first
+                windows[-1] = windows[-1] + order[:short]
+            return windows
+
+        def __iter__(self):
+            for window in self.windows():
+                yield from step_groups(window, self.lengths, self.processes, self.accumulation)[self.rank]
+
+        def __len__(self) -> int:
+            return math.ceil(len(self.lengths) / self.window) * self.accumulation
+
+    return BalancedLengthGroupedBatches
