@@ -513,6 +513,7 @@ def print_plan(plan: Plan, model, n_train: int, n_eval: int, processes: int, ste
           f"{c.batch_size} x accumulation {c.grad_accum} = effective batch "
           f"{processes * c.batch_size * c.grad_accum}; learning rate {c.learning_rate:g}; {steps_per_epoch} steps per epoch"
           + (f"; at most {c.max_steps} steps" if c.max_steps else "")
+          + ("\neach step's examples cut into batches of equal padded size, one per process" if processes > 1 else "")
           + (f"\nresuming from {checkpoint}" if checkpoint else ""), flush=True)
 
 

@@ -27,6 +27,7 @@ def test_two_processes_train_one_run_that_the_test_script_scores(tmp_path, tiny_
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) x batch 4 x accumulation 1 = effective batch 8" in result.stdout
+    assert "cut into batches of equal padded size, one per process" in result.stdout
     assert "gradient checkpointing on (re-entrant)" in result.stdout and "LoRA layers fused" in result.stdout
     assert result.stdout.count("run directory:") == 1  # only the main process reports
     runs = list(out.iterdir())

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from qexpand import rundir
+from qexpand import batches, rundir
 from tests.conftest import REPO, run_script
 from tests.fixtures import write_topic_files
 
@@ -110,6 +110,50 @@ def test_data_parallel_processes_sum_gradients_in_one_bucket_they_live_in_and_se
     assert training.ONE_GRADIENT_BUCKET_MB > 100 * max(gradient_mb, 84)  # the default Mistral adapter's: 84 MB
     assert trainer.accelerator.ddp_handler.to_kwargs() == {
         "broadcast_buffers": False, "gradient_as_bucket_view": True, "bucket_cap_mb": training.ONE_GRADIENT_BUCKET_MB}
+
+
+def test_with_several_processes_the_trainer_s_loader_yields_this_process_s_share_of_each_balanced_step(
+        tmp_path, tiny_model, monkeypatch):
+    import dataclasses
+    import random
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    import training
+    from qexpand import modeling
+
+    settled = dataclasses.replace(settled_on_the_cpu("--batch-size", "4"), model=str(tiny_model))
+    arguments = training.training_arguments(settled, tmp_path, 10)
+    rng = random.Random(2)
+    train_set = Dataset.from_list([{"input_ids": [1] * n, "labels": [1] * n}
+                                   for n in (rng.randint(5, 60) for _ in range(40))])
+    tokenizer = modeling.load_tokenizer(str(tiny_model))
+    tokenizer.padding_side = "right"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    trainer_type = training.trainer_class(compiled=False)
+
+    def loader_batches(rank):
+        # The second of two processes, as the Trainer sees it under `accelerate launch`.
+        monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+        monkeypatch.setattr(TrainingArguments, "process_index", property(lambda self: rank))
+        trainer = trainer_type(model=model, args=arguments, train_dataset=train_set, eval_dataset=train_set[:1],
+                               data_collator=training.data_collator(settled, tokenizer))
+        loader = trainer.get_train_dataloader()
+        return [batch["input_ids"] for batch in loader], trainer._get_train_sampler()
+
+    first, sampler = loader_batches(0)
+    second, _ = loader_batches(1)
+    assert len(first) == len(second) == len(sampler) == 5  # 40 examples, 2 processes x 4 a step
+    assert any(len(rows) != 4 for rows in first)  # the cut is not always 4 and 4
+    for step, window in enumerate(sampler.windows()):
+        lengths = sorted([len(train_set[int(i)]["input_ids"]) for i in window], reverse=True)
+        shares = [first[step], second[step]]
+        assert sum(len(rows) for rows in shares) == 8 and sorted(len(rows) for rows in shares) != [0, 8]
+        # Padded as the collator pads; the larger of the two no larger than the best cut's.
+        sizes = batches.group_sizes(lengths, 2)
+        best = max(batches.padded_cost(size, lengths[sum(sizes[:i])]) for i, size in enumerate(sizes))
+        assert max(rows.numel() for rows in shares) == best <= batches.padded_cost(4, lengths[0])
 
 
 def test_training_batches_leave_out_the_padding_mask_and_the_loss_and_gradients_stay(tiny_model):
