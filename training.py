@@ -305,6 +305,19 @@ def share_gradient_buckets(trainer) -> None:
         handler.gradient_as_bucket_view = True
 
 
+def epoch_for_balanced_batches():
+    """A callback that gives several processes' balanced batches the epoch at its start, a resumed
+    one included (`qexpand.batches.set_epoch_of_balanced_batches`)."""
+    from transformers import TrainerCallback
+
+    class EpochForBalancedBatches(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            # state.epoch is the epochs done so far, a fraction into the current one when resumed mid-way.
+            batches.set_epoch_of_balanced_batches(train_dataloader, int(state.epoch))
+
+    return EpochForBalancedBatches()
+
+
 def step_clock():
     """A callback that stamps every entry of the loss log with the seconds since this invocation's
     training started: the log then also says how long each optimizer step took."""
@@ -457,7 +470,8 @@ def fit(plan: Plan, state) -> None:
     steps_per_epoch = math.ceil(len(train_set) / effective_batch)
     trainer = trainer_class(settled.compile == "on")(
         model=model, args=training_arguments(settled, run_dir, steps_per_epoch), train_dataset=train_set,
-        eval_dataset=eval_set, data_collator=data_collator(settled, tokenizer), callbacks=[step_clock()])
+        eval_dataset=eval_set, data_collator=data_collator(settled, tokenizer),
+        callbacks=[step_clock(), epoch_for_balanced_batches()])
     quiet.hide_eval_progress_bar(trainer)
     share_gradient_buckets(trainer)
     if state.is_main_process:

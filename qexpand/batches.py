@@ -2,9 +2,9 @@
 
 One process trains on the Trainer's length-grouped order: batches of similar length, each padded to
 its longest example. With several processes, accelerate deals those batches out in turn, so each
-optimizer step pairs neighbours of one sorted window, the first always the longer; every process then
+optimizer step pairs neighbours of one sorted window, the first mostly the longer; every process then
 waits, at the gradient all-reduce, for the one with the most padded tokens (on the 280 default topics,
-23% more than one process's average batch; bench/RESULTS.md). Here each optimizer step takes one
+23% more than a lone process's batch on average; bench/RESULTS.md). Here each optimizer step takes one
 window of the same length-grouped order (batch x processes x accumulation examples), sorted by length,
 and cuts it into one contiguous group per process and micro-batch so that the largest group's padded
 tokens are as few as they can be: the groups holding the longest examples get fewer of them. The
@@ -15,6 +15,7 @@ examples are shared out.
 
 from __future__ import annotations
 
+import functools
 import math
 
 PAD_MULTIPLE = 8  # training.py's collator pads each batch to a multiple of this many tokens
@@ -72,6 +73,7 @@ def step_groups(indices: list[int], lengths: list[int], processes: int, accumula
     return [[groups[slot * processes + rank] for slot in range(accumulation)] for rank in range(processes)]
 
 
+@functools.cache
 def balanced_sampler_class():
     """The batch sampler class (built on first use: it derives from the Trainer's rank-aware sampler,
     which the Trainer hands to the data loader as it is, without accelerate dealing its batches out)."""
@@ -112,3 +114,14 @@ def balanced_sampler_class():
             return math.ceil(len(self.lengths) / self.window) * self.accumulation
 
     return BalancedLengthGroupedBatches
+
+
+def set_epoch_of_balanced_batches(train_dataloader, epoch: int) -> None:
+    """Tell the balanced batches of a prepared training loader which epoch's windows to cut (nothing
+    for other batches). The Trainer's own call does not reach them in an epoch it resumes mid-way:
+    then accelerate's batch skipping stands between the loader and them."""
+    sampler = getattr(train_dataloader, "batch_sampler", None)
+    while sampler is not None and not isinstance(sampler, balanced_sampler_class()):
+        sampler = getattr(sampler, "batch_sampler", None)
+    if sampler is not None:
+        sampler.set_epoch(epoch)

@@ -106,3 +106,19 @@ def test_the_slowest_process_s_batch_is_shorter_than_when_accelerate_deals_the_l
     dealt = [order[start:start + 32] for start in range(0, len(order), 32)]
     dealt = slowest_per_step(lengths, [dealt[0::2], dealt[1::2]])
     assert len(balanced) == 5 and sum(balanced) / len(balanced) < 0.9 * sum(dealt) / len(dealt)
+
+
+def test_the_epoch_reaches_the_batches_through_accelerate_s_sharding_and_skipping_wrappers():
+    from types import SimpleNamespace
+
+    from accelerate.data_loader import BatchSamplerShard, SkipBatchSampler
+
+    ours = sampler(list(range(30, 70)), 2, 0)
+    # Several processes, resumed mid-epoch: loader -> skipping -> sharding (made a pass-through) -> ours.
+    # Neither wrapper has set_epoch, so the Trainer's own call stops short of the batches.
+    shard = BatchSamplerShard(ours, num_processes=1, process_index=0)
+    loader = SimpleNamespace(batch_sampler=SkipBatchSampler(shard, skip_batches=2))
+    assert not hasattr(loader.batch_sampler, "set_epoch") and not hasattr(shard, "set_epoch")
+    batches.set_epoch_of_balanced_batches(loader, 3)
+    assert ours.epoch == 3
+    batches.set_epoch_of_balanced_batches(SimpleNamespace(batch_sampler=[[0, 1]]), 3)  # other batches: nothing

@@ -118,7 +118,7 @@ def test_with_several_processes_the_trainer_s_loader_yields_this_process_s_share
     import random
 
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainingArguments
+    from transformers import AutoModelForCausalLM, TrainerState, TrainingArguments
 
     import training
     from qexpand import modeling
@@ -126,8 +126,9 @@ def test_with_several_processes_the_trainer_s_loader_yields_this_process_s_share
     settled = dataclasses.replace(settled_on_the_cpu("--batch-size", "4"), model=str(tiny_model))
     arguments = training.training_arguments(settled, tmp_path, 10)
     rng = random.Random(2)
-    train_set = Dataset.from_list([{"input_ids": [1] * n, "labels": [1] * n}
-                                   for n in (rng.randint(5, 60) for _ in range(40))])
+    # Each example's tokens are its number + 1: the batches show which examples they hold.
+    train_set = Dataset.from_list([{"input_ids": [i + 1] * n, "labels": [i + 1] * n}
+                                   for i, n in enumerate(rng.randint(5, 60) for _ in range(40))])
     tokenizer = modeling.load_tokenizer(str(tiny_model))
     tokenizer.padding_side = "right"
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -140,10 +141,10 @@ def test_with_several_processes_the_trainer_s_loader_yields_this_process_s_share
         trainer = trainer_type(model=model, args=arguments, train_dataset=train_set, eval_dataset=train_set[:1],
                                data_collator=training.data_collator(settled, tokenizer))
         loader = trainer.get_train_dataloader()
-        return [batch["input_ids"] for batch in loader], trainer._get_train_sampler()
+        return [batch["input_ids"].tolist() for batch in loader], trainer._get_train_sampler(), loader
 
-    first, sampler = loader_batches(0)
-    second, _ = loader_batches(1)
+    first, sampler, loader = loader_batches(0)
+    second, _, _ = loader_batches(1)
     assert len(first) == len(second) == len(sampler) == 5  # 40 examples, 2 processes x 4 a step
     assert any(len(rows) != 4 for rows in first)  # the cut is not always 4 and 4
     for step, window in enumerate(sampler.windows()):
@@ -153,7 +154,17 @@ def test_with_several_processes_the_trainer_s_loader_yields_this_process_s_share
         # Padded as the collator pads; the larger of the two no larger than the best cut's.
         sizes = batches.group_sizes(lengths, 2)
         best = max(batches.padded_cost(size, lengths[sum(sizes[:i])]) for i, size in enumerate(sizes))
-        assert max(rows.numel() for rows in shares) == best <= batches.padded_cost(4, lengths[0])
+        assert max(len(rows) * len(rows[0]) for rows in shares) == best <= batches.padded_cost(4, lengths[0])
+    # Resumed two steps into the second epoch: the Trainer skips the first two batches through accelerate;
+    # the callback tells the batches the epoch.
+    from accelerate import skip_first_batches
+
+    training.epoch_for_balanced_batches().on_epoch_begin(arguments, TrainerState(epoch=1.4), None,
+                                                         train_dataloader=loader)
+    second_epoch = [batch["input_ids"].tolist() for batch in loader]
+    assert second_epoch != first
+    resumed = skip_first_batches(loader, 2)
+    assert [batch["input_ids"].tolist() for batch in resumed] == second_epoch[2:]
 
 
 def test_training_batches_leave_out_the_padding_mask_and_the_loss_and_gradients_stay(tiny_model):
