@@ -412,9 +412,8 @@ def load_model(config: TrainConfig, rank_device: str, tokenizer_dir: Path | None
     # Never both fused and compiled: settling keeps them apart, and a run an earlier version recorded
     # with both is refused at resume (settle_resumed).
     if config.lora_kernels == "fused":
-        # Re-entrant recomputation records one block at a time: its de-quantized weights can wait for
-        # its backward pass.
-        keep = config.gradient_checkpointing == "on" and reentrant_recomputation(config)
+        keep = lora_kernels.weights_can_wait_for_backward(config.gradient_checkpointing == "on",
+                                                          reentrant_recomputation(config))
         if not lora_kernels.fuse_lora_layers(model, keep_weights_for_backward=keep):
             raise UserError("--lora-kernels fused found no LoRA layer it can fuse (it fuses plain LoRA on "
                             "bitsandbytes 4-bit layers without biases). Pass --lora-kernels peft.")

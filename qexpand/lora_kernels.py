@@ -36,6 +36,12 @@ from typing import Any, NamedTuple
 SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
+def weights_can_wait_for_backward(checkpointing: bool, reentrant: bool) -> bool:
+    """Whether `fuse_lora_layers` may keep each de-quantized weight from a recording forward pass for
+    the backward pass: only with re-entrant recomputation, which records one block at a time."""
+    return checkpointing and reentrant
+
+
 def fuse_lora_layers(model, group_siblings: bool = True, keep_weights_for_backward: bool = False) -> int:
     """Route every fusable peft LoRA layer on a bitsandbytes 4-bit base through `lora_on_nf4()`, sibling
     layers on one input as one call (`group_siblings`); returns how many layers were routed.

@@ -504,3 +504,12 @@ def test_rotary_calls_the_training_function_does_not_handle_go_to_the_library_s_
 
     assert rotates_halves(modeling_mistral.apply_rotary_pos_emb) and not rotates_halves(interleaved)
     assert not rotates_halves(lambda q, k: (q, k))  # another signature
+
+
+def test_de_quantized_weights_wait_for_the_backward_pass_only_under_re_entrant_recomputation():
+    from qexpand.lora_kernels import weights_can_wait_for_backward
+
+    assert weights_can_wait_for_backward(checkpointing=True, reentrant=True)
+    # Without recomputation the whole model's weights would wait; non-re-entrant records every block at once.
+    assert not weights_can_wait_for_backward(checkpointing=False, reentrant=True)
+    assert not weights_can_wait_for_backward(checkpointing=True, reentrant=False)

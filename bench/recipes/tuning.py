@@ -92,7 +92,8 @@ def run(opts, paths, device, left_s, variant: str) -> dict:
     reset_peak(device)
     model.enable_input_require_grads()
     model = get_peft_model(model, modeling.lora_config(model, 8, 16, settings["lora_dropout"], "all-linear"))
-    keep = settings["keep_weights"] and settings["checkpointing"] and settings["reentrant"]
+    keep = settings["keep_weights"] and lora_kernels.weights_can_wait_for_backward(settings["checkpointing"],
+                                                                                   settings["reentrant"])
     fused_layers = lora_kernels.fuse_lora_layers(model, group_siblings=settings["grouped"],
                                                  keep_weights_for_backward=keep) if settings["fused"] else 0
     fused_norms = lora_kernels.fuse_rms_norms(model) if settings["norms"] else 0
