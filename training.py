@@ -251,11 +251,12 @@ def training_arguments(config: TrainConfig, run_dir: Path, steps_per_epoch: int)
     )
 
 
-def trainer_class(compiled: bool):
+def trainer_class(compiled: bool, pad_to: int | None = None):
     """The Trainer, counting the model's parameters once for its floating-point-operation tally and,
     with several processes, cutting each optimizer step's examples into batches of equal padded size
-    (`qexpand.batches`); with compiled blocks, one that also evaluates them eagerly: the few eval
-    batches of an epoch do not repay a second compilation (the one without gradients)."""
+    (`qexpand.batches`; with `pad_to`, every example padded to that length as the collator pads it);
+    with compiled blocks, one that also evaluates them eagerly: the few eval batches of an epoch do not
+    repay a second compilation (the one without gradients)."""
     from transformers import Trainer
 
     class CountingOnceTrainer(Trainer):
@@ -267,7 +268,7 @@ def trainer_class(compiled: bool):
                 return super()._get_train_sampler(train_dataset)
             dataset = self.train_dataset if train_dataset is None else train_dataset
             return batches.balanced_sampler_class()(
-                [len(ids) for ids in dataset["input_ids"]], self.args.per_device_train_batch_size,
+                [max(len(ids), pad_to or 0) for ids in dataset["input_ids"]], self.args.per_device_train_batch_size,
                 self.args.world_size, self.args.gradient_accumulation_steps, self.args.process_index,
                 self.args.data_seed if self.args.data_seed is not None else self.args.seed)
 
@@ -467,7 +468,7 @@ def fit(plan: Plan, state) -> None:
     eval_set = tokenized_dataset(plan.split["eval"], tokenizer, settled.prompt_template, settled.max_length)
     effective_batch = settled.batch_size * settled.grad_accum * state.num_processes
     steps_per_epoch = math.ceil(len(train_set) / effective_batch)
-    trainer = trainer_class(settled.compile == "on")(
+    trainer = trainer_class(settled.compile == "on", settled.pad_to)(
         model=model, args=training_arguments(settled, run_dir, steps_per_epoch), train_dataset=train_set,
         eval_dataset=eval_set, data_collator=data_collator(settled, tokenizer),
         callbacks=[step_clock(), epoch_for_balanced_batches()])

@@ -155,6 +155,11 @@ def test_with_several_processes_the_trainer_s_loader_yields_this_process_s_share
         sizes = batches.group_sizes(lengths, 2)
         best = max(batches.padded_cost(size, lengths[sum(sizes[:i])]) for i, size in enumerate(sizes))
         assert max(len(rows) * len(rows[0]) for rows in shares) == best <= batches.padded_cost(4, lengths[0])
+    # With every example padded to one length (--pad-to, the original recipe), equal halves.
+    monkeypatch.setattr(TrainingArguments, "process_index", property(lambda self: 0))
+    fixed = training.trainer_class(compiled=False, pad_to=64)(model=model, args=arguments, train_dataset=train_set,
+                                                              eval_dataset=train_set[:1])
+    assert {len(batch) for batch in fixed._get_train_sampler()} == {4}
     # Resumed two steps into the second epoch: the Trainer skips the first two batches through accelerate;
     # the callback tells the batches the epoch.
     from accelerate import skip_first_batches
