@@ -237,8 +237,7 @@ def slowest_batch_tokens(lengths: list[int], batch_size: int, processes: int, ep
             order = get_length_grouped_indices(lengths, batch_size, generator=generator)
             dealt = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
             steps = (dealt[start:start + processes] for start in range(0, len(dealt) - processes + 1, processes))
-        costs += [max(batches.padded_cost(len(batch), max(lengths[i] for i in batch)) for batch in step)
-                  for step in steps]
+        costs += [max(batches.batch_tokens(batch, lengths) for batch in step) for step in steps]
     return sum(costs) / len(costs)
 
 

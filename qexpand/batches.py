@@ -26,6 +26,11 @@ def padded_cost(count: int, longest: int, multiple: int = PAD_MULTIPLE) -> int:
     return count * math.ceil(longest / multiple) * multiple
 
 
+def batch_tokens(indices: list[int], lengths: list[int]) -> int:
+    """Padded tokens of the batch of these examples (`indices` into `lengths`)."""
+    return padded_cost(len(indices), max(lengths[i] for i in indices))
+
+
 def group_sizes(lengths_longest_first: list[int], groups: int, multiple: int = PAD_MULTIPLE) -> list[int]:
     """How many examples each of `groups` contiguous groups takes from `lengths_longest_first` (sorted,
     longest first; at least one each) so that the largest group's padded tokens are fewest."""
@@ -69,7 +74,7 @@ def step_groups(indices: list[int], lengths: list[int], processes: int, accumula
     for size in sizes:
         groups.append(ordered[start:start + size])
         start += size
-    groups.sort(key=lambda group: padded_cost(len(group), lengths[group[0]]), reverse=True)
+    groups.sort(key=lambda group: batch_tokens(group, lengths), reverse=True)
     return [[groups[slot * processes + rank] for slot in range(accumulation)] for rank in range(processes)]
 
 

@@ -22,6 +22,7 @@ def cuts(lengths: list[int], sizes: list[int]) -> list[list[int]]:
 def test_padded_cost_rounds_the_longest_example_up_to_the_collator_s_multiple():
     assert batches.padded_cost(32, 57) == 32 * 64 and batches.padded_cost(3, 64) == 3 * 64
     assert batches.padded_cost(1, 1) == 8
+    assert batches.batch_tokens([2, 0], [57, 3, 10]) == 2 * 64  # two examples, the longest 57 tokens
 
 
 @pytest.mark.parametrize("groups", [1, 2, 3, 4])
@@ -53,10 +54,7 @@ def test_a_step_s_groups_are_dealt_costliest_first_to_each_process_s_first_micro
     assert len(per_process) == 2 and all(len(micro) == 2 for micro in per_process)
     assert sorted(i for micro in per_process for group in micro for i in group) == window
 
-    def cost(group):
-        return batches.padded_cost(len(group), max(lengths[i] for i in group))
-
-    first, second = ([cost(micro[slot]) for micro in per_process] for slot in (0, 1))
+    first, second = ([batches.batch_tokens(micro[slot], lengths) for micro in per_process] for slot in (0, 1))
     assert min(first) >= max(second)
 
 
@@ -65,8 +63,7 @@ def sampler(lengths, processes, rank, batch_size=4, accumulation=1, seed=3):
 
 
 def slowest_per_step(lengths, per_rank_batches):
-    return [max(batches.padded_cost(len(b), max(lengths[i] for i in b)) for b in step)
-            for step in zip(*per_rank_batches)]
+    return [max(batches.batch_tokens(b, lengths) for b in step) for step in zip(*per_rank_batches)]
 
 
 def test_every_process_gets_its_share_of_each_window_and_each_example_comes_once_an_epoch():
