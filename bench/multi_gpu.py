@@ -16,7 +16,9 @@ warm-up run goes first, so that no timed run pays the first process's one-time c
 With --abba COPIES the runs go in the order 1 GPU, N GPUs (both on --repeat copies), N GPUs, 1 GPU (on
 COPIES copies), with no short runs: each run's rate per optimizer step is read off its own loss log
 (training.py stamps every step), and pooling the two pairs cancels a steady drift of the host's speed
-during the call, which the sequential order puts on one side only.
+during the call, which the sequential order puts on one side only. End to end (training time, fixed
+costs included) is reported per pair and pooled as well; with COPIES = --repeat both pairs carry the
+same fixed-cost share.
 
 With --length-grouping nothing is trained: how much longer the slowest process's batch of a step is
 with N processes than with one (padded tokens), computed from the real token counts, for the batches
@@ -43,7 +45,7 @@ if str(REPO) not in sys.path:
 
 from bench import gpu_bench  # noqa: E402
 from bench.gpu_build import topic_order, write_split_file  # noqa: E402
-from bench.gpu_common import Paths, environment_without_hub, logged_rate, write_json  # noqa: E402
+from bench.gpu_common import Paths, environment_without_hub, logged_rate, logged_step_seconds, write_json  # noqa: E402
 from bench.recipes.project import warm_up_once  # noqa: E402
 from qexpand import batches, rundir  # noqa: E402
 from qexpand.recipes import RECIPES  # noqa: E402
@@ -124,7 +126,18 @@ def finished_run(paths: Paths, name: str, copies: int, epochs: int, tokens: int,
     return {"examples": examples, "tokens": tokens * epochs, "wall_s": round(wall, 1),
             "train_seconds": finished["train_seconds"], "global_steps": finished["global_steps"],
             "peak_gb": finished.get("peak_gpu_memory_gb"), "best_eval_loss": finished.get("best_eval_loss"),
-            "logged": logged_rate(paths.runs / name, examples, finished["global_steps"])}
+            "logged": logged_rate(paths.runs / name, examples, finished["global_steps"]),
+            "mean_step_s_by_third": by_third(logged_step_seconds(paths.runs / name))}
+
+
+def by_third(seconds: list[float]) -> list[float]:
+    """Mean step time of the first, middle and last third of a run's steady steps: a host that slows
+    down or speeds up during one run shows here, which the run's mean hides."""
+    third = len(seconds) // 3
+    if not third:
+        return []
+    parts = (seconds[:third], seconds[third:len(seconds) - third], seconds[len(seconds) - third:])
+    return [round(sum(part) / len(part), 4) for part in parts]
 
 
 def train(paths: Paths, opts, processes: int, copies: int, epochs: int, suffix: str = "") -> dict:
@@ -194,8 +207,8 @@ def scaling(args, paths: Paths, opts) -> dict:
 
 
 def abba_scaling(args, paths: Paths, opts) -> dict:
-    """1 GPU, N GPUs, N GPUs, 1 GPU; per-step rates from each run's logged step times, per pair and pooled;
-    end to end (training time, fixed costs included) from the first, longer pair."""
+    """1 GPU, N GPUs, N GPUs, 1 GPU; per-step rates from each run's logged step times, and end to end
+    (training time, fixed costs included), each per pair and pooled."""
     result = {"gpus": [1, args.gpus], "epochs": args.epochs, "order": "a1 b1 b2 a2", "runs": {}}
     result["warm_up"] = warm_up_once(opts, paths, 900, tuple(opts.training_flags))
     for label, processes, copies in (("a1", 1, args.repeat), ("b1", args.gpus, args.repeat),
@@ -210,9 +223,20 @@ def abba_scaling(args, paths: Paths, opts) -> dict:
                                   "second_pair": round(rate["b2"] / rate["a2"], 3),
                                   "pooled": round((rate["b1"] + rate["b2"]) / (rate["a1"] + rate["a2"]), 3)}
     result["drift"] = {"one_gpu": round(rate["a2"] / rate["a1"], 3), "several_gpus": round(rate["b2"] / rate["b1"], 3)}
-    a1, b1 = result["runs"]["a1"], result["runs"]["b1"]
-    result["speedup_end_to_end"] = round((b1["examples"] / b1["train_seconds"]) / (a1["examples"] / a1["train_seconds"]), 3)
+    runs = result["runs"]
+    result["speedup_end_to_end"] = {
+        "first_pair": end_to_end_speedup([runs["a1"]], [runs["b1"]]),
+        "second_pair": end_to_end_speedup([runs["a2"]], [runs["b2"]]),
+        "pooled": end_to_end_speedup([runs["a1"], runs["a2"]], [runs["b1"], runs["b2"]])}
     return result
+
+
+def end_to_end_speedup(one_gpu: list[dict], several_gpus: list[dict]) -> float:
+    """Samples per second of training time (fixed costs included) of the several-GPU runs over the
+    1-GPU runs; with two runs a side, their samples over their summed training time."""
+    def rate(runs):
+        return sum(run["examples"] for run in runs) / sum(run["train_seconds"] for run in runs)
+    return round(rate(several_gpus) / rate(one_gpu), 3)
 
 
 def slowest_batch_tokens(lengths: list[int], batch_size: int, processes: int, epochs: int, seed: int,

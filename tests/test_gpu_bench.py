@@ -121,7 +121,10 @@ def test_abba_order_pools_both_pairs_and_reads_rates_off_the_step_times(tmp_path
     assert result["drift"] == {"one_gpu": 1.1, "several_gpus": 1.1}
     a1 = result["runs"]["a1"]
     assert a1["fixed_share"] == round(5 / a1["train_seconds"], 3)
-    assert result["speedup_end_to_end"] < ideal  # the fixed 5 s weigh more on the shorter 2-GPU run
+    end_to_end = result["speedup_end_to_end"]
+    assert end_to_end["first_pair"] < ideal  # the fixed 5 s weigh more on the shorter 2-GPU run
+    assert end_to_end["second_pair"] < end_to_end["first_pair"]  # and more on the shorter second pair
+    assert end_to_end["second_pair"] < end_to_end["pooled"] < end_to_end["first_pair"]
     assert json.loads((tmp_path / "r.json").read_text())["runs"]["a2"]["global_steps"] == 105
 
 
@@ -138,6 +141,14 @@ def test_step_times_are_read_off_the_loss_log(tmp_path):
     assert logged_rate(tmp_path, 192, 6) == {"steps_read": 2, "mean_step_s": 0.625, "samples_per_s": 51.2}
     (tmp_path / "loss_log.json").write_text(json.dumps(log[:1]))
     assert logged_rate(tmp_path, 32, 1) is None  # a one-step warm-up has no steady steps
+
+
+def test_a_host_that_slows_during_a_run_shows_in_its_thirds():
+    from bench.multi_gpu import by_third
+
+    # Seven steady steps: the middle part takes what the two equal outer thirds leave.
+    assert by_third([0.3, 0.3, 0.4, 0.4, 0.4, 0.5, 0.5]) == [0.3, 0.4, 0.5]
+    assert by_third([0.3, 0.3]) == []  # too few steps for three parts
 
 
 def test_gpu_busy_time_counts_overlapping_kernels_once():
