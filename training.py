@@ -268,7 +268,8 @@ def trainer_class(compiled: bool, pad_to: int | None = None):
                 return super()._get_train_sampler(train_dataset)
             dataset = self.train_dataset if train_dataset is None else train_dataset
             return batches.balanced_sampler_class()(
-                [max(len(ids), pad_to or 0) for ids in dataset["input_ids"]], self.args.per_device_train_batch_size,
+                [batches.length_padded_at_least(len(ids), pad_to) for ids in dataset["input_ids"]],
+                self.args.per_device_train_batch_size,
                 self.args.world_size, self.args.gradient_accumulation_steps, self.args.process_index,
                 self.args.data_seed if self.args.data_seed is not None else self.args.seed)
 
@@ -342,11 +343,9 @@ def data_collator(config: TrainConfig, tokenizer):
     if tokenizer.padding_side != "right":
         raise ValueError("training batches are padded on the right (load_model sets it)")
     # Labels are padded with IGNORE_INDEX. By default each batch is padded to its own longest example
-    # (multiple of 8); with --pad-to every example to that fixed length, as the original recipe did.
-    if config.pad_to:
-        pad = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=config.pad_to)
-    else:
-        pad = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=batches.PAD_MULTIPLE)
+    # (a multiple of 8); with --pad-to every example to that fixed length, as the original recipe did
+    # (batches.collator_padding, which the balanced cut of several processes counts by as well).
+    pad = DataCollatorForSeq2Seq(tokenizer, **batches.collator_padding(config.pad_to))
 
     def collate(features):
         # Pads come after every real token of their row and the model attends causally, so no real token

@@ -21,6 +21,21 @@ import math
 PAD_MULTIPLE = 8  # training.py's collator pads each batch to a multiple of this many tokens
 
 
+def collator_padding(pad_to: int | None) -> dict:
+    """How training.py's collator pads (the arguments of transformers' DataCollatorForSeq2Seq): each
+    batch to its longest example, rounded up to PAD_MULTIPLE; with `pad_to` (--pad-to, the original
+    recipe) every example to that fixed length."""
+    if pad_to:
+        return {"padding": "max_length", "max_length": pad_to}
+    return {"padding": True, "pad_to_multiple_of": PAD_MULTIPLE}
+
+
+def length_padded_at_least(length: int, pad_to: int | None) -> int:
+    """The fewest tokens an example of `length` tokens takes once collated (collator_padding), whatever
+    batch it lands in: what the balanced cut counts it as."""
+    return max(length, pad_to or 0)
+
+
 def padded_cost(count: int, longest: int, multiple: int = PAD_MULTIPLE) -> int:
     """Tokens of a batch of `count` examples padded to its longest (rounded up to `multiple`)."""
     return count * math.ceil(longest / multiple) * multiple

@@ -119,3 +119,16 @@ def test_the_epoch_reaches_the_batches_through_accelerate_s_sharding_and_skippin
     batches.set_epoch_of_balanced_batches(loader, 3)
     assert ours.epoch == 3
     batches.set_epoch_of_balanced_batches(SimpleNamespace(batch_sampler=[[0, 1]]), 3)  # other batches: nothing
+
+
+@pytest.mark.parametrize("pad_to", [None, 40])
+def test_the_cut_counts_each_batch_as_the_training_collator_pads_it(mistral_tokenizer, pad_to):
+    from transformers import DataCollatorForSeq2Seq
+
+    mistral_tokenizer.padding_side = "right"  # as training.py sets it
+    lengths = [3, 11, 29]
+    features = [{"input_ids": [5] * n, "labels": [5] * n} for n in lengths]
+    collated = DataCollatorForSeq2Seq(mistral_tokenizer, **batches.collator_padding(pad_to))(features)
+    counted = [batches.length_padded_at_least(n, pad_to) for n in lengths]
+    # 3 rows of 32 (29 rounded up to a multiple of 8), or of 40 with every example padded to 40.
+    assert collated["input_ids"].numel() == batches.batch_tokens([0, 1, 2], counted) == 3 * (pad_to or 32)

@@ -51,7 +51,7 @@ def test_unknown_flag_is_rejected(tmp_path):
 
 
 def settled_on_the_cpu(*flags):
-    """training.py's settled config for these flags (no model is loaded)."""
+    """training.py's settled config for these flags (no model is loaded; a later --model replaces the stand-in)."""
     import training
     from qexpand.recipes import settle_training
 
@@ -92,11 +92,9 @@ def test_the_trainer_counts_parameters_once_and_logs_the_loss_as_it_is(tmp_path,
 
 def test_data_parallel_processes_sum_gradients_in_one_bucket_they_live_in_and_send_no_buffers(tmp_path, tiny_model):
     """Settings for several processes (the model is wrapped in DistributedDataParallel only then)."""
-    import dataclasses
-
     import training
 
-    settled = dataclasses.replace(settled_on_the_cpu(), model=str(tiny_model))
+    settled = settled_on_the_cpu("--model", str(tiny_model))
     model, _ = training.load_model(settled, "cpu", None)
     # Nothing to send at each forward pass: the only buffers are the rotary frequencies, fixed at load.
     assert {name.rsplit(".", 1)[-1] for name, _ in model.named_buffers()} == {"inv_freq", "original_inv_freq"}
@@ -114,7 +112,6 @@ def test_data_parallel_processes_sum_gradients_in_one_bucket_they_live_in_and_se
 
 def test_with_several_processes_the_trainer_s_loader_yields_this_process_s_share_of_each_balanced_step(
         tmp_path, tiny_model, monkeypatch):
-    import dataclasses
     import random
 
     from datasets import Dataset
@@ -123,7 +120,7 @@ def test_with_several_processes_the_trainer_s_loader_yields_this_process_s_share
     import training
     from qexpand import modeling
 
-    settled = dataclasses.replace(settled_on_the_cpu("--batch-size", "4"), model=str(tiny_model))
+    settled = settled_on_the_cpu("--batch-size", "4", "--model", str(tiny_model))
     arguments = training.training_arguments(settled, tmp_path, 10)
     rng = random.Random(2)
     # Each example's tokens are its number + 1: the batches show which examples they hold.
