@@ -132,7 +132,7 @@ def test_with_several_processes_the_trainer_s_loader_yields_this_process_s_share
     trainer_type = training.trainer_class(compiled=False)
 
     def loader_batches(rank):
-        # The second of two processes, as the Trainer sees it under `accelerate launch`.
+        # Process `rank` of two, as the Trainer sees it under `accelerate launch`.
         monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
         monkeypatch.setattr(TrainingArguments, "process_index", property(lambda self: rank))
         trainer = trainer_type(model=model, args=arguments, train_dataset=train_set, eval_dataset=train_set[:1],
