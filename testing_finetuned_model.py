@@ -66,7 +66,7 @@ def choose_base_model(config: TestConfig, record: runcheck.RunRecord) -> tuple[s
     return config.model, config.gguf_file
 
 
-def topics_to_expand(config: TestConfig, split: dict) -> tuple[str, list[dict]]:
+def topics_to_expand(config: TestConfig, split: dict, run_dir: Path) -> tuple[str, list[dict]]:
     """(name of the evaluation, items with query and, when known, gold description)."""
     if config.query:
         return "adhoc", [{"dataset": None, "query_id": None, "query": q, "description": None, "narrative": None}
@@ -75,7 +75,7 @@ def topics_to_expand(config: TestConfig, split: dict) -> tuple[str, list[dict]]:
         topics = unseen_topics(data.load_all_topics(config.test_datasets), split, config.test_datasets)
         name = "testsets-" + "+".join(re.sub(r"[^A-Za-z0-9.-]+", "_", d) for d in config.test_datasets)
     else:
-        topics = split[config.split_part]
+        topics = runcheck.split_part_topics(run_dir, split, config.split_part)
         name = config.split_part
     return name, [vars(t).copy() for t in topics]
 
@@ -159,8 +159,13 @@ def expand(model, tokenizer, template: str, queries: list[str], config: TestConf
     seconds = time.perf_counter() - started
     details = []
     for query, candidates in zip(queries, generations):
-        chosen = candidates[pick_candidate(query, [g.text for g in candidates], scorer, config.select)]
-        details.append({"generated": chosen.text, "ended_at_eos": chosen.ended_at_eos,
+        if config.select == "join":
+            generated = " ".join(g.text for g in candidates)
+            ended = all(g.ended_at_eos for g in candidates)
+        else:
+            chosen = candidates[pick_candidate(query, [g.text for g in candidates], scorer, config.select)]
+            generated, ended = chosen.text, chosen.ended_at_eos
+        details.append({"generated": generated, "ended_at_eos": ended,
                         "candidates": [vars(g) for g in candidates] if len(candidates) > 1 else None})
     return details, seconds
 
@@ -217,7 +222,7 @@ def expand_topic_file(config: TestConfig, topics: list[QueryTopic], model, token
         details, _ = expand(model, tokenizer, template, prepared, config, scorer, progress=False)
         return [(d["generated"], d["candidates"] or [d["generated"]]) for d in details]
 
-    settings = {"run": str(run_dir.resolve()), "num_candidates": config.num_candidates, "seed": config.seed,
+    settings = {"run": str(run_dir.resolve()), "zero_shot": config.zero_shot, "num_candidates": config.num_candidates, "seed": config.seed,
                 "temperature": config.temperature, "select": config.select, "max_new_tokens": config.max_new_tokens}
     records = expand_topics(topics, expand_batch, config.out, config.format, config.query_form,
                             config.repeat_query, batch_size=config.batch_size, settings=settings)
@@ -232,7 +237,8 @@ def load_for_generation(config: TestConfig, record: runcheck.RunRecord, run_dir:
     runcheck.verify_tokenizer(tokenizer, record.tokenizer_check, f"saved in {run_dir}")
     modeling.keep_freed_memory(config.device)
     model = load_model(base, gguf, run_dir, config)
-    scorer = Scorer(config.sbert_model) if needs_scorer or config.num_candidates > 1 else None
+    picks = config.num_candidates > 1 and config.select != "join"
+    scorer = Scorer(config.sbert_model) if needs_scorer or picks else None
     return model, tokenizer, scorer
 
 
@@ -281,8 +287,11 @@ def main(config: TestConfig) -> dict:
         topics = read_topics(config.topics)
         warn_if_seen(topics, split)
         model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf, needs_scorer=False)
+        if config.zero_shot:
+            with model.disable_adapter():
+                return expand_topic_file(config, topics, model, tokenizer, template, scorer, run_dir)
         return expand_topic_file(config, topics, finetuned_model(model, form), tokenizer, template, scorer, run_dir)
-    evaluation, items = topics_to_expand(config, split)
+    evaluation, items = topics_to_expand(config, split, run_dir)
     model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf,
                                                    needs_scorer=items[0]["description"] is not None)
     return evaluate(config, run_dir, split, template, evaluation, items, model, tokenizer, scorer, form)

@@ -151,23 +151,25 @@ def library_versions() -> dict:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
-def tokenized_dataset(topics: list[data.Topic], tokenizer, template: str, max_length: int):
+def tokenized_dataset(topics: list[data.Topic], tokenizer, config: TrainConfig):
     from datasets import Dataset
 
-    rows = [tokenize_example(tokenizer, template, t.query, t.description, max_length) for t in topics]
+    rows = [tokenize_example(tokenizer, config.prompt_template, t.query, data.training_target(t, config.target),
+                             config.max_length) for t in topics]
     return Dataset.from_list(rows)
 
 
 def check_texts(config: TrainConfig, topics: list[data.Topic]) -> list[str]:
     """Texts whose token ids are recorded, so a tokenizer loaded later can be checked against them."""
-    return [format_prompt(config.prompt_template, topics[0].query)] + [t.description for t in topics[:3]]
+    return [format_prompt(config.prompt_template, topics[0].query)] + [data.training_target(t, config.target)
+                                                                        for t in topics[:3]]
 
 
 def start_run_dir(plan: Plan, model, tokenizer, processes: int) -> runcheck.RunRecord:
     """Create a new run directory: split, tokenizer (checked against the ids training uses), settings."""
     config, run_dir = plan.config, plan.run_dir
     texts = [format_prompt(config.prompt_template, t.query) for t in plan.split["train"]]
-    texts += [t.description for t in plan.split["train"]]
+    texts += [data.training_target(t, config.target) for t in plan.split["train"]]
     # The tokenizer is saved and checked before an earlier run of this name (--overwrite) is removed.
     with tempfile.TemporaryDirectory(dir=run_dir.parent, prefix=f".{run_dir.name}-tokenizer-") as staging:
         tokenizer.save_pretrained(staging)
@@ -463,8 +465,8 @@ def fit(plan: Plan, state) -> None:
     load_seconds = time.perf_counter() - started
     checkpoint = open_run_dir(plan, model, tokenizer, state)
 
-    train_set = tokenized_dataset(plan.split["train"], tokenizer, settled.prompt_template, settled.max_length)
-    eval_set = tokenized_dataset(plan.split["eval"], tokenizer, settled.prompt_template, settled.max_length)
+    train_set = tokenized_dataset(plan.split["train"], tokenizer, settled)
+    eval_set = tokenized_dataset(plan.split["eval"], tokenizer, settled)
     effective_batch = settled.batch_size * settled.grad_accum * state.num_processes
     steps_per_epoch = math.ceil(len(train_set) / effective_batch)
     trainer = trainer_class(settled.compile == "on", settled.pad_to)(
@@ -560,6 +562,9 @@ def save_final_adapter(model, run_dir: Path) -> None:
     try:
         with tempfile.TemporaryDirectory(dir=run_dir, prefix=".final-") as staging, modeling.no_progress_bars():
             model.save_pretrained(staging)
+            # --- diverged training: NaN or infinite weights never enter the run, which stays unfinished ---
+            runcheck.refuse_diverged_adapter(Path(staging) / runcheck.ADAPTER_WEIGHTS_FILE, run_dir)
+            # --- end ---
             rundir.move_files_into(Path(staging), run_dir)
     except OSError as error:
         raise rundir.write_failed(run_dir / runcheck.ADAPTER_WEIGHTS_FILE, error) from None

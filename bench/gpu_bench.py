@@ -14,9 +14,8 @@ CPU check of every code path except the CUDA-only calls (a 2-layer random Mistra
 
 Stages, each in its own subprocess (every peak-memory figure is its own, a crash costs one stage,
 the JSON is rewritten after each): build (bench/gpu_build.py: model folder, examples), train-RECIPE
-(bench/recipes/: original, default and its command-line variants through `python training.py`;
-trl and unsloth, the peers; tuning-VARIANT, candidate changes to the default), generate
-(bench/gpu_generate.py), scripts (training.py then testing_finetuned_model.py as a user runs them).
+(bench/recipes/: default and original through `python training.py`; trl and unsloth, the peers),
+generate (bench/gpu_generate.py), scripts (training.py then testing_finetuned_model.py as a user runs them).
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import gpu_report  # noqa: E402
-from bench.recipes import default as default_recipe  # noqa: E402
-from bench.recipes import tuning  # noqa: E402
+from bench.recipes import project  # noqa: E402
 from bench.gpu_common import (  # noqa: E402
     H100_SXM_BF16_DENSE_TFLOPS, OFFLINE_DATASETS, Paths, model_params, mfu, package_version, python_command,
     run_logged, write_json,
@@ -45,8 +43,8 @@ from qexpand.recipes import resolve_device  # noqa: E402
 from qexpand.rundir import read_json  # noqa: E402
 
 STAGE_GROUPS = ("train", "generate", "scripts")
-PROJECT_RECIPES = ("original", *default_recipe.VARIANTS)
-RECIPES = PROJECT_RECIPES + ("trl", "unsloth", "unsloth-padded") + tuple(f"tuning-{v}" for v in tuning.VARIANTS)
+PROJECT_RECIPES = ("original", *project.VARIANTS)
+RECIPES = PROJECT_RECIPES + ("trl", "unsloth")
 DEFAULT_RECIPES = ("default", "original", "trl", "unsloth")
 # Stages the report needs most come first, so a run cut short by --budget-s still has them.
 FIRST = ("train-default", "generate", "train-original", "train-trl", "train-unsloth", "scripts")
@@ -77,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Mistral tokenizer file or saved folder (default: mistral-common's copy)")
     parser.add_argument("--topics-home", default=None,
                         help="ir_datasets cache folder with the TREC topic files (copied before use); default: "
-                             "../shared/ir_datasets; 'none': stand-in topics with the real token counts")
+                             "../shared/ir_datasets")
     parser.add_argument("--datasets", nargs="+", default=list(OFFLINE_DATASETS), metavar="ID",
                         help="ir_datasets topic sets for the examples")
     parser.add_argument("--train-examples", type=int, default=None,
@@ -90,11 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gen-new-tokens", type=int, default=None, help="max_new_tokens of every generation")
     parser.add_argument("--original-gen-prompts", type=int, default=None,
                         help="prompts generated one at a time (the original way), scaled to --test-queries")
-    parser.add_argument("--gen-compile", action="store_true",
-                        help="also time the library's static cache with torch.compile (its first call compiles)")
-    parser.add_argument("--compare-testing-with", default=None, metavar="DIR",
-                        help="another checkout of the project (e.g. the previous version) whose "
-                             "testing_finetuned_model.py is also timed, on the same run, before this one's")
     parser.add_argument("--peak-tflops", type=float, default=H100_SXM_BF16_DENSE_TFLOPS,
                         help="peak dense bf16 TFLOP/s for MFU")
     parser.add_argument("--in-order", action="store_true",
@@ -128,7 +121,7 @@ def resolve_options(opts: argparse.Namespace) -> argparse.Namespace:
 
 
 def stage_train(opts, paths: Paths, recipe: str) -> dict:
-    from bench.recipes import default, original, trl, tuning, unsloth
+    from bench.recipes import trl, unsloth
 
     device = resolve_device(opts.device)
 
@@ -136,13 +129,11 @@ def stage_train(opts, paths: Paths, recipe: str) -> dict:
         return opts.deadline - time.time()
 
     if recipe == "original":
-        result = original.run(opts, paths, device, left_s)
-    elif recipe in default.VARIANTS:
-        result = default.run(opts, paths, device, left_s, recipe)
-    elif recipe.startswith("tuning-"):
-        result = tuning.run(opts, paths, device, left_s, recipe[len("tuning-"):])
-    elif recipe.startswith("unsloth"):
-        result = unsloth.run(opts, paths, device, left_s, padded=recipe == "unsloth-padded")
+        result = project.run_original(opts, paths, device, left_s)
+    elif recipe in project.VARIANTS:
+        result = project.run_default(opts, paths, left_s, recipe)
+    elif recipe == "unsloth":
+        result = unsloth.run(opts, paths, device, left_s)
     else:
         result = trl.run(opts, paths, device, left_s)
     result["mfu"] = mfu(result, model_params(paths), opts.peak_tflops)
@@ -150,7 +141,7 @@ def stage_train(opts, paths: Paths, recipe: str) -> dict:
 
 
 def run_child(stage: str, work_dir: str) -> int:
-    if stage.startswith("train-unsloth"):
+    if stage == "train-unsloth":
         import unsloth  # noqa: F401 - before transformers, so its patches apply everywhere
     from bench.gpu_build import stage_build
     from bench.gpu_generate import stage_generate
@@ -230,10 +221,6 @@ def stage_scripts(run: Run) -> None:
     paths, opts = run.paths, run.opts
     shutil.rmtree(paths.runs / "bench", ignore_errors=True)
     source = ["--datasets", *opts.datasets, "--split", "230", "35", "35"]
-    if read_json(paths.data)["source"] != "ir_datasets":
-        from bench.gpu_build import write_split_file
-
-        source = ["--split-file", str(write_split_file(paths, "scripts", 230, opts.seed)[0])]
     started = time.time()
     training = run_logged(python_command("training.py", "--model", paths.model, *source, "--output-dir", paths.runs,
                                          "--run-name", "bench"), paths, "training.py", run.left_s())
@@ -244,12 +231,6 @@ def stage_scripts(run: Run) -> None:
         args = ["--run", run_dir]
         if (paths.sbert / "config.json").is_file():
             args += ["--sbert-model", paths.sbert]
-        if opts.compare_testing_with:
-            other = Path(opts.compare_testing_with).resolve()
-            older_args = ["--run", run_for_checkout(run_dir, other), *args[2:]]
-            result["testing_compared"] = run_logged([sys.executable, str(other / "testing_finetuned_model.py"),
-                                                     *map(str, older_args)], paths, "testing-compared", run.left_s())
-            result["testing_compared"]["checkout"] = str(other)
         testing = run_logged(python_command("testing_finetuned_model.py", *args), paths, "testing", run.left_s())
         if "error" not in testing:
             scores = read_json(rundir.output_paths(run_dir, "test")["scores"])
@@ -259,30 +240,6 @@ def stage_scripts(run: Run) -> None:
     if errors:
         result["error"] = errors[0]
     run.record("scripts", result, time.time() - started)
-
-
-def run_for_checkout(run_dir: Path, checkout: Path) -> Path:
-    """A copy of the run whose recorded training settings are only those the other checkout knows.
-
-    An older version refuses a record with settings it does not know; the settings added since
-    (NEFTune, compiled blocks, fused LoRA layers) act in training only, and the test script reads
-    none of them."""
-    import json
-    import subprocess
-
-    from qexpand import rundir
-
-    ask = ("import dataclasses, json; from qexpand.config import TrainConfig; "
-           "print(json.dumps([f.name for f in dataclasses.fields(TrainConfig)]))")
-    known = json.loads(subprocess.run([sys.executable, "-c", ask], cwd=checkout, capture_output=True, text=True,
-                                      check=True).stdout)
-    copy = run_dir.with_name(f"{run_dir.name}-for-{checkout.name}")
-    shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(run_dir, copy)
-    record = read_json(copy / rundir.CONFIG_FILE)
-    record["config"] = {name: value for name, value in record["config"].items() if name in known}
-    write_json(copy / rundir.CONFIG_FILE, record)
-    return copy
 
 
 def planned_stages(opts) -> list[str]:

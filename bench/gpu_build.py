@@ -16,31 +16,6 @@ from bench.gpu_common import MODEL_META, Paths, free_memory, timed, write_json
 from qexpand.recipes import resolve_device
 from qexpand.rundir import read_json
 
-# Fallback when no topic files are at hand: token counts (Mistral tokenizer, no BOS/EOS) of the
-# 300 offline TREC topics (Web 2009 + Robust04, ir_datasets order), measured from ../shared.
-# With the project's prompt, prompt + description + EOS is then 68.2 tokens on average, at most 118.
-RECORDED_QUERY_TOKENS = (  # one hex digit per topic
-    "472132333242133534222421333342235232434343352545224a9a75753744747a7458539855434745977466832536"
-    "644535745248464434423526954334323325263333333352232349335454356394822555156646b344446437644274"
-    "623375333266384744345544474438636234633835554764945568733433356b643433345533767328443534633333"
-    "743438535533433427"
-)
-RECORDED_DESCRIPTION_TOKENS = (
-    "28 13 14 14 21 10 14 20 14 18 16 11 9 13 17 13 13 15 19 21 13 15 12 14 13 8 10 18 16 15 13 17 10 "
-    "11 12 15 14 18 13 9 15 15 29 7 12 12 13 8 12 10 26 19 22 30 15 19 33 15 13 18 42 17 8 26 17 17 25 "
-    "27 9 43 43 16 15 7 17 20 26 13 33 28 15 20 34 17 31 24 21 13 22 30 36 69 43 57 47 61 57 22 18 21 "
-    "20 21 20 31 16 19 46 16 12 13 9 9 12 23 10 16 22 12 18 20 32 13 18 12 16 17 14 18 16 12 22 43 11 "
-    "20 30 14 21 36 35 27 25 12 9 16 19 15 13 30 14 18 16 32 46 20 36 24 17 24 35 24 22 17 8 12 27 12 "
-    "6 13 19 14 17 12 18 19 13 14 22 19 12 17 10 14 12 11 18 11 18 10 12 16 10 22 24 17 18 19 13 21 26 "
-    "25 15 27 27 18 16 14 17 19 22 24 27 23 14 37 33 14 15 25 37 15 23 24 29 25 34 18 21 27 28 30 19 "
-    "12 12 21 18 18 18 29 13 12 25 30 18 23 19 16 15 29 10 33 16 23 19 14 18 17 12 42 12 12 11 10 14 "
-    "13 12 29 23 9 18 14 17 18 12 17 9 11 24 13 23 23 8 13 33 16 6 24 14 16 31 22 15 10 14 9 13 17 16 "
-    "9 10 20"
-)
-# Words that are one token each (with their leading space) in the Mistral vocabulary.
-ONE_TOKEN_WORDS = "the of and to in for is are what how about which information with from any one new use other".split()
-
-
 def find_tokenizer_source(requested: str | None) -> Path:
     if requested:
         path = Path(requested)
@@ -108,16 +83,13 @@ def usable_model_folder(opts, paths: Paths) -> dict | None:
     return meta if meta.get("tiny") == opts.tiny else None
 
 
-def find_topics_home(requested: str | None) -> Path | None:
-    if requested == "none":
-        return None
-    if requested:
-        if not Path(requested).is_dir():
-            raise FileNotFoundError(f"--topics-home {requested}: no such folder")
-        return Path(requested)
+def find_topics_home(requested: str | None) -> Path:
     from qexpand.data import SHARED_TOPICS
 
-    return SHARED_TOPICS if SHARED_TOPICS.is_dir() else None
+    home = Path(requested) if requested else SHARED_TOPICS
+    if not home.is_dir():
+        raise FileNotFoundError(f"no topic files at {home}: pass --topics-home (an ir_datasets cache folder)")
+    return home
 
 
 def copy_topics_home(source: Path, target: Path) -> None:
@@ -130,29 +102,12 @@ def copy_topics_home(source: Path, target: Path) -> None:
             os.chmod(path, os.stat(path).st_mode | 0o200)
 
 
-def load_real_topics(opts, paths: Paths) -> list | None:
+def load_topics(opts, paths: Paths) -> list:
     from qexpand import data
 
-    home = find_topics_home(opts.topics_home)
-    if home is None:
-        return None
-    copy_topics_home(home, paths.irds)
+    copy_topics_home(find_topics_home(opts.topics_home), paths.irds)
     os.environ["IR_DATASETS_HOME"] = str(paths.irds)
     return data.load_all_topics(opts.datasets)
-
-
-def words(count: int, offset: int) -> str:
-    return " ".join(ONE_TOKEN_WORDS[(offset + i) % len(ONE_TOKEN_WORDS)] for i in range(count))
-
-
-def recorded_topics() -> list:
-    """Stand-in topics whose token counts are those of the real ones (the words do not matter)."""
-    from qexpand.data import Topic
-
-    queries = [int(c, 16) for c in RECORDED_QUERY_TOKENS]
-    descriptions = [int(n) for n in RECORDED_DESCRIPTION_TOKENS.split()]
-    return [Topic("recorded", str(i), words(q, i), words(d, i + 7))
-            for i, (q, d) in enumerate(zip(queries, descriptions, strict=True))]
 
 
 def cycle_to(items: list, count: int) -> list:
@@ -167,9 +122,8 @@ def prepare_examples(opts, paths: Paths) -> dict:
     from qexpand import modeling
     from qexpand.prompt import PROMPT_TEMPLATE, tokenize_example
 
-    topics = load_real_topics(opts, paths)
-    source = "ir_datasets" if topics else "recorded lengths"
-    topics = topics or recorded_topics()
+    topics = load_topics(opts, paths)
+    source = "ir_datasets"
     order = sorted(topics, key=lambda t: (t.dataset, t.query_id))
     random.Random(opts.seed).shuffle(order)
     tokenizer = modeling.load_tokenizer(str(paths.model))

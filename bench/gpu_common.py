@@ -177,12 +177,8 @@ def measure_trainer(trainer, collator: CountingCollator, timer, warmup: int, ste
         "method": f"{steps} optimizer steps timed after {warmup} warm-up steps", "seconds": round(seconds, 3),
         "samples": samples, "real_tokens": real, "padded_tokens": padded,
         "samples_per_s": round(samples / seconds, 2), "real_tokens_per_s": round(real / seconds, 1),
-        "padded_tokens_per_s": round(padded / seconds, 1), "padding_share": round(1 - real / padded, 3),
-        "train_call_s": round(train_s, 2), "train_loss": train_result.training_loss,
-        # Each step after the first; and the train() call less those steps: start-up and the first step
-        # (compilation, if any, falls here) plus the little wrap-up after the last step.
-        "step_s": [round(b - a, 3) for a, b in zip(timer.ends, timer.ends[1:])],
-        "to_first_step_end_s": round(train_s - (timer.ends[-1] - timer.ends[0]), 2),
+        "padding_share": round(1 - real / padded, 3), "train_call_s": round(train_s, 2),
+        "train_loss": train_result.training_loss, "step_s": [round(b - a, 3) for a, b in zip(timer.ends, timer.ends[1:])],
     }
 
 

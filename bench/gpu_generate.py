@@ -75,33 +75,6 @@ def generate_one_by_one(model, tokenizer, queries: list[str], count: int, new_to
             "seconds": round(seconds * len(queries) / measured, 3), "prompts": len(queries)}
 
 
-def graph_costs(model, tokenizer, queries: list[str], new_tokens: int, device: str) -> dict:
-    """Capture time of the decode graph and the time per step with and without it, on the same batch:
-    the graph pays once the steps outnumber capture / (eager step - replayed step)."""
-    from qexpand.generation import GraphedGreedy
-    from qexpand.prompt import PROMPT_TEMPLATE, prompt_ids
-
-    prompts = [prompt_ids(tokenizer, PROMPT_TEMPLATE, q) for q in queries]
-    decoder, seconds = timed(lambda: _run(GraphedGreedy(model, prompts, tokenizer.pad_token_id,
-                                                        tokenizer.eos_token_id, new_tokens)), device)
-    steps = new_tokens - 1
-    result = {"graphed": decoder.graphed, "capture_s": round(decoder.capture_s, 3),
-              "graphed_step_ms": round(1000 * (seconds - decoder.capture_s) / new_tokens, 2)}
-    eager = GraphedGreedy(model, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, new_tokens)
-    eager._capture = lambda: None  # the same steps without the graph
-    _, eager_s = timed(lambda: _run(eager), device)
-    result["eager_step_ms"] = round(1000 * eager_s / new_tokens, 2)
-    saved = (result["eager_step_ms"] - result["graphed_step_ms"]) / 1000
-    result["crossover_steps"] = round(decoder.capture_s / saved, 1) if saved > 0 else None
-    result["steps"] = steps
-    return result
-
-
-def _run(decoder):
-    decoder.run()
-    return decoder
-
-
 def agreement(a: dict, b: dict) -> dict:
     """Rows with the same text, and the mean share of each text before the first difference (random
     weights make near-ties common, so two numerically different forms part ways early)."""
@@ -146,9 +119,6 @@ def stage_generate(opts, paths: Paths) -> dict:
     result["default"] = {"load_s": round(load_s, 2), **generate(model, tokenizer, queries, new, device, None)}
     result["default_again"] = generate(model, tokenizer, queries, new, device, None)
     result["default_without_graphs"] = generate(model, tokenizer, queries, new, device, graphed=False)
-    result["graph_costs"] = graph_costs(model, tokenizer, queries, new, device)
-    if opts.gen_compile:
-        result["library_compiled"] = library_static_compiled(model, tokenizer, queries, new, device)
     result["peak_gb"] = gpu_gb(device, peak=True)
     result["agreement"] = {
         "default_vs_today": agreement(result["default"], result["today"]),
@@ -156,20 +126,3 @@ def stage_generate(opts, paths: Paths) -> dict:
         "nf4_graphed_vs_today": agreement(result["nf4_graphed"], result["today"]),
     }
     return result
-
-
-def library_static_compiled(model, tokenizer, queries: list[str], new_tokens: int, device: str) -> dict:
-    """The library's own route: generate with cache_implementation="static", which compiles the decode
-    step on CUDA (first call: the compilation; second: the compiled steps)."""
-    from qexpand.prompt import PROMPT_TEMPLATE, prompt_ids
-
-    batch = tokenizer.pad({"input_ids": [prompt_ids(tokenizer, PROMPT_TEMPLATE, q) for q in queries]},
-                          padding_side="left", return_tensors="pt").to(device)
-
-    def run():
-        return model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-
-    _, first = timed(run, device)
-    _, second = timed(run, device)
-    return {"first_call_s": round(first, 2), "second_call_s": round(second, 3)}

@@ -31,15 +31,13 @@ def summarise(report: dict) -> None:
         report["training_py_wall_s"] = scripts["training"]["wall_s"]
     if scripts.get("testing", {}).get("exit") == 0:
         report["testing_py_wall_s"] = scripts["testing"]["wall_s"]
-    if scripts.get("testing_compared", {}).get("exit") == 0:
-        report["testing_py_wall_s_compared"] = scripts["testing_compared"]["wall_s"]
     report["ratios"] = ratios(report)
 
 
 def ratios(report: dict) -> dict:
     out = {}
     rates = report["train_samples_per_s"]
-    for peer in ("original", "trl", "unsloth", "unsloth_padded"):
+    for peer in ("original", "trl", "unsloth"):
         if rates.get("default") and rates.get(peer):
             out[f"default_over_{peer}_train_samples_per_s"] = round(rates["default"] / rates[peer], 2)
     gen = report["generate_35_s"]
@@ -49,35 +47,13 @@ def ratios(report: dict) -> dict:
     return out
 
 
-def fmt(value, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
 def print_table(report: dict) -> None:
+    """The headline figures on the console (the JSON has everything)."""
     print(f"\nGPU: {report['gpu']}   versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v))
-    print(f"{'recipe':<30}{'samples/s':>10}{'real tok/s':>12}{'peak GB':>9}{'MFU':>8}  setup")
-    for stage, result in report["stages"].items():
-        if not stage.startswith("train-"):
-            continue
-        name = stage[len("train-"):]
-        if "error" in result:
-            print(f"{name:<30}FAILED: {result['error'].splitlines()[0][:80]}")
-            continue
-        setup = f"batch {result.get('batch_size')}x{result.get('grad_accum')}, ckpt {result['checkpointing']}"
-        print(f"{name:<30}{fmt(result['samples_per_s']):>10}{fmt(result['real_tokens_per_s']):>12}"
-              f"{fmt(result['peak_gb'], 2):>9}{fmt(result['mfu']['mfu'], 3):>8}  {setup}")
-    print(f"\n{'generation (35 prompts)':<26}{'seconds':>9}")
-    for key, seconds in report["generate_35_s"].items():
-        print(f"{key:<26}{fmt(seconds, 3):>9}")
-    if report.get("generation_form"):
-        print(f"default form: {report['generation_form']}; agreement: {report.get('generation_agreement')}")
-    print(f"\ntraining.py wall {fmt(report.get('training_py_wall_s'))} s; testing_finetuned_model.py wall "
-          f"{fmt(report.get('testing_py_wall_s'))} s (compared checkout: "
-          f"{fmt(report.get('testing_py_wall_s_compared'))} s)")
-    if report["ratios"]:
-        print("ratios: " + ", ".join(f"{k} {v}" for k, v in report["ratios"].items()))
+    for key in ("train_samples_per_s", "real_tokens_per_s", "peak_gb", "mfu", "generate_35_s", "ratios"):
+        print(f"{key}: " + ", ".join(f"{name} {value}" for name, value in report[key].items()))
+    print(f"training.py wall {report.get('training_py_wall_s')} s; testing_finetuned_model.py wall "
+          f"{report.get('testing_py_wall_s')} s; default generation form: {report.get('generation_form')}")
     for stage, error in report["errors"].items():
         print(f"ERROR in {stage}: {error.splitlines()[0][:300]}")
     for module, error in report.get("import_failures", {}).items():

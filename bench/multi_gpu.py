@@ -2,38 +2,29 @@
 
 Run on a machine with 2 GPUs (the random 7B folder is built by gpu_bench.py's build stage first):
 
-    python bench/multi_gpu.py --tokenizer TOKENIZER_DIR --topics-home IRDS_DIR --out bench/results/multi_gpu.json
+    python bench/multi_gpu.py --tokenizer TOKENIZER_DIR --topics-home IRDS_DIR --repeat 10 --abba 10 \
+        --out bench/results/multi_gpu.json
 
 The real training.py runs under `accelerate launch --num_processes N` (N = 1 and --gpus), default
 recipe (batch 32 per GPU, recomputation), 3 epochs with the eval pass and checkpoint save of each
-epoch, on the 280 training examples repeated --repeat times (each copy a distinct record). Each N
-also runs once on the examples unrepeated: both runs have the same fixed costs (start-up, model
-load, first steps, 3 evals and saves), so their difference gives the time of the extra optimizer
-steps alone. Reported: scaling per optimizer step (from those differences) and end to end (the
-long run's training time and the whole command's wall time), and the fixed costs' share. A one-step
-warm-up run goes first, so that no timed run pays the first process's one-time costs.
+epoch, on the 280 training examples repeated --repeat times (each copy a distinct record), after a
+one-step warm-up run, so that no timed run pays the first process's one-time costs.
 
-With --abba COPIES the runs go in the order 1 GPU, N GPUs (both on --repeat copies), N GPUs, 1 GPU (on
-COPIES copies), with no short runs: each run's rate per optimizer step is read off its own loss log
-(training.py stamps every step), and pooling the two pairs cancels a steady drift of the host's speed
-during the call, which the sequential order puts on one side only. End to end (training time, fixed
-costs included) is reported per pair and pooled as well; with COPIES = --repeat both pairs carry the
-same fixed-cost share.
+The runs go in the order 1 GPU, N GPUs (both on --repeat copies), N GPUs, 1 GPU (on --abba copies).
+Each run's rate per optimizer step is read off its own loss log (training.py stamps every step), and
+pooling the two pairs cancels a steady drift of the host's speed during the call, which a sequential
+order puts on one side only. End to end (training time, fixed costs included) is reported per pair
+and pooled as well.
 
 With --length-grouping nothing is trained: how much longer the slowest process's batch of a step is
 with N processes than with one (padded tokens), computed from the real token counts, for the batches
 training.py gives several processes and for the length-grouped batches dealt out in turn as before.
-
-With --profile-steps K a 1-GPU and an N-GPU run each stop after a few steps, and K optimizer steps in
-the middle of their first epoch go through the PyTorch profiler (bench/profiled_training.py): per
-process, the step's wall time, the GPU's busy time, NCCL kernels and host waits.
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -49,10 +40,8 @@ from bench.gpu_common import Paths, environment_without_hub, logged_rate, logged
 from bench.recipes.project import warm_up_once  # noqa: E402
 from qexpand import batches, rundir  # noqa: E402
 from qexpand.recipes import RECIPES  # noqa: E402
-from qexpand.rundir import read_json  # noqa: E402
 
 EXAMPLES = 280
-PROFILE_SKIP = 8  # optimizer steps before a profiled window
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,27 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--topics-home", default=None, help="folder with the TREC topic files (ir_datasets layout)")
     parser.add_argument("--work-dir", default=None, help="gpu_bench.py's work folder (model reused)")
     parser.add_argument("--gpus", type=int, default=2, help="processes (GPUs) of the data-parallel run")
-    parser.add_argument("--repeat", type=int, default=10, help="copies of the training examples in the long run")
+    parser.add_argument("--repeat", type=int, default=10, help="copies of the training examples in the first pair")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of every run")
-    parser.add_argument("--bracket", action="store_true",
-                        help="run the 1-GPU long run again after the several-GPU runs (baseline drift)")
-    parser.add_argument("--side-by-side", action="store_true",
-                        help="also run one independent 1-GPU training per GPU at the same time (host contention)")
     parser.add_argument("--abba", type=int, default=None, metavar="COPIES",
-                        help="order 1, N, N, 1 GPUs (the second pair on COPIES copies); rates from the step times")
-    parser.add_argument("--profile-steps", type=int, default=None, metavar="K",
-                        help="profile K optimizer steps (after 8) of a 1-GPU and an N-GPU run on --repeat copies, "
-                             "through bench/profiled_training.py, instead of timing whole runs")
+                        help="copies of the training examples in the second pair (default: --repeat)")
     parser.add_argument("--length-grouping", action="store_true",
-                        help="no training: compute how much longer the slowest process's batch of a step is with N "
-                             "processes than with one, in padded tokens, for the topics repeated 1, 3, 6, 10 and "
-                             "--repeat times (training.py's batches for several processes, and the length-grouped batches "
-                             "dealt out in turn); with --tiny it needs no GPU")
-    parser.add_argument("--cpu-affinity", action="store_true",
-                        help="accelerate launch --enable_cpu_affinity for every run: each process kept to the CPU "
-                             "cores next to its GPU (needs nvidia-ml-py)")
-    parser.add_argument("--training-flags", default="", metavar="'FLAGS'",
-                        help="more training.py options for every timed run, e.g. '--compile on'")
+                        help="no training: the slowest process's padded tokens per step with N processes against "
+                             "one, for the topics repeated 1, 3, 6, 10 and --repeat times; with --tiny no GPU")
     parser.add_argument("--tiny", action="store_true", help="2-layer model on the CPU (gloo): checks the code path")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "multi_gpu.json"), help="result JSON")
     return parser
@@ -96,22 +71,17 @@ def bench_options(args) -> argparse.Namespace:
     argv += ["--tiny"] * args.tiny
     opts = gpu_bench.resolve_options(gpu_bench.build_parser().parse_args(argv))
     opts.out = str(Path(opts.work_dir) / "build-for-multi-gpu.json")
-    opts.training_flags = shlex.split(args.training_flags)  # split once, passed to every run
-    opts.cpu_affinity = args.cpu_affinity
     return opts
 
 
-def launch(paths: Paths, opts, processes: int, copies: int, epochs: int, name: str, gpus: str,
-           script: tuple[str, ...] = (str(REPO / "training.py"),), extra: tuple[str, ...] = ()):
-    """Start `accelerate launch training.py` (or `script`, which ends with the options it passes on to
-    training.py) on `copies` x the examples, seeing only the GPUs `gpus`."""
+def launch(paths: Paths, opts, processes: int, copies: int, epochs: int, name: str, gpus: str):
+    """Start `accelerate launch training.py` on `copies` x the examples, seeing only the GPUs `gpus`."""
     split, tokens = write_split_file(paths, name, EXAMPLES * copies, opts.seed)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["--multi_gpu"] * (processes > 1) + ["--enable_cpu_affinity"] * opts.cpu_affinity
-    command += [*script, "--model", str(paths.model), "--split-file", str(split),
-                "--epochs", str(epochs), "--output-dir", str(paths.runs), "--run-name", name, "--overwrite",
-                *opts.training_flags, *extra]
+    command += ["--multi_gpu"] * (processes > 1)
+    command += [str(REPO / "training.py"), "--model", str(paths.model), "--split-file", str(split),
+                "--epochs", str(epochs), "--output-dir", str(paths.runs), "--run-name", name, "--overwrite"]
     env = environment_without_hub(paths)
     if not opts.tiny:
         # One GPU per process: with more GPUs visible, one process would spread each batch over all
@@ -149,70 +119,14 @@ def train(paths: Paths, opts, processes: int, copies: int, epochs: int, suffix: 
     return finished_run(paths, name, copies, epochs, tokens, time.perf_counter() - started)
 
 
-def steady_rate(short: dict, long: dict) -> float:
-    """Samples per second of the optimizer steps alone: the long run's extra samples over its extra time."""
-    return round((long["examples"] - short["examples"]) / (long["train_seconds"] - short["train_seconds"]), 2)
-
-
-def one_gpu_again(paths: Paths, opts, args, one: dict, many: dict) -> dict:
-    """The 1-GPU long run once more, after the several-GPU runs: how far the baseline drifts in one call,
-    and the several-GPU speed-up against this second baseline."""
-    again = train(paths, opts, 1, args.repeat, args.epochs, suffix="-again")
-    rate = steady_rate(one["short"], again)
-    return {"long": again, "steady_samples_per_s": rate, "drift": round(rate / one["steady_samples_per_s"], 3),
-            "speedup_steady_samples_per_s": round(many["steady_samples_per_s"] / rate, 3)}
-
-
-def side_by_side(paths: Paths, opts, gpus: int, epochs: int, solo: dict) -> dict:
-    """`gpus` independent 1-GPU runs of the unrepeated examples at once, one per GPU, no communication.
-
-    If each is slower than the same run alone, the host (CPU, memory, clocks) is shared; what remains
-    of the data-parallel run's extra time per step is the data-parallel machinery itself."""
-    started = time.perf_counter()
-    runs = [(f"alone-gpu{i}", *launch(paths, opts, 1, 1, epochs, f"alone-gpu{i}", str(i))) for i in range(gpus)]
-    if any(process.wait() != 0 for _, process, _ in runs):
-        raise RuntimeError("a side-by-side run failed")
-    wall = time.perf_counter() - started
-    result = {name: finished_run(paths, name, 1, epochs, tokens, wall) for name, _, tokens in runs}
-    slowest = max(r["train_seconds"] for r in result.values())
-    return {"runs": result, "solo_train_seconds": solo["train_seconds"],
-            "slowest_over_solo": round(slowest / solo["train_seconds"], 3)}
-
-
-def scaling(args, paths: Paths, opts) -> dict:
-    result = {"gpus": [1, args.gpus], "repeat": args.repeat, "epochs": args.epochs, "runs": {}}
-    # The first training process of a fresh machine is slower; it must not be the 1-GPU short run.
-    result["warm_up"] = warm_up_once(opts, paths, 900, tuple(opts.training_flags))
-    for processes in (1, args.gpus):
-        short = train(paths, opts, processes, 1, args.epochs)
-        long = train(paths, opts, processes, args.repeat, args.epochs)
-        step_s = (long["train_seconds"] - short["train_seconds"]) / (long["global_steps"] - short["global_steps"])
-        fixed_s = short["train_seconds"] - step_s * short["global_steps"]
-        result["runs"][str(processes)] = {
-            "short": short, "long": long, "seconds_per_step": round(step_s, 4),
-            "samples_per_step": round(long["examples"] / long["global_steps"], 1),
-            "steady_samples_per_s": steady_rate(short, long),
-            "fixed_s": round(fixed_s, 2), "fixed_share_of_long": round(fixed_s / long["train_seconds"], 3),
-            "end_to_end_samples_per_s": round(long["examples"] / long["train_seconds"], 2),
-            "wall_samples_per_s": round(long["examples"] / long["wall_s"], 2)}
-        write_json(Path(args.out), result)  # kept if a later run does not finish in time
-    one, many = result["runs"]["1"], result["runs"][str(args.gpus)]
-    if args.bracket:
-        result["one_gpu_again"] = one_gpu_again(paths, opts, args, one, many)
-    if args.side_by_side:
-        result["side_by_side"] = side_by_side(paths, opts, args.gpus, args.epochs, one["short"])
-    for key in ("steady_samples_per_s", "end_to_end_samples_per_s", "wall_samples_per_s"):
-        result[f"speedup_{key}"] = round(many[key] / one[key], 3)
-    return result
-
-
 def abba_scaling(args, paths: Paths, opts) -> dict:
     """1 GPU, N GPUs, N GPUs, 1 GPU; per-step rates from each run's logged step times, and end to end
     (training time, fixed costs included), each per pair and pooled."""
     result = {"gpus": [1, args.gpus], "epochs": args.epochs, "order": "a1 b1 b2 a2", "runs": {}}
-    result["warm_up"] = warm_up_once(opts, paths, 900, tuple(opts.training_flags))
+    result["warm_up"] = warm_up_once(opts, paths, 900)
+    second = args.abba or args.repeat
     for label, processes, copies in (("a1", 1, args.repeat), ("b1", args.gpus, args.repeat),
-                                     ("b2", args.gpus, args.abba), ("a2", 1, args.abba)):
+                                     ("b2", args.gpus, second), ("a2", 1, second)):
         run = train(paths, opts, processes, copies, args.epochs, suffix=f"-{label}")
         # Training time outside the steady steps: the first steps, the eval passes and checkpoint saves.
         run["fixed_share"] = round(1 - run["global_steps"] * run["logged"]["mean_step_s"] / run["train_seconds"], 3)
@@ -283,33 +197,10 @@ def length_grouping(args, paths: Paths, opts) -> dict:
     return result
 
 
-def profiled(args, paths: Paths, opts) -> dict:
-    """A window of PROFILE_SKIP + K optimizer steps into a 1-GPU and an N-GPU run (mid-epoch, no eval or
-    save inside): where each process's step time goes (bench/profiled_training.py)."""
-    result = {"gpus": [1, args.gpus], "repeat": args.repeat, "runs": {}}
-    result["warm_up"] = warm_up_once(opts, paths, 900, tuple(opts.training_flags))
-    max_steps = PROFILE_SKIP + 1 + args.profile_steps + 1  # the profiler's warm-up step, one step after the window
-    for processes in sorted({1, args.gpus}):  # --gpus 1: the 1-GPU run alone
-        name = f"profile-gpus{processes}-x{args.repeat}"
-        out = paths.work / name
-        shutil.rmtree(out, ignore_errors=True)  # no summary of an earlier run is read as this one's
-        script = (str(REPO / "bench" / "profiled_training.py"), "--profile-out", str(out), "--skip-steps",
-                  str(PROFILE_SKIP), "--profile-steps", str(args.profile_steps), "--")
-        process, _ = launch(paths, opts, processes, args.repeat, args.epochs, name,
-                            ",".join(map(str, range(processes))), script, ("--max-steps", str(max_steps)))
-        if process.wait() != 0:
-            raise subprocess.CalledProcessError(process.returncode, process.args)
-        summaries = sorted(out.glob("profile-rank*.json"))
-        result["runs"][str(processes)] = [read_json(path) for path in summaries]
-        write_json(Path(args.out), result)
-    return result
-
-
 def main(args) -> int:
     opts = bench_options(args)
     gpu_bench.run_all(opts)  # with no stages: the build stage only (model folder, example order)
-    mode = (length_grouping if args.length_grouping else profiled if args.profile_steps
-            else abba_scaling if args.abba else scaling)
+    mode = length_grouping if args.length_grouping else abba_scaling
     result = mode(args, Paths(opts), opts)
     result["command"] = shlex.join(["python", *sys.argv])
     write_json(Path(args.out), result)

@@ -13,10 +13,9 @@ with `testing_finetuned_model.main` (fine-tuned, zero-shot, nearest-neighbour, t
   2004-2006; any other set alone) is the test set once; the model trains and picks its checkpoint on
   the other groups only, so it meets a collection and a way of phrasing topics it never saw.
 
-Each protocol's per-query test scores are pooled (means, 95% bootstrap intervals, paired differences;
-leave-one-group-out also per group). `--tune-on eval` scores variants on each split's eval topics and
-generates no test topic, so choices made with it cannot leak test information. Outputs: --out (JSON),
-the same name with .md (tables) and <stem>_per_query.png (plot).
+Per-query test scores are pooled per protocol (means, 95% bootstrap intervals, paired differences;
+leave-one-group-out also per group) into --out (JSON) and the same name with .md. `--tune-on eval`
+scores variants on each split's eval topics and generates no test topic, so it leaks no test information.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import os
 import re
 import shlex
 import shutil
-import stat
 import sys
 import tempfile
 import time
@@ -50,6 +48,7 @@ if str(REPO) not in sys.path:
 
 import testing_finetuned_model as testing  # noqa: E402
 import training  # noqa: E402
+from bench.gpu_build import copy_topics_home  # noqa: E402
 from qexpand import data, quiet, rundir  # noqa: E402
 from qexpand.content import CONTENT_METRICS  # noqa: E402
 from qexpand.errors import UserError, fail_if_problems, run_cli  # noqa: E402
@@ -107,11 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="'ARGS'",
                        help="testing_finetuned_model.py options of each variant for --tune-on eval")
     group = parser.add_argument_group("output")
-    group.add_argument("--out", default=None, help="JSON result; .md and _per_query.png go next to it (default: "
+    group.add_argument("--out", default=None, help="JSON result; the .md tables go next to it (default: "
                        "bench/results/quality.json, or quality_tune_eval.json with --tune-on eval)")
     group.add_argument("--runs-dir", default=None, help="keep the run directories here and reuse finished ones "
                        "trained from the same split and options (default: a temporary folder)")
-    group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
     group.add_argument("--verbose", action="store_true", help="show the scripts' own output instead of log files")
     return parser
 
@@ -132,7 +130,7 @@ def resolve_options(args: argparse.Namespace) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     problems = []
-    for name, low in (("folds", 2), ("eval_size", 1), ("threads", 1), ("first_splits", 1), ("limit_topics", 4)):
+    for name, low in (("folds", 2), ("eval_size", 1), ("first_splits", 1), ("limit_topics", 4)):
         if getattr(args, name) is not None and getattr(args, name) < low:
             problems.append(f"--{name.replace('_', '-')} must be at least {low}")
     if args.topics_home and not Path(args.topics_home).is_dir():
@@ -151,17 +149,12 @@ def validate(args: argparse.Namespace) -> None:
                             f"({error if isinstance(error, ValueError) else 'see above'}).") from None
 
 
-# ----------------------------------------------------------------------------- topics and splits
-
 def use_topics_copy(topics_home: str | None) -> str | None:
-    """Copy the topic cache to a temporary IR_DATASETS_HOME: ir_datasets writes into its home
-    (extracted files, empty folders of other sets) and the source must stay untouched."""
+    """A temporary copy of the topic cache as IR_DATASETS_HOME: ir_datasets writes into its home."""
     if topics_home is None:
         return None
     copy = Path(tempfile.mkdtemp(prefix="quality-irds-")) / "ir_datasets"
-    shutil.copytree(topics_home, copy)
-    for folder, _, _ in os.walk(copy):  # read-only source folders would stay read-only in the copy
-        os.chmod(folder, os.stat(folder).st_mode | stat.S_IWUSR)
+    copy_topics_home(Path(topics_home), copy)
     os.environ["IR_DATASETS_HOME"] = str(copy)
     return str(copy.parent)
 
@@ -190,8 +183,6 @@ def logo_splits(topics: list[data.Topic], args) -> list[tuple[str, dict]]:
             for name, ids in groups.items()]
 
 
-# ----------------------------------------------------------------------------- calling the two scripts
-
 @contextlib.contextmanager
 def output_to(log_file: Path | None):
     """Send the scripts' printing (per-query blocks, loss dicts) to a log file, if one is given."""
@@ -213,8 +204,7 @@ def testing_argv(args, run_dir: Path, extra: str, baseline: bool) -> list[str]:
 
 def train(args, split_file: Path, runs_dir: Path, name: str, log_file: Path | None) -> tuple[Path, bool]:
     """Train one split with training.main, or reuse a finished run trained from the same inputs."""
-    run_dir = runs_dir / name
-    argv = training_argv(args, split_file, runs_dir, name)
+    run_dir, argv = runs_dir / name, training_argv(args, split_file, runs_dir, name)
     wanted = {"train_argv": [a for a in argv if a not in (str(runs_dir), str(split_file))],
               "split_sha256": hashlib.sha256(split_file.read_bytes()).hexdigest()}
     record = run_dir / FOLD_RECORD
@@ -258,13 +248,10 @@ def run_splits(args, protocol: str, splits: list, runs_dir: Path, score_split) -
                         "best_eval_loss": finished.get("best_eval_loss"), **seconds, "outcome": outcome,
                         "topics": [[t.dataset, t.query_id] for t in split["test"]]})
         gc.collect()  # each call loads its own model; free it before the next split
-        elapsed = time.perf_counter() - started
-        print(f"  tested in {seconds['test_seconds']:.0f} s; {elapsed / 60:.1f} min so far, about "
-              f"{elapsed / (i + 1) * (len(splits) - i - 1) / 60:.1f} min to go for {protocol}", flush=True)
+        print(f"  tested in {seconds['test_seconds']:.0f} s; {(time.perf_counter() - started) / 60:.1f} min so far",
+              flush=True)
     return results
 
-
-# ----------------------------------------------------------------------------- pooling and reports
 
 def pool(reports: list[dict]) -> dict[str, dict[str, np.ndarray]]:
     """Concatenate each row's per-query arrays over splits (test sets are disjoint)."""
@@ -279,13 +266,8 @@ def summary(report: dict) -> dict:
             "content": {row: {m: s[m] for m in CONTENT_METRICS} for row, s in report["rows"].items()}}
 
 
-def split_summary(result: dict) -> dict:
-    scores = {k: result["outcome"].get(k) for k in ("generation_seconds", "ended_at_eos", "rows", "paired")}
-    return {**{k: v for k, v in result.items() if k != "outcome"}, **scores}
-
-
-def benchmark(args, protocol: str, splits: list, runs_dir: Path) -> tuple[dict, dict]:
-    """Train and test every split of one protocol; (results section, pooled per-query scores)."""
+def benchmark(args, protocol: str, splits: list, runs_dir: Path) -> dict:
+    """Train and test every split of one protocol; its results section."""
     results = run_splits(args, protocol, splits, runs_dir, lambda run_dir, log: score(
         args, run_dir, args.test_args, not args.skip_zero_shot, log))
     pooled = pool([r["outcome"] for r in results])
@@ -295,8 +277,10 @@ def benchmark(args, protocol: str, splits: list, runs_dir: Path) -> tuple[dict, 
                "topics": [t for r in results for t in r["topics"]]}
     if protocol == "logo":  # each held-out group on its own, as the test script scored it
         section["groups"] = {r["name"]: {"datasets": groups[r["name"]], **summary(r["outcome"])} for r in results}
-    section["per_fold"] = [split_summary(r) for r in results]
-    return section, pooled
+    section["per_fold"] = [{**{k: v for k, v in r.items() if k != "outcome"},
+                            **{k: r["outcome"].get(k) for k in ("generation_seconds", "ended_at_eos", "rows", "paired")}}
+                           for r in results]
+    return section
 
 
 def tune(args, protocol: str, splits: list, runs_dir: Path) -> dict:
@@ -357,42 +341,10 @@ def write_tuning_markdown(result: dict, path: Path) -> None:
     rundir.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def write_plot(pooled: dict, path: Path) -> None:
-    """Left: per-query SBERT, fine-tuned vs template. Right: sorted paired content-F1 differences,
-    fine-tuned minus nearest neighbour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tuned, template = pooled["finetuned"]["sbert"], pooled["template"]["sbert"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
-    left.scatter(template, tuned, s=10, alpha=0.6)
-    low, high = min(tuned.min(), template.min()), max(tuned.max(), template.max())
-    left.plot([low, high], [low, high], "k--", lw=1)
-    left.set(xlabel="template SBERT cosine", ylabel="fine-tuned SBERT cosine",
-             title=f"per query ({(tuned > template).mean():.0%} above the diagonal)")
-    diff = np.sort(pooled["finetuned"]["content_f1"] - pooled["nearest_neighbour"]["content_f1"])
-    right.bar(np.arange(len(diff)), diff, width=1.0, color=np.where(diff > 0, "tab:green", "tab:red"))
-    right.axhline(diff.mean(), color="tab:blue", ls="--", lw=1, label=f"mean {diff.mean():+.3f}")
-    right.set(xlabel="queries, sorted", ylabel="content F1: fine-tuned minus nearest neighbour",
-              title="paired differences")
-    right.legend()
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     resolve_options(args)
     validate(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     irds_tmp = use_topics_copy(args.topics_home)
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="quality-runs-")).resolve()
     out = Path(args.out)
@@ -415,9 +367,8 @@ def main(args: argparse.Namespace) -> int:
             result["seconds"] = round(time.perf_counter() - started, 1)
             write_tuning_markdown(result, out.with_suffix(".md"))
         else:
-            pooled = {}
             for protocol, protocol_splits in splits.items():
-                section, pooled[protocol] = benchmark(args, protocol, protocol_splits, runs_dir)
+                section = benchmark(args, protocol, protocol_splits, runs_dir)
                 if protocol == "kfold":  # the k-fold results keep the top-level keys of earlier results
                     result.update(section, paired_finetuned_minus_template=section["paired"]["finetuned_minus_template"])
                 else:
@@ -426,7 +377,6 @@ def main(args: argparse.Namespace) -> int:
                 result["seconds"] = round(time.perf_counter() - started, 1)
                 write_markdown(result, out.with_suffix(".md"))  # after each protocol: a later failure keeps it
                 rundir.atomic_write_json(out, result)
-            write_plot(pooled.get("kfold") or pooled["logo"], out.with_name(out.stem + "_per_query.png"))
         rundir.atomic_write_json(out, result)
         print(f"results: {out} (+ .md); {result['seconds'] / 60:.1f} min in all")
         ok = True

@@ -20,16 +20,12 @@ TINY_MISTRAL = dict(MISTRAL_7B, hidden_size=64, intermediate_size=128, num_hidde
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
 
 
-def save_random_mistral(folder: Path, tiny: bool, seed: int, device: str = "cpu", dtype=None,
-                        layers: int | None = None, vocab: int | None = None) -> int:
-    """Build the random model on `device` (with `layers` blocks and a `vocab`-word vocabulary instead
-    of the shape's own, if given) and save it into `folder`; returns its parameter count."""
+def save_random_mistral(folder: Path, tiny: bool, seed: int, device: str = "cpu", dtype=None) -> int:
+    """Build the random model on `device` and save it into `folder`; returns its parameter count."""
     import torch
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    shape = TINY_MISTRAL if tiny else MISTRAL_7B
-    config = MistralConfig(**dict(shape, num_hidden_layers=layers or shape["num_hidden_layers"],
-                                  vocab_size=vocab or shape["vocab_size"]))
+    config = MistralConfig(**(TINY_MISTRAL if tiny else MISTRAL_7B))
     torch.manual_seed(seed)
     # On a GPU, the normal_ init of 7.24B bf16 values takes well under a second.
     with torch.device(device):

@@ -1,38 +1,30 @@
-"""Do the expansions help retrieval? BM25 with each query form, scored with MAP, nDCG@10 and R@1000.
+"""Do the expansions help a search engine find relevant documents? One command measures it.
 
-Forms, each the title repeated --repeat-query times and then a text (query2doc's concatenation):
-  title      the title alone
-  template   title + "Find information about {title}."
-  expansion  title + the generated expansion (from --expansions: the JSONL that qexpand.expandtopics
-             writes, or the predictions.jsonl of testing_finetuned_model.py)
-  gold       title + the topic's own description: the ceiling an expansion can hope for
-Corpus, qrels and topics come from an ir_datasets id whose documents are at hand, e.g.
+It trains once (or takes a finished run with --run), expands every judged topic of each collection with
+the fine-tuned model and with the base model alone (zero-shot: same prompt, same decoding), retrieves
+with Lucene BM25 and BM25+RM3 (pyserini), and scores nDCG@10, MAP and R@1000 (ir_measures):
 
-    python bench/retrieval.py --dataset cord19/trec-covid --expansions covid.jsonl
+    python bench/retrieval.py --collections nfcorpus-dev vaswani cacm --model FOLDER --gguf-file NAME.gguf
 
-(downloads the CORD-19 documents with network access), or from local files:
-
-    python bench/retrieval.py --corpus docs.jsonl --qrels qrels.txt --topics topics.trec --expansions exp.jsonl
-
-(docs.jsonl: one {"doc_id", "text"} a line, an optional "title" is prepended; qrels in TREC form;
---topics: any topic source qexpand.topicfiles reads, for titles and gold descriptions; without it
-they come from the expansions file). Only topics with a relevant document, and with an expansion where
-expansions are given, are scored, so every form is compared on the same queries.
-
-BM25 is bm25s (Lucene's BM25 variant, Snowball English stemmer, English stop words) with
-Anserini's defaults k1=0.9, b=0.4: a maintained pure-Python library, where pyserini and PyTerrier
-need a Java runtime and their own index build. Significance: a two-sided paired randomization
-test over queries (sign flips of the per-query differences, scipy.stats.permutation_test,
-10,000 resamples, seeded) for every pair of forms and measure, without correction for the
-number of comparisons.
+Rows, each query the title repeated K times and then a text (K: the run's recipe, or --repeat-query):
+  title          the title alone
+  template       title + "Find information about {title}." (adds no information: the bar for "any added word")
+  zero_shot      title + the base model's expansion
+  finetuned      title + the fine-tuned expansion
+  rm3            BM25+RM3 (pseudo-relevance feedback) on the title: the classical expansion
+  finetuned_rm3  BM25+RM3 on the title + fine-tuned expansion
+Per collection and pooled over all topics, every compared pair gets the mean difference, a 95% bootstrap
+interval and the p of a paired randomization test (10,000 resamples, no correction for multiple pairs).
+Writes --out (JSON) and the same name with .md (the tables).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import shlex
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,206 +33,161 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from qexpand.data import query_key  # noqa: E402
+import testing_finetuned_model  # noqa: E402
+import training  # noqa: E402
+from qexpand import retrieval  # noqa: E402
 from qexpand.errors import UserError, run_cli  # noqa: E402
-from qexpand.rundir import atomic_write_json  # noqa: E402
-from qexpand.topicfiles import QueryTopic, expanded_query, read_topics  # noqa: E402
+from qexpand.expandtopics import journal_path  # noqa: E402
+from qexpand.recipes import expansion_defaults  # noqa: E402
+from qexpand.rundir import atomic_write_json, atomic_write_text  # noqa: E402
 
 TEMPLATE = "Find information about {query}."
-FORMS = ("title", "template", "expansion", "gold")
-MEASURE_NAMES = ("AP", "nDCG@10", "R@1000")
-SHOWN = {"AP": "MAP", "nDCG@10": "nDCG@10", "R@1000": "R@1000"}
+FORMS = ("title", "template", "zero_shot", "finetuned", "rm3", "finetuned_rm3")
+PAIRS = (("finetuned", "title"), ("finetuned", "template"), ("finetuned", "zero_shot"), ("finetuned", "rm3"),
+         ("template", "title"), ("zero_shot", "title"), ("rm3", "title"), ("finetuned_rm3", "rm3"),
+         ("finetuned_rm3", "title"))
+QID_JOIN = "__"  # collection and topic id in one query id, so all topics are expanded in one pass
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dataset", help="ir_datasets id with documents, qrels and topics")
-    parser.add_argument("--corpus", help="local corpus, JSONL of {doc_id, text}")
-    parser.add_argument("--qrels", help="local TREC qrels file (with --corpus)")
-    parser.add_argument("--topics", help="topic source for titles and gold descriptions (file, '-' or ir_datasets id)")
-    parser.add_argument("--expansions", help="JSONL with query_id and generated (expansion) per topic")
-    parser.add_argument("--repeat-query", type=int, default=1, help="times the title is repeated before the text")
-    parser.add_argument("--k1", type=float, default=0.9)
-    parser.add_argument("--b", type=float, default=0.4)
-    parser.add_argument("--hits", type=int, default=1000, help="documents retrieved per query")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the randomization test")
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--collections", nargs="+", default=["nfcorpus-dev", "vaswani", "cacm"], metavar="NAME",
+                        help="collection folders (docs.jsonl, topics.tsv, qrels.txt) or names in ../shared/collections")
+    parser.add_argument("--run", help="a finished run directory to use instead of training one")
+    parser.add_argument("--model", help="base model to train on (training.py --model)")
+    parser.add_argument("--gguf-file", help="GGUF file inside --model")
+    parser.add_argument("--recipe", default="retrieval", help="training recipe (training.py --recipe)")
+    parser.add_argument("--train-args", default="", help="more training.py options, as one quoted string")
+    parser.add_argument("--expand-args", default="", help="more testing_finetuned_model.py options for the expansions")
+    parser.add_argument("--repeat-query", type=int, help="K: times the title precedes a text (default: the run's recipe)")
+    parser.add_argument("--work-dir", default="checkpoints/retrieval-bench",
+                        help="indexes, expansions and the trained run go here; a rerun reuses indexes and expansions")
+    parser.add_argument("--out", default="bench/results/retrieval.json", help="the JSON report; the tables go beside it as .md")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and randomization tests")
     return parser
 
 
-def read_jsonl(path: str) -> list[dict]:
-    records = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise UserError(f"cannot read {path}: {error.strerror}.") from None
-    for number, line in enumerate(lines, start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                raise UserError(f"{path}, line {number}: not a JSON object; a JSONL file has one a line.") from None
-    return records
+def trained_run(args, work: Path) -> Path:
+    if args.run:
+        return Path(args.run)
+    if args.model is None:
+        raise UserError("give --model (and --gguf-file for a GGUF) to train on, or --run with a finished run.")
+    run_dir = work / "run"
+    if (run_dir / "finished.json").is_file():
+        raise UserError(f"{run_dir} already holds a finished run: pass --run {run_dir} to use it, or choose "
+                        "another --work-dir to train afresh.")
+    argv = ["--model", args.model, *(["--gguf-file", args.gguf_file] if args.gguf_file else []),
+            "--recipe", args.recipe, "--output-dir", str(work), "--run-name", "run", "--overwrite",
+            *shlex.split(args.train_args)]
+    return training.main(training.parse_config(argv))
 
 
-def expansion_records(path: str) -> dict[str, dict]:
-    records = {}
-    for number, record in enumerate(read_jsonl(path), start=1):
-        if not isinstance(record, dict) or "query_id" not in record or "generated" not in record:
-            raise UserError(f"{path}, record {number}: expected the keys query_id and generated (the files that "
-                            "qexpand.expandtopics and testing_finetuned_model.py write have them).")
-        records[str(record["query_id"])] = record
-    return records
+def expand_all(run_dir: Path, topics: dict[str, dict[str, str]], work: Path, args) -> dict[str, dict[str, str]]:
+    """{'finetuned' | 'zero_shot': {joined qid: expansion}}, every collection's topics in one pass each."""
+    source = work / "topics.tsv"
+    atomic_write_text(source, "".join(f"{name}{QID_JOIN}{qid}\t{query}\n" for name, by_qid in topics.items()
+                                      for qid, query in by_qid.items()))
+    expansions = {}
+    for form, extra in (("finetuned", []), ("zero_shot", ["--zero-shot"])):
+        out = work / f"{form}.jsonl"
+        argv = ["--run", str(run_dir), "--topics", str(source), "--format", "jsonl", "--out", str(out), *extra,
+                *shlex.split(args.expand_args)]
+        testing_finetuned_model.main(testing_finetuned_model.parse_config(argv))
+        records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines() if line.strip()]
+        expansions[form] = {r["query_id"]: r["generated"] for r in records}
+    return expansions
 
 
-def load_corpus(args) -> tuple[list[str], list[str], dict[str, dict[str, int]], list[QueryTopic] | None]:
-    """(doc ids, doc texts, qrels, topics of the data set or None)."""
-    if args.dataset:
-        import ir_datasets
-
-        try:
-            dataset = ir_datasets.load(args.dataset)
-        except KeyError:
-            raise UserError(f"unknown ir_datasets id '{args.dataset}' (the catalogue is at https://ir-datasets.com).") from None
-        if not (dataset.has_docs() and dataset.has_qrels()):
-            raise UserError(f"'{args.dataset}' lacks documents or qrels; choose a data set with both, or give "
-                            "--corpus and --qrels.")
-        qrels: dict[str, dict[str, int]] = {}
-        try:
-            docs = [(doc.doc_id, doc.default_text()) for doc in dataset.docs_iter()]
-            for judgement in dataset.qrels_iter():
-                qrels.setdefault(judgement.query_id, {})[judgement.doc_id] = judgement.relevance
-        except Exception as error:  # ir_datasets raises plain OSError/RuntimeError on failed downloads
-            raise UserError(
-                f"could not read the documents or qrels of '{args.dataset}' ({str(error).splitlines()[0][:200]}). "
-                "ir_datasets downloads free collections with network access; licensed ones (e.g. the disks of "
-                f"Robust04) must be placed in its cache first: see https://ir-datasets.com/{args.dataset.split('/')[0]}.html"
-            ) from None
-        return [d for d, _ in docs], [t for _, t in docs], qrels, read_topics(args.topics or args.dataset)
-    import ir_measures
-
-    docs = [(str(r["doc_id"]), " ".join(filter(None, [r.get("title"), r.get("text")]))) for r in read_jsonl(args.corpus)]
-    qrels = {}
-    try:
-        for judgement in ir_measures.read_trec_qrels(args.qrels):
-            qrels.setdefault(judgement.query_id, {})[judgement.doc_id] = judgement.relevance
-    except (OSError, ValueError, IndexError) as error:
-        raise UserError(f"cannot read the qrels {args.qrels} ({error}); expected TREC lines 'qid 0 docid relevance'.") from None
-    return [d for d, _ in docs], [t for _, t in docs], qrels, read_topics(args.topics) if args.topics else None
+def decoding(expansions: Path) -> dict:
+    """The generation settings the expansions were made with, from the header of their journal."""
+    header = json.loads(journal_path(str(expansions)).read_text(encoding="utf-8").splitlines()[0])
+    return {k: v for k, v in header["settings"].items() if k not in ("run", "zero_shot")}
 
 
-def bm25_runs(doc_ids, texts, queries: dict[str, dict[str, str]], args) -> dict[str, dict[str, dict[str, float]]]:
-    """{form: {qid: {doc_id: score}}}: BM25 top --hits documents with a positive score."""
-    import bm25s
-    import Stemmer
+def form_queries(topics: dict[str, str], expansions: dict, name: str, repeat: int) -> dict[str, dict[str, str]]:
+    """{form: {qid: query text}} for the BM25 forms; the RM3 forms reuse title and finetuned."""
+    def expanded(kind: str, qid: str) -> str:
+        return retrieval.weighted_query(topics[qid], expansions[kind][f"{name}{QID_JOIN}{qid}"], repeat)
 
-    stemmer = Stemmer.Stemmer("english")
-    retriever = bm25s.BM25(k1=args.k1, b=args.b)
-    retriever.index(bm25s.tokenize(texts, stopwords="en", stemmer=stemmer, show_progress=False), show_progress=False)
-    hits = min(args.hits, len(doc_ids))
-    runs = {}
-    for form, by_qid in queries.items():
-        qids = list(by_qid)
-        tokens = bm25s.tokenize([by_qid[q] for q in qids], stopwords="en", stemmer=stemmer, return_ids=False, show_progress=False)
-        found, scores = retriever.retrieve(tokens, k=hits, show_progress=False, n_threads=1)
-        runs[form] = {qid: {doc_ids[d]: float(s) for d, s in zip(found[i], scores[i]) if s > 0} for i, qid in enumerate(qids)}
-    return runs
+    return {"title": dict(topics),
+            "template": {q: retrieval.weighted_query(t, TEMPLATE.format(query=t), repeat) for q, t in topics.items()},
+            "zero_shot": {q: expanded("zero_shot", q) for q in topics},
+            "finetuned": {q: expanded("finetuned", q) for q in topics}}
 
 
-def per_query_scores(run: dict, qrels: dict, qids: list[str]) -> dict[str, np.ndarray]:
-    """{measure: values in qids order}; a query with nothing retrieved scores 0."""
-    import ir_measures
-
-    measures = [ir_measures.parse_measure(name) for name in MEASURE_NAMES]
-    values = {str(m): {} for m in measures}
-    for metric in ir_measures.iter_calc(measures, qrels, {q: run[q] for q in qids if run.get(q)}):
-        values[str(metric.measure)][metric.query_id] = metric.value
-    return {name: np.array([values[name].get(q, 0.0) for q in qids]) for name in MEASURE_NAMES}
-
-
-def randomization_p(a: np.ndarray, b: np.ndarray, seed: int) -> float:
-    from scipy.stats import permutation_test
-
-    if np.allclose(a, b):
-        return 1.0
-    result = permutation_test((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), permutation_type="samples",
-                              n_resamples=10_000, vectorized=True, random_state=seed)
-    return float(result.pvalue)
+def score_collection(collection: retrieval.Collection, topics: dict[str, str], expansions: dict, work: Path,
+                     repeat: int) -> dict[str, dict[str, np.ndarray]]:
+    """{form: {measure: per-query values in topic order}}."""
+    searcher = retrieval.Searcher(retrieval.build_index(collection, work / "indexes"))
+    queries = form_queries(topics, expansions, collection.name, repeat)
+    runs = {form: searcher.search(texts) for form, texts in queries.items()}
+    runs["rm3"] = searcher.search(queries["title"], rm3=True)
+    runs["finetuned_rm3"] = searcher.search(queries["finetuned"], rm3=True)
+    qrels, qids = collection.qrels(), list(topics)
+    return {form: retrieval.per_query(runs[form], qrels, qids) for form in FORMS}
 
 
-def form_queries(topics: list[QueryTopic], expansions: dict[str, dict] | None, repeat: int) -> dict[str, dict[str, str]]:
-    texts = {"title": lambda t: "", "template": lambda t: TEMPLATE.format(query=t.query),
-             "gold": lambda t: t.description}
-    if expansions is not None:
-        texts["expansion"] = lambda t: expansions[t.query_id]["generated"]
-    if not all(t.description for t in topics):
-        texts.pop("gold")
-        print("some topics have no description: the gold form is left out", file=sys.stderr)
-    return {form: {t.query_id: expanded_query(t.query, texts[form](t), "query+expansion", repeat) if form != "title"
-                   else t.query for t in topics} for form in FORMS if form in texts}
-
-
-def scored_topics(topics, expansions, qrels) -> list[QueryTopic]:
-    if topics is None:
-        if expansions is None:
-            raise UserError("no topics: give --topics, --dataset or --expansions.")
-        if not all(r.get("query") for r in expansions.values()):
-            raise UserError("the expansions file lacks the query text of some topics; give the topics with --topics.")
-        topics = [QueryTopic(q, r["query"], r.get("description") or "") for q, r in expansions.items()]
-    judged = {q for q, docs in qrels.items() if any(relevance > 0 for relevance in docs.values())}
-    kept = [t for t in topics if t.query_id in judged and (expansions is None or t.query_id in expansions)]
-    if not kept:
-        raise UserError("no topic has both a relevant document in the qrels and an expansion: do the query ids match?")
-    other = [t for t in kept if expansions and "query" in expansions[t.query_id]
-             and query_key(expansions[t.query_id]["query"]) != query_key(t.query)]
-    if other:
-        print(f"warning: {len(other)} expansions were made for another query than the topic's (e.g. "
-              f"{other[0].query_id}: {expansions[other[0].query_id]['query']!r}, topic {other[0].query!r})", file=sys.stderr)
-    return kept
+def summary(scores: dict[str, dict[str, np.ndarray]], seed: int) -> dict:
+    n_topics = len(next(iter(scores["title"].values())))
+    rows = {form: {m: float(v.mean()) for m, v in scores[form].items()} for form in FORMS}
+    paired = {f"{a}_vs_{b}": {m: retrieval.paired(scores[a][m], scores[b][m], seed) for m in retrieval.MEASURES}
+              for a, b in PAIRS}
+    return {"n_topics": n_topics, "rows": rows, "paired": paired}
 
 
 def markdown(report: dict) -> str:
-    forms = list(report["means"])
-    lines = [f"BM25 (bm25s, k1={report['k1']}, b={report['b']}) on {report['documents']} documents, "
-             f"{report['queries']} queries; p: paired randomization test against title", "",
-             "| form | " + " | ".join(SHOWN[m] for m in MEASURE_NAMES) + " |", "|---|" + "---|" * len(MEASURE_NAMES)]
-    for form in forms:
-        cells = [f"{report['means'][form][m]:.4f}" + ("" if form == "title" else f" (p={report['p'][f'{form} vs title'][m]:.3g})")
-                 for m in MEASURE_NAMES]
-        lines.append(f"| {form} | " + " | ".join(cells) + " |")
-    lines += ["", "| paired randomization test, p | " + " | ".join(SHOWN[m] for m in MEASURE_NAMES) + " |",
-              "|---|" + "---|" * len(MEASURE_NAMES)]
-    lines += [f"| {pair} | " + " | ".join(f"{p[m]:.3g}" for m in MEASURE_NAMES) + " |" for pair, p in report["p"].items()]
-    return "\n".join(lines) + "\n"
+    lines = [f"Engine: {report['engine']}. Query: title x{report['repeat_query']} + text. "
+             "Expansions: " + ", ".join(f"{k} {v}" for k, v in report["expansion"].items()) + ".", "", f"Command: `{report['command']}` ({report['seconds']:.0f} s)", ""]
+    for name, part in [*report["collections"].items(), ("pooled", report["pooled"])]:
+        lines += [f"## {name} ({part['n_topics']} topics)", "", "| row | " + " | ".join(retrieval.MEASURES) + " |",
+                  "|---|" + "---|" * len(retrieval.MEASURES)]
+        lines += [f"| {form} | " + " | ".join(f"{part['rows'][form][m]:.4f}" for m in retrieval.MEASURES) + " |"
+                  for form in FORMS]
+        lines += ["", "| paired: mean difference [95% interval] (p) | " + " | ".join(retrieval.MEASURES) + " |",
+                  "|---|" + "---|" * len(retrieval.MEASURES)]
+        for pair, by_measure in part["paired"].items():
+            cells = [f"{d['diff']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] ({d['p']:.3g})" for d in by_measure.values()]
+            lines.append(f"| {pair.replace('_vs_', ' - ')} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
-def main(args) -> int:
-    if bool(args.dataset) == bool(args.corpus) or bool(args.corpus) != bool(args.qrels):
-        raise UserError("give either --dataset ID, or --corpus FILE with --qrels FILE.")
-    if args.hits < 1 or args.repeat_query < 0:
-        raise UserError("--hits must be at least 1 and --repeat-query at least 0.")
-    expansions = expansion_records(args.expansions) if args.expansions else None
-    doc_ids, texts, qrels, topics = load_corpus(args)
-    if not doc_ids:
-        raise UserError("the corpus holds no documents.")
-    topics = scored_topics(topics, expansions, qrels)
-    qids = [t.query_id for t in topics]
-    queries = form_queries(topics, expansions, args.repeat_query)
-    runs = bm25_runs(doc_ids, texts, queries, args)
-    scores = {form: per_query_scores(run, qrels, qids) for form, run in runs.items()}
-    report = {"documents": len(doc_ids), "queries": len(qids), "k1": args.k1, "b": args.b,
-              "repeat_query": args.repeat_query, "hits": args.hits,
-              "means": {f: {m: float(v.mean()) for m, v in s.items()} for f, s in scores.items()},
-              "p": {f"{a} vs {b}": {m: randomization_p(scores[a][m], scores[b][m], args.seed) for m in MEASURE_NAMES}
-                    for b, a in itertools.combinations(scores, 2)},
-              "per_query": {f: {m: dict(zip(qids, v.tolist())) for m, v in s.items()} for f, s in scores.items()}}
+def main(argv: list[str] | None = None) -> dict:
+    """Train or take the run, expand, retrieve, score; returns the report written to --out."""
+    started = time.perf_counter()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    retrieval.check_java()
+    collections = [retrieval.find_collection(c) for c in args.collections]
+    if len({c.name for c in collections}) != len(collections):
+        raise UserError("two collections have the same folder name; give each collection once.")
+    if args.repeat_query is not None and args.repeat_query < 1:
+        raise UserError(f"--repeat-query must be at least 1 (got {args.repeat_query}).")
+    topics = {c.name: c.judged_topics() for c in collections}
+    for name, judged in topics.items():
+        if not judged:
+            raise UserError(f"no topic of {name} has a relevant document in its qrels.txt: do the query ids match?")
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    run_dir = trained_run(args, work)
+    expansions = expand_all(run_dir, topics, work, args)
+    repeat = args.repeat_query or expansion_defaults(run_dir)["repeat_query"]
+    scores = {c.name: score_collection(c, topics[c.name], expansions, work, repeat) for c in collections}
+    pooled = {form: {m: np.concatenate([scores[c][form][m] for c in scores]) for m in retrieval.MEASURES}
+              for form in FORMS}
+    report = {"engine": retrieval.ENGINE, "command": shlex.join(["python", "bench/retrieval.py", *argv]),
+              "seconds": 0.0, "run": str(run_dir), "repeat_query": repeat, "expansion": decoding(work / "finetuned.jsonl"),
+              "collections": {name: summary(s, args.seed) for name, s in scores.items()},
+              "pooled": summary(pooled, args.seed)}
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, report)
+    atomic_write_text(out.with_suffix(".md"), markdown(report))
     print(markdown(report))
-    if args.out:
-        atomic_write_json(Path(args.out), report)
-        print(f"results: {args.out}", file=sys.stderr)
-    return 0
+    print(f"results: {out} and {out.with_suffix('.md')}", file=sys.stderr)
+    return report
 
 
 if __name__ == "__main__":
-    cli_args = build_parser().parse_args()
-    run_cli(lambda: main(cli_args), "")
+    run_cli(lambda: bool(main()) and 0, "")

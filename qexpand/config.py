@@ -19,7 +19,7 @@ QUANTIZATION_CHOICES = ("auto", "nf4", "none")
 PRECISION_CHOICES = ("auto", "bf16", "fp32")
 OPTIMIZER_CHOICES = ("adamw", "paged_adamw_8bit")
 LORA_TARGET_CHOICES = ("all-linear", "all-linear+lm_head")
-SELECT_CHOICES = ("mbr", "anchored")
+SELECT_CHOICES = ("mbr", "anchored", "join")
 # Settings of a run that are about where it is written, not what is trained.
 INVOCATION_FIELDS = ("output_dir", "run_name", "overwrite", "resume")
 
@@ -45,10 +45,15 @@ class TrainConfig:
     seed: int | None = option(None, "seed of the split and of training (default: 42)", DATA)
     prompt_template: str | None = option(None, "prompt with a {query} placeholder; the description follows it "
                                          "(default: the one in qexpand/prompt.py)", DATA)
+    target: str | None = option(None, "what the model learns to write: the topic's description, or the "
+                                "description followed by the narrative's sentences on what a relevant document "
+                                "holds (the judges' stock phrasing and what is not wanted left out)", DATA,
+                                choices=("description", "description+narrative"))
     max_length: int | None = option(None, "longest prompt + description, in tokens", DATA)
-    recipe: str | None = option(None, "named preset for every option below: default (this project's) or "
+    recipe: str | None = option(None, "named preset for every option below: default (this project's), "
+                                "retrieval (the default trained for query expansion in a search engine) or "
                                 "original (the original work's hyper-parameters); see the README", TRAINING,
-                                choices=("default", "original"))
+                                choices=("default", "retrieval", "original"))
     epochs: float | None = option(None, "passes over the training topics", TRAINING)
     max_steps: int | None = option(None, "stop after this many optimizer steps (0 = no cap; the original "
                                    "recipe caps at 100)", TRAINING)
@@ -177,16 +182,21 @@ class TestConfig:
     merge: bool = option(False, "load the base unquantized and merge the adapter into it (faster generation; "
                          "done anyway whenever the base is unquantized)", MODEL)
     batch_size: int = option(64, "queries per generate() call", GENERATION)
-    max_new_tokens: int = option(96, "cap on generated tokens (EOS stops earlier)", GENERATION)
-    num_candidates: int = option(1, "sample N expansions per query (1 = greedy) and keep one (--select)",
-                                 GENERATION)
+    max_new_tokens: int | None = option(None, "cap on generated tokens (EOS stops earlier) (default: 96; with "
+                                        "--topics, as the run's recipe says)", GENERATION)
+    num_candidates: int | None = option(None, "sample N expansions per query (1 = greedy) and keep one or join "
+                                        "them (--select) (default: 1; with --topics, as the run's recipe says: "
+                                        "8 joined for --recipe retrieval)", GENERATION)
     temperature: float | None = option(None, "sampling temperature when N > 1 (default: 0.7)", GENERATION)
     select: str | None = option(None, "with N > 1: mbr keeps the candidate closest on average to the others; "
-                                "anchored adds its closeness to the query (default: mbr)", GENERATION,
+                                "anchored adds its closeness to the query; join keeps them all, one after the "
+                                "other (a pseudo-document for retrieval) (default: mbr)", GENERATION,
                                 choices=SELECT_CHOICES)
     seed: int = option(0, "sampling seed", GENERATION)
     baseline: bool = option(False, "also generate with the base model alone (zero-shot, same prompt) and "
                             "score it", SCORES)
+    zero_shot: bool = option(False, "with --topics: expand with the base model alone (the adapter switched off, "
+                             "same prompt and decoding), the baseline a fine-tuned expansion must beat", RETRIEVAL)
     sbert_model: str | None = option(None, "sentence-transformers model for the cosine score (default: "
                                      "all-MiniLM-L6-v2)", SCORES)
 
@@ -202,9 +212,9 @@ def validate_testing(config: TestConfig) -> None:
         others = [flag_name(n) for n in ("query", "test_datasets", "split_part", "baseline") if getattr(config, n)]
         if others:
             problems.append(f"--topics expands a topic file, so it cannot go with {', '.join(others)}")
-    elif any(getattr(config, n) is not None for n in TOPIC_OUTPUT_FIELDS):
-        problems.append("--out, --format, --query-form and --repeat-query describe the output of --topics; "
-                        "give --topics too")
+    elif any(getattr(config, n) is not None for n in TOPIC_OUTPUT_FIELDS) or config.zero_shot:
+        problems.append("--out, --format, --query-form, --repeat-query and --zero-shot describe the output of "
+                        "--topics; give --topics too")
     if config.query is not None:
         if any(not q.strip() for q in config.query):
             problems.append("--query got an empty or whitespace-only query; give the words to expand")
@@ -213,11 +223,21 @@ def validate_testing(config: TestConfig) -> None:
     if config.split_part and (config.query is not None or config.test_datasets):
         problems.append("--split-part picks a part of the run's split, so it cannot go with --query or "
                         "--test-datasets")
-    if config.num_candidates == 1 and (config.temperature is not None or config.select):
+    if config.num_candidates == 1 and (config.temperature is not None or config.select):  # None: the recipe's
         problems.append("--temperature and --select only apply when sampling, i.e. with --num-candidates 2 "
                         "or more")
     if config.merge and config.quantization == "nf4":
         problems.append("--merge loads the base unquantized, so it cannot go with --quantization nf4")
+    # The SBERT model scores expansions against gold descriptions and picks one of several sampled
+    # candidates; ad-hoc queries and topic files have no gold, so unless it picks, it would load for nothing.
+    # Without --num-candidates and --select, every recipe's expansion is greedy or joins its candidates.
+    unscored = "--query" if config.query is not None else "--topics" if config.topics is not None else None
+    picks = config.select in ("mbr", "anchored") or ((config.num_candidates or 1) > 1 and config.select != "join")
+    if config.sbert_model is not None and unscored and not picks:
+        problems.append(f"--sbert-model is unused with {unscored}: those expansions have no gold description to "
+                        "score, and the model only picks among sampled candidates with --num-candidates 2 or more "
+                        "(and --select mbr or anchored); leave out --sbert-model, or sample several candidates "
+                        "for it to choose from")
     if config.model:
         problems += check_model_source(config.model, config.gguf_file)
     elif config.gguf_file:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,19 @@ SPLIT_NAMES = ("train", "eval", "test")
 QUERY_FIELDS = ("title", "query", "text")
 DESCRIPTION_FIELD = "description"
 NARRATIVE_FIELD = "narrative"
+# What the model learns to write after the query: the description, or the description followed by the
+# narrative's positive sentences (what a relevant document holds, more terms for a retrieval engine).
+TARGETS = ("description", "description+narrative")
+SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
+# A narrative sentence about what is NOT wanted would teach the model to add the very terms to avoid.
+EXCLUDING = re.compile(r"\b(not|irrelevant|non-relevant|nonrelevant|unless|except|excluding)\b", re.IGNORECASE)
+# The judges' stock framing ("A relevant document must identify", "... is relevant"): it names no topic.
+STOCK_FRAMING = re.compile(
+    r"\b(a|any|the)?\s*(relevant\s+)?(documents?|docs?|reports?|articles?)\s+(which|that)?\s*"
+    r"(must|should|will|would|may|might|can|could|need to|needs to|to be relevant)?\s*(also\s+)?"
+    r"(as a minimum\s+)?(contain|include|identify|discuss|describe|mention|provide|give|report|cite|"
+    r"focus on|address|be about)?s?\b|\b(is|are|would be|will be)\s+(also\s+)?relevant\b|\brelevant\b",
+    re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,24 @@ class Topic:
     description: str
     # Default "" so split.json files written before the narrative was kept still load.
     narrative: str = ""
+
+
+def positive_narrative(narrative: str) -> str:
+    """The sentences of a narrative that say what is wanted, without the judges' stock framing."""
+    kept = []
+    for sentence in SENTENCE_END.split(narrative):
+        if sentence.strip() and not EXCLUDING.search(sentence):
+            text = re.sub(r"\s+([.,;:?!)])", r"\1", normalise_whitespace(STOCK_FRAMING.sub(" ", sentence))).strip(" ,:;")
+            if len(text.split()) >= 2:
+                kept.append(text[0].upper() + text[1:])
+    return " ".join(kept)
+
+
+def training_target(topic: Topic, target: str) -> str:
+    """The text the model learns to write for a topic (see TARGETS)."""
+    if target == "description+narrative":
+        return normalise_whitespace(f"{topic.description} {positive_narrative(topic.narrative)}")
+    return topic.description
 
 
 def normalise_whitespace(text: str) -> str:

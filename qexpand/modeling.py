@@ -155,17 +155,27 @@ def load_base_model(model: str, gguf_file: str | None, quantization: str, device
 @contextlib.contextmanager
 def no_progress_bars(hide: bool = True):
     """Hide the library's progress bars for work of a few seconds (de-quantizing a small GGUF file,
-    writing the adapter), where they are noise."""
+    writing the adapter), where they are noise; the scripts' own bars (training steps, generation)
+    are left alone.
+
+    transformers' GGUF reader draws its "de-quantizing" bar with tqdm itself, past the library's
+    progress-bar switch, so while hidden it is handed the library's tqdm, which obeys the switch."""
+    from unittest import mock
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
     from transformers.utils import logging as hf_logging
 
-    if not hide or not hf_logging.is_progress_bar_enabled():
+    if not hide:
         yield
         return
+    was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with mock.patch.object(gguf_reader, "tqdm", hf_logging.tqdm):
+            yield
     finally:
-        hf_logging.enable_progress_bar()
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def describe_loaded(model) -> dict:

@@ -9,6 +9,7 @@ table of the differences and why ours differ.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 from qexpand import data
@@ -19,7 +20,7 @@ from qexpand.prompt import PROMPT_TEMPLATE
 
 COMMON = {
     "model": DEFAULT_MODEL, "datasets": list(data.DEFAULT_DATASETS), "split": list(data.DEFAULT_SPLIT),
-    "seed": data.DEFAULT_SEED, "prompt_template": PROMPT_TEMPLATE, "epochs": 3.0, "warmup_ratio": 0.05,
+    "seed": data.DEFAULT_SEED, "prompt_template": PROMPT_TEMPLATE, "target": "description", "epochs": 3.0, "warmup_ratio": 0.05,
     "weight_decay": 0.0, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "neftune_alpha": 0.0, "save_every": 0,
     "logging_steps": 1,
 }
@@ -36,10 +37,34 @@ RECIPES = {
                 "grad_accum": 1, "optimizer": "adamw", "lora_targets": "all-linear", "pad_to": 0,
                 "lora_kernels": "fused",
                 "batch_size": {"cuda": 32, "cpu": 16}, "gradient_checkpointing": {"cuda": "on", "cpu": "off"}},
+    # For retrieval: the same training, on the description and what the narrative says a relevant document
+    # holds, so the model writes more of the terms a search engine matches (bench/results/retrieval.md).
+    "retrieval": {**COMMON, "target": "description+narrative", "neftune_alpha": 5.0, "max_length": 256,
+                  "max_steps": 0, "learning_rate": 2e-4, "grad_accum": 1, "optimizer": "adamw",
+                  "lora_targets": "all-linear", "pad_to": 0, "lora_kernels": "fused",
+                  "batch_size": {"cuda": 32, "cpu": 16}, "gradient_checkpointing": {"cuda": "on", "cpu": "off"}},
     "original": {**COMMON, "max_length": 512, "max_steps": 100, "learning_rate": 2.5e-5, "grad_accum": 4,
                  "optimizer": "paged_adamw_8bit", "lora_targets": "all-linear+lm_head", "pad_to": 512,
                  "batch_size": 2, "gradient_checkpointing": "on", "lora_kernels": "peft"},
 }
+
+
+# How a run's expansions are made when the test script expands topics for retrieval (--topics), by the
+# recipe the run was trained with; options given on the command line win. repeat_query is K, the times the
+# query precedes its expansion in the expanded query. Chosen on the shared collections (bench/results/retrieval.md).
+EXPANSION = {
+    "default": {"num_candidates": 1, "select": None, "temperature": None, "max_new_tokens": 96, "repeat_query": 1},
+    "original": {"num_candidates": 1, "select": None, "temperature": None, "max_new_tokens": 96, "repeat_query": 1},
+    "retrieval": {"num_candidates": 8, "select": "join", "temperature": 0.7, "max_new_tokens": 128, "repeat_query": 3},
+}
+
+
+def expansion_defaults(run_dir) -> dict:
+    """The EXPANSION settings of the recipe a run was trained with (read from its run_config.json)."""
+    from pathlib import Path
+
+    recorded = json.loads((Path(run_dir) / "run_config.json").read_text(encoding="utf-8"))["config"]
+    return EXPANSION[recorded.get("recipe") or "default"]
 
 
 # Compiling the transformer blocks cost each training.py process 42 s (64 s the first time on a machine) on
@@ -137,11 +162,19 @@ def settle_testing(config: TestConfig, trained: TrainConfig, base_model: str, gg
     if form.quantization == "nf4" and config.precision == "fp32":
         raise UserError("--precision fp32 cannot go with a 4-bit NF4 base, which always computes in bf16; "
                         "add --quantization none (or --merge) to generate with float32 weights.")
+    # Expanding topics for retrieval follows the run's recipe (EXPANSION); scoring a split decodes greedily.
+    recipe = EXPANSION[trained.recipe or "default"] if config.topics else EXPANSION["default"]
+    candidates = config.num_candidates or recipe["num_candidates"]
+    sampling = candidates > 1
+    if not sampling and (config.temperature is not None or config.select):
+        raise UserError("--temperature and --select only apply when sampling, i.e. with --num-candidates 2 or more.")
     settled = dataclasses.replace(
         config, device=device, quantization=form.quantization, precision=precision,
-        split_part=config.split_part or "test", temperature=config.temperature or 0.7,
-        select=config.select or ("mbr" if config.num_candidates > 1 else None),
+        split_part=config.split_part or "test", num_candidates=candidates,
+        max_new_tokens=config.max_new_tokens or recipe["max_new_tokens"],
+        temperature=(config.temperature or recipe["temperature"] or 0.7) if sampling else None,
+        select=(config.select or recipe["select"] or "mbr") if sampling else None,
         format=config.format or "tsv", query_form=config.query_form or "query+expansion",
-        repeat_query=config.repeat_query or 1,
+        repeat_query=config.repeat_query or recipe["repeat_query"],
     )
     return settled, form

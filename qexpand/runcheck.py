@@ -36,8 +36,8 @@ def damaged(run_dir: Path, name: str, problem: str) -> UserError:
 
 
 # Training settings added after run directories had been written without them, with the value that
-# says how such a run trained (it had no compiled blocks and peft's LoRA layers).
-ADDED_SETTINGS = {"compile": "off", "lora_kernels": "peft"}
+# says how such a run trained (it had no compiled blocks and peft's LoRA layers, and learnt the description).
+ADDED_SETTINGS = {"compile": "off", "lora_kernels": "peft", "target": "description"}
 
 
 def read_record(run_dir: Path) -> RunRecord:
@@ -63,8 +63,44 @@ def read_split(run_dir: Path) -> dict[str, list[data.Topic]]:
         raise damaged(run_dir, rundir.SPLIT_FILE, f"is not a train/eval/test split ({error!r})") from None
 
 
+def split_part_topics(run_dir: Path, split: dict[str, list[data.Topic]], part: str) -> list[data.Topic]:
+    """The topics of one part of a run's split, refused when there are none: a run trained with a
+    --split-file whose test list was empty has nothing to expand or score there."""
+    if not split[part]:
+        raise UserError(
+            f"the run {run_dir} has no {part} topics ({rundir.SPLIT_FILE} lists none), so there is nothing of "
+            f"its own to expand and score. Give the queries to expand with --query, --topics or "
+            f"--test-datasets, or train a run whose split has {part} topics (e.g. --split 30 5 5)."
+        )
+    return split[part]
+
+
+def non_finite_summary(weights_file: Path) -> str | None:
+    """'K of N tensors (the first: NAME)' where a safetensors file holds NaN or infinite weights, else None."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(weights_file), framework="pt") as weights:
+        names = list(weights.keys())
+        broken = [n for n in names if not torch.isfinite(weights.get_tensor(n)).all()]
+    return f"{len(broken)} of {len(names)} tensors (the first: {broken[0]})" if broken else None
+
+
+def refuse_diverged_adapter(weights_file: Path, run_dir: Path) -> None:
+    """Stop a run whose trained adapter holds NaN or infinity before it is marked finished: every
+    generation with such an adapter is empty."""
+    summary = non_finite_summary(weights_file)
+    if summary:
+        raise UserError(
+            f"training diverged: the trained adapter holds NaN or infinite weights in {summary}, and every "
+            f"generation with it would be empty. The run directory {run_dir} is left unfinished, so the test "
+            "script will not use it. Train a new run with a lower --learning-rate."
+        )
+
+
 def check_adapter(run_dir: Path, record: RunRecord) -> None:
-    """The adapter config's keys and types, and the weights file's header and tensor shapes against it."""
+    """The adapter config's keys and types, the weights file's header and tensor shapes against it, and
+    that every weight is finite."""
     from safetensors import SafetensorError, safe_open
 
     config = rundir.read_run_file(run_dir, rundir.ADAPTER_CONFIG_FILE)
@@ -88,6 +124,13 @@ def check_adapter(run_dir: Path, record: RunRecord) -> None:
     if expected and layers and max(layers) + 1 != expected:
         raise damaged(run_dir, ADAPTER_WEIGHTS_FILE, f"has LoRA weights for {max(layers) + 1} layers, but the "
                       f"base model has {expected}")
+    summary = non_finite_summary(path)
+    if summary:
+        raise UserError(
+            f"the adapter {path} holds NaN or infinite weights in {summary}: the training that wrote it "
+            "diverged, and every generation with it would be empty. Train a new run with a lower "
+            f"--learning-rate than this run's {record.config.learning_rate:g}."
+        )
 
 
 def check_tokenizer_files(run_dir: Path) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from tests.fixtures import mistral_tokenizer_folder, tiny_mistral_folder, write_topic_files
 
 REPO = Path(__file__).resolve().parent.parent
+ROBUST04 = "disks45/nocr/trec-robust-2004"
 
 
 @pytest.fixture(scope="session")
@@ -30,13 +33,40 @@ def mistral_tokenizer(tmp_path_factory):
     return tokenizer
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ir_datasets_home(tmp_path_factory) -> Iterator[Path]:
+    """The one folder ir_datasets reads topic files from in this test process.
+
+    ir_datasets fixes every data set's file paths from IR_DATASETS_HOME when it is first imported and
+    never looks at the variable again, so a test that set it after an earlier test had imported
+    ir_datasets read another folder. It is imported here, before any test, under a folder of the test
+    session (never the user's own cache); tests put their topic files there through topics_home.
+    """
+    home = tmp_path_factory.mktemp("ir_datasets_home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IR_DATASETS_HOME", str(home))
+        import ir_datasets
+
+        from qexpand import data
+
+        reads = Path(data._wanted_files(ir_datasets.load(ROBUST04).queries_handler())[0][0])
+        if not reads.is_relative_to(home):
+            pytest.exit(f"ir_datasets was imported before the tests began and reads {reads}; the tests "
+                        "need it to read a folder of their own", returncode=3)
+        yield home
+
+
 @pytest.fixture()
-def topics_home(tmp_path, monkeypatch) -> Path:
-    """A fresh IR_DATASETS_HOME with the three default topic sets (synthetic, 41 topics)."""
-    home = tmp_path / "irds"
-    write_topic_files(home)
-    monkeypatch.setenv("IR_DATASETS_HOME", str(home))
-    return home
+def topics_home(ir_datasets_home) -> Path:
+    """IR_DATASETS_HOME holding only the three default topic sets (synthetic, 41 topics).
+
+    Always the session's folder that ir_datasets reads (see ir_datasets_home), emptied first, so each
+    test starts from the same files whatever ran before it.
+    """
+    shutil.rmtree(ir_datasets_home)
+    ir_datasets_home.mkdir()
+    write_topic_files(ir_datasets_home)
+    return ir_datasets_home
 
 
 def run_script(script: str, *args, home: Path, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:

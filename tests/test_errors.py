@@ -124,11 +124,44 @@ def test_topic_file_that_cannot_be_downloaded(world, tiny_model, tmp_path):
     (("--run", "done", "--query", "jazz", "--split-part", "eval"), "cannot go with --query or --test-datasets"),
     (("--run", "done", "--temperature", "0.5"), "only apply when sampling"),
     (("--run", "done", "--quantization", "nf4", "--precision", "fp32"), "always computes in bf16"),
+    (("--run", "done", "--query", "jazz", "--sbert-model", "all-MiniLM-L6-v2"), "--sbert-model is unused with --query"),
+    (("--run", "done", "--topics", "topics.tsv", "--out", "expanded.tsv", "--sbert-model", "all-MiniLM-L6-v2"),
+     "--sbert-model is unused with --topics"),
 ])
 def test_testing_bad_input(world, args, match):
     message = expect_error(world, "testing_finetuned_model.py", *args, match=match)
     if "cut" in args:
         assert "python training.py --resume" in message
+
+
+@pytest.mark.parametrize("flags", [
+    {"query": ["jazz"], "num_candidates": 2},  # it picks one of the sampled candidates
+    {"topics": "topics.tsv", "out": "expanded.tsv", "num_candidates": 3, "select": "anchored"},
+    {"topics": "topics.tsv", "out": "expanded.tsv", "select": "mbr"},  # the run's recipe says how many
+    {},  # the run's test split: it scores the expansions
+    {"test_datasets": ["clueweb09/catb/trec-web-2010"]},
+])
+def test_sbert_model_is_accepted_where_it_scores_or_picks(flags):
+    from qexpand.config import TestConfig, validate_testing
+
+    validate_testing(TestConfig(sbert_model="all-MiniLM-L6-v2", **flags))
+
+
+def test_sbert_model_is_refused_where_the_candidates_are_joined():
+    from qexpand.config import TestConfig, validate_testing
+    from qexpand.errors import UserError
+
+    with pytest.raises(UserError, match="--sbert-model is unused with --query"):
+        validate_testing(TestConfig(query=["jazz"], num_candidates=4, select="join", sbert_model="all-MiniLM-L6-v2"))
+
+
+@pytest.mark.parametrize("part, args", [("test", ()), ("eval", ("--split-part", "eval"))])
+def test_a_split_without_the_part_to_expand_says_what_to_do(world, part, args):
+    run = damaged_copy(world, f"no-{part}", set_key("split.json", part, []))
+    message = expect_error(world, "testing_finetuned_model.py", "--run", run, *args,
+                           match=f"has no {part} topics (split.json lists none)")
+    assert str(world / "runs" / run) in message
+    assert all(flag in message for flag in ("--query", "--topics", "--test-datasets", "--split"))
 
 
 def test_no_finished_run_at_all(tmp_path):
@@ -180,6 +213,18 @@ def set_key(name, key, value):
     return damage
 
 
+def poison_adapter(run_dir):
+    """One weight of the adapter set to NaN and another to infinity, as a diverged training leaves them."""
+    from safetensors.torch import load_file, save_file
+
+    path = run_dir / "adapter_model.safetensors"
+    tensors = load_file(path)
+    names = sorted(tensors)
+    tensors[names[0]][0, 0] = float("nan")
+    tensors[names[-1]][-1, -1] = float("inf")
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
 def drop_merges(run_dir):
     """A tokenizer that splits words into single characters, as a GGUF conversion once saved one."""
     content = json.loads((run_dir / "tokenizer.json").read_text())
@@ -199,6 +244,7 @@ def drop_merges(run_dir):
     ("bad-split", set_key("split.json", "train", 5), "split.json is not a train/eval/test split"),
     ("bad-finished", drop_key("finished.json", "finished_at"), "finished.json has no 'finished_at'"),
     ("no-merges", drop_merges, "does not give the token ids that training used"),
+    ("nan-adapter", poison_adapter, "adapter_model.safetensors holds NaN or infinite weights in 2 of"),
 ])
 def test_damaged_run_directory_is_named_before_loading(world, name, damage, match):
     run = damaged_copy(world, name, damage)
@@ -235,7 +281,7 @@ def test_a_write_that_fails_part_way_keeps_the_earlier_file(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["scores.json"]  # no temporary file left behind
 
 
-def test_training_refuses_a_tokenizer_that_does_not_save_faithfully(world, tiny_model, monkeypatch):
+def test_training_refuses_a_tokenizer_that_does_not_save_faithfully(world, tiny_model, topics_home, monkeypatch):
     import training
     from transformers import PreTrainedTokenizerBase
 
@@ -249,10 +295,42 @@ def test_training_refuses_a_tokenizer_that_does_not_save_faithfully(world, tiny_
         return saved
 
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", lossy_save)
-    monkeypatch.setenv("IR_DATASETS_HOME", str(world / "irds"))
     before = snapshot(world / "runs")
     config = training.parse_config(["--model", str(tiny_model), *SPLIT, "--output-dir", str(world / "runs"),
                                     "--run-name", "lossy"])
     with pytest.raises(UserError, match="does not give the token ids that training used"):
         training.main(config)
     assert snapshot(world / "runs") == before  # refused before anything was trained or written
+
+
+def test_adapter_with_non_finite_weights_is_refused_as_diverged(tmp_path):
+    from safetensors.torch import save_file
+
+    from qexpand.errors import UserError
+    from qexpand.runcheck import refuse_diverged_adapter
+
+    finite = {"a.lora_A.weight": torch.randn(4, 8), "a.lora_B.weight": torch.zeros(8, 4)}
+    save_file(finite, tmp_path / "finite.safetensors")
+    refuse_diverged_adapter(tmp_path / "finite.safetensors", tmp_path)  # trained normally: accepted
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        weights = {name: tensor.clone() for name, tensor in finite.items()}
+        weights["a.lora_B.weight"][3, 1] = bad
+        save_file(weights, tmp_path / "diverged.safetensors")
+        with pytest.raises(UserError) as error:
+            refuse_diverged_adapter(tmp_path / "diverged.safetensors", tmp_path / "run")
+        message = str(error.value)
+        assert message.startswith("training diverged") and "1 of 2 tensors (the first: a.lora_B.weight)" in message
+        assert "--learning-rate" in message and f"{tmp_path / 'run'} is left unfinished" in message
+
+
+def test_training_that_diverges_leaves_its_run_unfinished(world, tiny_model, tmp_path):
+    # A learning rate of 1e30 sends the LoRA weights past float32's range within two steps.
+    result = run_script("training.py", "--model", tiny_model, *SPLIT, "--epochs", "1", "--batch-size", "8",
+                        "--learning-rate", "1e30", "--output-dir", tmp_path / "runs", "--run-name", "diverged",
+                        home=world / "irds", cwd=tmp_path)
+    message = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "error: training diverged" in message and "lower --learning-rate" in message
+    run = tmp_path / "runs" / "diverged"
+    assert (run / "run_config.json").is_file()
+    assert not (run / "finished.json").exists() and not (run / "adapter_model.safetensors").exists()

@@ -57,45 +57,6 @@ def test_training_rate_counts_every_epoch_after_one_warm_up(tmp_path, monkeypatc
                                       ("default", 279)]
 
 
-
-def test_compiled_runs_get_their_own_warm_up_and_compile_off_does_not(tmp_path, monkeypatch):
-    from bench.recipes import project
-
-    calls = fake_training_runs(monkeypatch, {32: 5.0, 93: 7.5, 279: 22.5})
-    opts, paths = SimpleNamespace(train_examples=280), SimpleNamespace(work=tmp_path)
-    project.throughput(opts, paths, "default-compile", ["--compile", "on"], 93, lambda: 100.0, epochs=3)
-    project.throughput(opts, paths, "default-eager", ["--compile", "off"], 93, lambda: 100.0, epochs=3)
-    warm_ups = [(name, flags) for name, _, flags, _ in calls if name.startswith("warm-up")]
-    assert warm_ups == [("warm-up", ["--max-steps", "1"]), ("warm-up-compiled", ["--compile", "on", "--max-steps", "1"])]
-
-def test_scaling_per_step_end_to_end_and_the_repeated_baseline(tmp_path, monkeypatch):
-    from bench import multi_gpu
-
-    # train_seconds of (processes, copies, suffix): 1 GPU 0.6 s a step + 3 s fixed, 2 GPUs 0.75 s + 5 s;
-    # the 1-GPU long run repeated at the end is 10% faster.
-    steps = {(1, 1): 27, (1, 8): 210, (2, 1): 14, (2, 8): 105}
-    seconds = {(1, 1, ""): 3 + 0.6 * 27, (1, 8, ""): 3 + 0.6 * 210, (2, 1, ""): 5 + 0.75 * 14,
-               (2, 8, ""): 5 + 0.75 * 105, (1, 8, "-again"): (3 + 0.6 * 210) / 1.1}
-
-    def train(paths, opts, processes, copies, epochs, suffix=""):
-        return {"examples": 280 * copies * epochs, "tokens": 19_000 * copies * epochs, "wall_s": 100.0,
-                "train_seconds": seconds[processes, copies, suffix], "global_steps": steps[processes, copies],
-                "logged": {}}
-
-    monkeypatch.setattr(multi_gpu, "train", train)
-    monkeypatch.setattr(multi_gpu, "warm_up_once", lambda *args: None)
-    args = SimpleNamespace(gpus=2, repeat=8, epochs=3, bracket=True, side_by_side=False, out=str(tmp_path / "r.json"))
-    result = multi_gpu.scaling(args, SimpleNamespace(), SimpleNamespace(training_flags=[]))
-    one, two = result["runs"]["1"], result["runs"]["2"]
-    assert (one["seconds_per_step"], two["seconds_per_step"]) == (0.6, 0.75)
-    assert (one["fixed_s"], two["fixed_s"]) == (3.0, 5.0)
-    # 6,720 - 840 more samples: 1 GPU in 183 x 0.6 s, 2 GPUs in 91 x 0.75 s
-    assert result["speedup_steady_samples_per_s"] == round((5880 / 68.25) / (5880 / 109.8), 3)
-    assert result["one_gpu_again"]["drift"] > 1.1
-    assert result["one_gpu_again"]["speedup_steady_samples_per_s"] < result["speedup_steady_samples_per_s"]
-    assert json.loads((tmp_path / "r.json").read_text())["runs"]["2"]["fixed_s"] == 5.0
-
-
 def test_abba_order_pools_both_pairs_and_reads_rates_off_the_step_times(tmp_path, monkeypatch):
     from bench import multi_gpu
 
@@ -114,7 +75,7 @@ def test_abba_order_pools_both_pairs_and_reads_rates_off_the_step_times(tmp_path
     monkeypatch.setattr(multi_gpu, "train", train)
     monkeypatch.setattr(multi_gpu, "warm_up_once", lambda *args: None)
     args = SimpleNamespace(gpus=2, repeat=8, abba=4, epochs=3, out=str(tmp_path / "r.json"))
-    result = multi_gpu.abba_scaling(args, SimpleNamespace(), SimpleNamespace(training_flags=[]))
+    result = multi_gpu.abba_scaling(args, SimpleNamespace(), SimpleNamespace())
     assert order == [(1, 8, "-a1"), (2, 8, "-b1"), (2, 4, "-b2"), (1, 4, "-a2")]
     ideal = round(2 * 0.6 / 0.7, 3)  # twice the samples per step, each step 0.7 / 0.6 as long
     assert result["speedup_per_step"] == {"first_pair": ideal, "second_pair": ideal, "pooled": ideal}
@@ -151,41 +112,6 @@ def test_a_host_that_slows_during_a_run_shows_in_its_thirds():
     assert by_third([0.3, 0.3]) == []  # too few steps for three parts
 
 
-def test_gpu_busy_time_counts_overlapping_kernels_once():
-    from bench.profiled_training import busy_ms
-
-    # Two kernels overlapping by 0.5 ms, one inside another: 1.5 ms + 0.5 ms of busy GPU.
-    assert busy_ms([(3000, 3500), (0, 1000), (500, 1500), (3100, 3200)]) == 2.0
-    assert busy_ms([]) == 0.0
-
-
-def profile_tiny_run(tmp_path, tiny_model, topics_home, max_steps: int) -> dict:
-    """bench/profiled_training.py on training.py (31 topics in batches of 3: 11 steps an epoch, so the
-    window, steps 4 and 5, holds no eval pass); the summary it wrote."""
-    from tests.conftest import run_script
-
-    out = tmp_path / "profile"
-    result = run_script("bench/profiled_training.py", "--profile-out", out, "--skip-steps", 2, "--profile-steps", 2,
-                        "--", "--model", tiny_model, "--split", 31, 5, 5, "--batch-size", 3, "--max-steps", max_steps,
-                        "--output-dir", tmp_path / "runs", home=topics_home, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((out / "profile-rank0.json").read_text())
-
-
-def test_profiled_training_runs_training_py_and_summarises_a_window_of_steps(tmp_path, tiny_model, topics_home):
-    summary = profile_tiny_run(tmp_path, tiny_model, topics_home, max_steps=6)
-    assert len(summary["step_ms"]) == 2 and min(summary["step_ms"]) > 0
-    assert abs(summary["wall_ms_per_step"] - sum(summary["step_ms"]) / 2) < 0.2
-    assert summary["top_host_ops"] and summary["kernels_per_step"] == 0  # the CPU runs no CUDA kernels
-    (run,) = (tmp_path / "runs").iterdir()
-    assert json.loads((run / "finished.json").read_text())["global_steps"] == 6  # training.py ran to its end
-
-
-def test_a_run_too_short_for_the_window_says_so_in_its_summary(tmp_path, tiny_model, topics_home):
-    summary = profile_tiny_run(tmp_path, tiny_model, topics_home, max_steps=3)
-    assert "no window was profiled" in summary["error"] and "step_ms" not in summary
-
-
 def test_dealt_batches_make_the_slowest_of_two_cost_more_on_few_topics_and_balanced_ones_do_not():
     import random
 
@@ -201,26 +127,6 @@ def test_dealt_batches_make_the_slowest_of_two_cost_more_on_few_topics_and_balan
     assert dealt > 1.1 * one and balanced < 1.02 * one
     many = lengths * 10  # bigger sorted windows: neighbouring batches differ less
     assert slowest_batch_tokens(many, 32, 2, 3, 0, False) / slowest_batch_tokens(many, 32, 1, 3, 0, False) < dealt / one
-
-
-def test_an_older_checkout_reads_a_copy_of_the_run_without_the_settings_it_does_not_know(tmp_path):
-    from bench.gpu_bench import run_for_checkout
-
-    older = tmp_path / "older"
-    (older / "qexpand").mkdir(parents=True)
-    (older / "qexpand" / "__init__.py").write_text("")
-    (older / "qexpand" / "config.py").write_text(
-        "import dataclasses\n\n@dataclasses.dataclass\nclass TrainConfig:\n    model: str = ''\n    epochs: float = 3.0\n")
-    run = tmp_path / "runs" / "bench"
-    run.mkdir(parents=True)
-    record = {"config": {"model": "m", "epochs": 3.0, "lora_kernels": "fused"}, "processes": 1}
-    (run / "run_config.json").write_text(json.dumps(record))
-    (run / "adapter_model.safetensors").write_bytes(b"weights")
-    copy = run_for_checkout(run, older)
-    assert copy != run and (copy / "adapter_model.safetensors").read_bytes() == b"weights"
-    assert json.loads((copy / "run_config.json").read_text()) == {"config": {"model": "m", "epochs": 3.0},
-                                                                  "processes": 1}
-    assert json.loads((run / "run_config.json").read_text()) == record  # the run itself is untouched
 
 
 def test_stages_run_most_needed_first_unless_asked_to_keep_the_given_order():

@@ -54,7 +54,7 @@ def test_both_protocols_on_the_tiny_mistral(tmp_path, tiny_model):
         assert fold["n_test"] == logo["groups"][fold["name"]]["n_topics"]
         start += fold["n_test"]
     assert sum(g["n_topics"] for g in logo["groups"].values()) == 30
-    assert (out.parent / "quality.md").is_file() and (out.parent / "quality_per_query.png").is_file()
+    assert (out.parent / "quality.md").is_file()
     assert "leave one group" in (out.parent / "quality.md").read_text().lower()
     assert snapshot(tmp_path / "irds") == before  # a temporary copy was read; the source is untouched
 

@@ -1,90 +1,109 @@
-"""bench/retrieval.py on a small corpus of our own: each title is an ambiguous word, the distractor
-documents repeat it more often than the relevant ones, and only the description names the sense
-that is relevant, so title + gold description must beat the title alone."""
+"""The Lucene engine (pyserini) and bench/retrieval.py on a small collection of our own.
+
+Each title is an ambiguous word; the distractor documents repeat it more often than the relevant
+ones, and only words of the relevant sense ("habitat", "species") tell them apart, so an expansion
+that adds those words must rank the relevant documents higher than the title alone.
+"""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import numpy as np
+import pytest
+
+from qexpand import retrieval
+from tests.conftest import run_script
+from tests.fixtures import write_topic_files
+
 WORDS = ["jaguar", "python", "mercury", "apple", "java", "amazon", "bass", "crane", "seal", "mouse", "pitch", "spring"]
 
 
-def write_collection(folder: Path) -> dict[str, Path]:
-    docs, qrels, topics, expansions = [], [], [], []
+def write_collection(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    docs, qrels, topics = [], [], []
     for i, word in enumerate(WORDS):
-        sense, other = f"habitat{i} species{i} wildlife{i}", f"engine{i} dealer{i} price{i}"
         for k in range(2):
-            docs.append({"doc_id": f"r{i}-{k}", "text": f"A note on {word}: {sense} observed in the field {k}."})
+            docs.append({"doc_id": f"r{i}-{k}", "text": f"A note on {word}: habitat and species observed in the field {k}."})
             qrels.append(f"{i + 1} 0 r{i}-{k} 1")
         for k in range(3):
-            docs.append({"doc_id": f"d{i}-{k}", "title": word, "text": f"{word} {word} news: {other} report {k}."})
-        topics.append(f"<top>\n<num> Number: {i + 1}\n<title> {word}\n<desc> Description:\n"
-                      f"Find documents on {word} {sense}.\n<narr> Narrative:\n</top>\n")
-        # The expansion names the right sense for half of the topics only.
-        expansions.append({"query_id": str(i + 1), "generated": f"What about {word} {sense if i % 2 else other}?"})
+            docs.append({"doc_id": f"d{i}-{k}", "text": f"{word} {word} news: engine dealer price report {k}."})
+        topics.append(f"{i + 1}\t{word}")
     docs += [{"doc_id": f"f{n}", "text": f"filler text number {n} about nothing much"} for n in range(40)]
-    paths = {name: folder / name for name in ("docs.jsonl", "qrels.txt", "topics.trec", "expansions.jsonl")}
-    paths["docs.jsonl"].write_text("".join(json.dumps(d) + "\n" for d in docs))
-    paths["qrels.txt"].write_text("\n".join(qrels) + "\n")
-    paths["topics.trec"].write_text("\n".join(topics))
-    paths["expansions.jsonl"].write_text("".join(json.dumps(e) + "\n" for e in expansions))
-    return paths
+    (folder / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / "qrels.txt").write_text("\n".join(qrels) + "\n")
+    (folder / "topics.tsv").write_text("\n".join(topics) + "\n")
+    return folder
 
 
-def run_bench(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "bench" / "retrieval.py"), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+@pytest.fixture(scope="module")
+def small_collection(tmp_path_factory) -> retrieval.Collection:
+    return retrieval.find_collection(str(write_collection(tmp_path_factory.mktemp("small") / "animals")))
 
 
-def test_gold_description_beats_title(tmp_path):
-    paths = write_collection(tmp_path)
-    result = run_bench("--corpus", paths["docs.jsonl"], "--qrels", paths["qrels.txt"], "--topics", paths["topics.trec"],
-                       "--expansions", paths["expansions.jsonl"], "--out", tmp_path / "r.json", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "r.json").read_text())
-    means, p = report["means"], report["p"]
-    assert report["queries"] == len(WORDS) and report["documents"] == 5 * len(WORDS) + 40
-    assert list(means) == ["title", "template", "expansion", "gold"]
-    assert means["title"]["AP"] < 0.6 and means["gold"]["AP"] > 0.95
-    assert p["gold vs title"]["AP"] < 0.01 and p["gold vs title"]["nDCG@10"] < 0.01
-    # Half the expansions name the relevant sense: between title and gold, and the table says so.
-    assert means["title"]["AP"] < means["expansion"]["AP"] < means["gold"]["AP"]
-    assert set(report["per_query"]["gold"]["AP"]) == {str(i + 1) for i in range(len(WORDS))}
-    assert "| gold | 1.0000 (p=0.000488)" in result.stdout and "| expansion vs template |" in result.stdout
+def test_lucene_index_and_search_round_trip(small_collection, tmp_path):
+    retrieval.check_java()
+    index = retrieval.build_index(small_collection, tmp_path / "indexes")
+    assert retrieval.build_index(small_collection, tmp_path / "indexes") == index  # built once, then reused
+    searcher = retrieval.Searcher(index)
+    topics = small_collection.judged_topics()
+    qrels = small_collection.qrels()
+    title = searcher.search(topics)
+    assert set(title) == set(topics)
+    assert max(title["1"], key=title["1"].get).startswith("d0-")  # "jaguar" twice beats "jaguar" once
+    expanded = searcher.search({q: retrieval.weighted_query(t, "habitat species", 1) for q, t in topics.items()})
+    assert max(expanded["1"], key=expanded["1"].get).startswith("r0-")
+    ap_title = retrieval.per_query(title, qrels, list(topics))["AP"]
+    ap_expanded = retrieval.per_query(expanded, qrels, list(topics))["AP"]
+    assert ap_title.mean() < 0.6 and ap_expanded.mean() > 0.95
+    # Repeating the title weighs it up: with it 5 times the distractors win again.
+    heavy = searcher.search({q: retrieval.weighted_query(t, "habitat species", 5) for q, t in topics.items()})
+    assert retrieval.per_query(heavy, qrels, list(topics))["AP"].mean() < ap_expanded.mean()
+    rm3 = searcher.search(topics, rm3=True)
+    assert set(rm3) == set(topics) and all(rm3[q] for q in topics)
 
 
-def test_bad_input_is_one_error_without_traceback(tmp_path):
-    paths = write_collection(tmp_path)
-    result = run_bench("--corpus", paths["docs.jsonl"], "--qrels", tmp_path / "none.txt", cwd=tmp_path)
-    assert result.returncode == 2 and result.stderr.startswith("error: cannot read the qrels")
-    assert "Traceback" not in result.stderr
-    (tmp_path / "other.jsonl").write_text('{"query_id": "99", "query": "jaguar", "generated": "x"}\n')
-    result = run_bench("--corpus", paths["docs.jsonl"], "--qrels", paths["qrels.txt"], "--expansions",
-                       tmp_path / "other.jsonl", cwd=tmp_path)
-    assert result.returncode == 2 and "no topic has both a relevant document in the qrels and an expansion" in result.stderr
+def test_paired_statistics():
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0, 1, 200)
+    same = retrieval.paired(base, base.copy())
+    assert same["diff"] == 0 and same["p"] == 1.0
+    better = retrieval.paired(base + 0.05 + rng.normal(0, 0.02, 200), base)
+    assert better["p"] < 0.001 and 0 < better["ci"][0] < better["diff"] < better["ci"][1]
+    noise = retrieval.paired(base + rng.normal(0, 0.2, 200), base)
+    assert noise["p"] > 0.01 and noise["ci"][0] < 0 < noise["ci"][1]
 
 
-def test_corpus_and_qrels_from_an_ir_datasets_id(tmp_path, capsys):
-    import ir_datasets
+def test_a_folder_that_is_no_collection_is_one_error(tmp_path):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "docs.jsonl").write_text("{}\n")
+    result = run_script("bench/retrieval.py", "--collections", tmp_path / "half", "--run", tmp_path,
+                        home=tmp_path, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "missing topics.tsv, qrels.txt" in result.stderr
 
-    from bench import retrieval
 
-    paths = write_collection(tmp_path)
-    docs = [json.loads(line) for line in paths["docs.jsonl"].read_text().splitlines()]
-    (tmp_path / "docs.tsv").write_text("".join(f"{d['doc_id']}\t{d.get('title', '')} {d['text']}\n" for d in docs))
-    (tmp_path / "queries.tsv").write_text("".join(f"{i + 1}\t{word}\n" for i, word in enumerate(WORDS)))
-    name = f"qexpand-test/{tmp_path.name}"
-    ir_datasets.registry.register(name, ir_datasets.create_dataset(
-        docs_tsv=str(tmp_path / "docs.tsv"), queries_tsv=str(tmp_path / "queries.tsv"), qrels_trec=str(paths["qrels.txt"])))
-    # The data set's own topics have no description: the gold form is left out.
-    assert retrieval.main(retrieval.build_parser().parse_args(["--dataset", name, "--out", str(tmp_path / "a.json")])) == 0
-    assert list(json.loads((tmp_path / "a.json").read_text())["means"]) == ["title", "template"]
-    assert "gold form is left out" in capsys.readouterr().err
-    args = ["--dataset", name, "--topics", str(paths["topics.trec"]), "--out", str(tmp_path / "b.json")]
-    retrieval.main(retrieval.build_parser().parse_args(args))
-    means = json.loads((tmp_path / "b.json").read_text())["means"]
-    assert means["gold"]["AP"] > 0.95 > 0.6 > means["title"]["AP"]
+def test_the_whole_pipeline_on_a_tiny_model(tmp_path, tiny_model):
+    """Train with the retrieval recipe, expand, retrieve, score: every row and pair, per collection and pooled."""
+    write_topic_files(tmp_path / "irds")
+    write_collection(tmp_path / "animals")
+    out = tmp_path / "results" / "retrieval.json"
+    result = run_script(
+        "bench/retrieval.py", "--collections", tmp_path / "animals", "--model", tiny_model,
+        "--train-args", "--split 30 5 5 --epochs 1 --batch-size 8", "--expand-args", "--max-new-tokens 4",
+        "--work-dir", tmp_path / "work", "--out", out, home=tmp_path / "irds", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["engine"].startswith("Lucene BM25 (pyserini") and report["repeat_query"] == 3
+    assert report["expansion"]["num_candidates"] == 8 and report["expansion"]["select"] == "join"
+    recorded = json.loads((tmp_path / "work" / "run" / "run_config.json").read_text())["config"]
+    assert (recorded["recipe"], recorded["target"]) == ("retrieval", "description+narrative")
+    for part in (report["collections"]["animals"], report["pooled"]):
+        assert part["n_topics"] == len(WORDS)
+        assert set(part["rows"]) == {"title", "template", "zero_shot", "finetuned", "rm3", "finetuned_rm3"}
+        assert set(part["rows"]["title"]) == {"nDCG@10", "AP", "R@1000"}
+        pair = part["paired"]["finetuned_vs_title"]["AP"]
+        assert pair["ci"][0] <= pair["diff"] <= pair["ci"][1] and 0 <= pair["p"] <= 1
+    assert report["pooled"]["rows"] == report["collections"]["animals"]["rows"]  # one collection: pooled is it
+    assert "## pooled" in out.with_suffix(".md").read_text()

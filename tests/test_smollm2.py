@@ -28,13 +28,29 @@ def test_gguf_model_trains_and_tests(tmp_path):
                          "--precision", "bf16",
                          home=tmp_path / "irds", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
+    # The library's de-quantization bar is hidden; training's own bar over its 2 steps is not.
+    assert "de-quantizing" not in trained.stderr and "2/2 [" in trained.stderr
     record = json.loads((out / "smol" / "run_config.json").read_text())
     assert record["config"]["gguf_file"] == GGUF and record["base_model_signature"]["model_type"] == "llama"
     assert record["config"]["precision"] == "bf16" and "precision bf16" in trained.stdout
     tested = run_script("testing_finetuned_model.py", "--run", out / "smol", "--max-new-tokens", "24",
                         home=tmp_path / "irds", cwd=tmp_path)
     assert tested.returncode == 0, tested.stderr[-3000:]
+    assert "de-quantizing" not in tested.stderr and "generating" in tested.stderr
     predictions = [json.loads(line) for line in (out / "smol" / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 4 and all(p["generated"] for p in predictions)
     # Generation follows the run's precision unless told otherwise (bf16 autocast on the CPU).
     assert json.loads((out / "smol" / "scores.json").read_text())["precision"] == "bf16"
+
+
+def test_gguf_loads_without_a_dequantizing_bar(capfd):
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
+
+    from qexpand import modeling
+
+    model = modeling.load_base_model(str(smollm2_folder()), GGUF, "none", "cpu", "fp32")
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert "de-quantizing" not in capfd.readouterr().err
+    # Hidden while loading only: afterwards the reader's bar draws as before.
+    list(gguf_reader.tqdm(range(3), desc="after loading"))
+    assert "after loading" in capfd.readouterr().err

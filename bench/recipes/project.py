@@ -1,4 +1,6 @@
-"""Training throughput of the project's own recipes, measured through `python training.py`.
+"""This project's two recipes, `default` (`python training.py` with no recipe flags) and `original`
+(`--recipe original`: lr 2.5e-5, at most 100 steps, batch 2 x accumulation 4, paged 8-bit AdamW,
+LoRA incl. lm_head, padding to 512), timed through `python training.py` itself.
 
 A run has fixed costs that are not training (start-up, model load, first steps, the eval pass and
 checkpoint save of each epoch). Two runs that differ only in the number of training examples (N and
@@ -15,6 +17,14 @@ from __future__ import annotations
 from bench.gpu_build import write_split_file
 from bench.gpu_common import Paths, logged_rate, python_command, run_logged, write_json
 from qexpand import rundir, runcheck
+
+# The default, and the same with peft's own LoRA layers instead of the fused ones; "-again": a second
+# measurement in the same call, for an A-B-B-A order (gpu_bench.py --in-order) against the host's drift.
+VARIANTS = {"default": [], "default-peft": ["--lora-kernels", "peft"]}
+VARIANTS.update({f"{name}-again": VARIANTS[name] for name in ("default", "default-peft")})
+# The original preset caps training at 100 optimizer steps; the cap is lifted so that the number of
+# examples sets the number of steps (the timed runs stay far below 100 steps anyway).
+ORIGINAL_FLAGS = ["--recipe", "original", "--max-steps", "0"]
 
 
 def timed_run(opts, paths: Paths, name: str, train_count: int, flags: list[str], left_s: float,
@@ -34,23 +44,12 @@ def timed_run(opts, paths: Paths, name: str, train_count: int, flags: list[str],
                                                     finished["global_steps"])}
 
 
-def compiles(flags) -> bool:
-    """Whether these training.py flags turn compiled blocks on."""
-    flags = list(flags)
-    return "--compile" in flags and flags[flags.index("--compile") + 1:][:1] == ["on"]
-
-
-def warm_up_once(opts, paths: Paths, left_s: float, flags: tuple[str, ...] = ()) -> dict | None:
-    """One optimizer step of the default recipe, unless a training process already ran in this work folder.
-
-    With compiled blocks (--compile on) a second warm-up runs with those flags: it fills the compile
-    caches on disk, so the N and 3N runs after it pay the same (warm) compilation."""
-    compiled = compiles(flags)
-    marker = paths.work / ("warmed-up-compiled.json" if compiled else "warmed-up.json")
+def warm_up_once(opts, paths: Paths, left_s: float) -> dict | None:
+    """One optimizer step of the default recipe, unless a training process already ran in this work folder."""
+    marker = paths.work / "warmed-up.json"
     if marker.is_file():
         return None
-    run = timed_run(opts, paths, "warm-up-compiled" if compiled else "warm-up", min(32, opts.train_examples),
-                    [*(flags if compiled else ()), "--max-steps", "1"], left_s)
+    run = timed_run(opts, paths, "warm-up", min(32, opts.train_examples), ["--max-steps", "1"], left_s)
     summary = {"train_seconds": run["finished"]["train_seconds"], "wall_s": run["wall_s"]}
     write_json(marker, summary)
     return summary
@@ -59,8 +58,6 @@ def warm_up_once(opts, paths: Paths, left_s: float, flags: tuple[str, ...] = ())
 def throughput(opts, paths: Paths, name: str, flags: list[str], base_count: int, left_s, epochs: int = 1) -> dict:
     """Samples and real tokens per second of training, from runs on N and 3N examples."""
     warm_up = warm_up_once(opts, paths, left_s())
-    if compiles(flags):
-        warm_up = {"plain": warm_up, "compiled": warm_up_once(opts, paths, left_s(), tuple(flags))}
     small = timed_run(opts, paths, name, base_count, flags, left_s(), epochs)
     large = timed_run(opts, paths, name, 3 * base_count, flags, left_s(), epochs)
     seconds = large["finished"]["train_seconds"] - small["finished"]["train_seconds"]
@@ -85,3 +82,18 @@ def throughput(opts, paths: Paths, name: str, flags: list[str], base_count: int,
                                       "model_load_s": r["finished"].get("model_load_seconds")}
                  for r in (small, large)},
     }
+
+
+def run_default(opts, paths, left_s, variant: str = "default") -> dict:
+    # N and 3N distinct topics (93 and 279 of the 300): repeated examples would let length-grouped
+    # batches pair each example with its own copies, with no padding, which real epochs do not get.
+    # Three epochs, as training.py runs by default: one epoch of 186 more examples is only 6 more
+    # steps, too few beside the run-to-run spread of the fixed costs.
+    return throughput(opts, paths, variant, VARIANTS[variant], opts.train_examples // 3, left_s, epochs=3)
+
+
+def run_original(opts, paths, device, left_s) -> dict:
+    # Paged 8-bit AdamW needs CUDA; the CPU check of the code path trains with plain AdamW.
+    flags = ORIGINAL_FLAGS if device == "cuda" else [*ORIGINAL_FLAGS, "--optimizer", "adamw"]
+    # Every batch has the same shape (padded to 512), so few examples give a steady rate.
+    return throughput(opts, paths, "original", flags, opts.original_examples, left_s)

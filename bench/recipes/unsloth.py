@@ -2,7 +2,7 @@
 on the attention and MLP projections with dropout 0 and unsloth's own gradient checkpointing,
 8-bit AdamW, TRL's SFTTrainer (which unsloth patches) on the same prompt-completion examples. The
 batch is the project's default (32 x 1), so samples/s compare at the same batch. unsloth switches
-to padding-free batches by itself; `padded` keeps TRL's padded batches instead."""
+to padding-free batches by itself."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from bench.recipes.trl import prompt_completion_rows, time_sft_trainer
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def run(opts, paths, device, left_s, padded: bool = False) -> dict:
+def run(opts, paths, device, left_s) -> dict:
     # unsloth patches transformers, peft and trl when it is imported, so it comes first.
     import unsloth
     from unsloth import FastLanguageModel
@@ -33,7 +33,7 @@ def run(opts, paths, device, left_s, padded: bool = False) -> dict:
     args = SFTConfig(output_dir=str(paths.trainer_out / "unsloth"), per_device_train_batch_size=32,
                      gradient_accumulation_steps=1, max_steps=opts.warmup_steps + opts.measure_steps,
                      learning_rate=2e-4, optim="adamw_8bit", bf16=True, save_strategy="no", report_to="none",
-                     seed=opts.seed, disable_tqdm=True, max_length=512, padding_free=False if padded else None)
+                     seed=opts.seed, disable_tqdm=True, max_length=512, padding_free=None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=prompt_completion_rows(paths, opts.train_examples),
                          processing_class=tokenizer)
     extra = {"checkpointing": True, "model_load_s": round(load_s, 2), "after_load_gb": after_load,
