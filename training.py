@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from qexpand import batches, data, lora_kernels, modeling, options, quiet, rundir, runcheck
+from qexpand import accel, data, modeling, options, quiet, rundir, runcheck
+from qexpand.collation import data_collator
 from qexpand.config import INVOCATION_FIELDS, TrainConfig, validate_training
 from qexpand.errors import UserError, fail_if_problems, run_cli
 from qexpand.prompt import format_prompt, tokenize_example
@@ -246,78 +247,9 @@ def training_arguments(config: TrainConfig, run_dir: Path, steps_per_epoch: int)
         ddp_bucket_cap_mb=ONE_GRADIENT_BUCKET_MB,
         # Each process's summed token loss over the step's token count in all processes: the gradient is
         # the same however the step's examples are shared out (the batches of several processes differ
-        # in size, see trainer_class).
+        # in size, qexpand.accel.batches).
         average_tokens_across_devices=True,
     )
-
-
-def trainer_class(compiled: bool, pad_to: int | None = None):
-    """The Trainer, counting the model's parameters once for its floating-point-operation tally and,
-    with several processes, cutting each optimizer step's examples into batches of equal padded size
-    (`qexpand.batches`; with `pad_to`, every example padded to that length as the collator pads it);
-    with compiled blocks, one that also evaluates them eagerly: the few eval batches of an epoch do not
-    repay a second compilation (the one without gradients)."""
-    from transformers import Trainer
-
-    class CountingOnceTrainer(Trainer):
-        operations_per_token = None
-
-        def _get_train_sampler(self, train_dataset=None):
-            # One process keeps the Trainer's length-grouped batches (train_sampling_strategy).
-            if self.args.world_size == 1:
-                return super()._get_train_sampler(train_dataset)
-            dataset = self.train_dataset if train_dataset is None else train_dataset
-            return batches.balanced_sampler_class()(
-                [batches.length_padded_at_least(len(ids), pad_to) for ids in dataset["input_ids"]],
-                self.args.per_device_train_batch_size,
-                self.args.world_size, self.args.gradient_accumulation_steps, self.args.process_index,
-                self.args.data_seed if self.args.data_seed is not None else self.args.seed)
-
-        def floating_point_ops(self, inputs):
-            # The Trainer adds operations per token x tokens to a tally for every batch and finds the
-            # former by walking every module to count parameters (milliseconds of host time, which a step
-            # bound by its host waits for); the count does not change while training: found once.
-            main_input = getattr(self.model, "main_input_name", "input_ids")
-            tokens = inputs[main_input].numel() if main_input in inputs else 0
-            if not tokens:
-                return super().floating_point_ops(inputs)
-            if self.operations_per_token is None:
-                self.operations_per_token = super().floating_point_ops(inputs) // tokens
-            return self.operations_per_token * tokens
-
-    if not compiled:
-        return CountingOnceTrainer
-
-    class EagerEvalTrainer(CountingOnceTrainer):
-        def evaluate(self, *args, **kwargs):
-            import torch
-
-            with torch.compiler.set_stance("force_eager"):
-                return super().evaluate(*args, **kwargs)
-
-    return EagerEvalTrainer
-
-
-def share_gradient_buckets(trainer) -> None:
-    """With several processes, each LoRA weight's gradient lives in the buffer the processes sum
-    (DistributedDataParallel's `gradient_as_bucket_view`): no copy of every gradient back out of it
-    after the sum, one launch per weight and step fewer."""
-    handler = trainer.accelerator.ddp_handler  # the settings accelerate wraps the model with
-    if handler is not None:
-        handler.gradient_as_bucket_view = True
-
-
-def epoch_for_balanced_batches():
-    """A callback that gives several processes' balanced batches the epoch at its start, a resumed
-    one included (`qexpand.batches.set_epoch_of_balanced_batches`)."""
-    from transformers import TrainerCallback
-
-    class EpochForBalancedBatches(TrainerCallback):
-        def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
-            # state.epoch is the epochs done so far, a fraction into the current one when resumed mid-way.
-            batches.set_epoch_of_balanced_batches(train_dataloader, int(state.epoch))
-
-    return EpochForBalancedBatches()
 
 
 def step_clock():
@@ -334,30 +266,6 @@ def step_clock():
             state.log_history[-1]["elapsed_s"] = round(time.perf_counter() - self.started, 3)
 
     return StepClock()
-
-
-def data_collator(config: TrainConfig, tokenizer):
-    """Batches for training and the eval loss, padded on the right, without a padding mask."""
-    from transformers import DataCollatorForSeq2Seq
-
-    if tokenizer.padding_side != "right":
-        raise ValueError("training batches are padded on the right (load_model sets it)")
-    # Labels are padded with IGNORE_INDEX. By default each batch is padded to its own longest example
-    # (a multiple of 8); with --pad-to every example to that fixed length, as the original recipe did
-    # (batches.collator_padding, which the balanced cut of several processes counts by as well).
-    pad = DataCollatorForSeq2Seq(tokenizer, **batches.collator_padding(config.pad_to))
-
-    def collate(features):
-        # Pads come after every real token of their row and the model attends causally, so no real token
-        # attends to a pad, and the pads' own outputs carry no loss: the padding mask changes nothing the
-        # loss sees. Without it the attention is plain causal attention (PyTorch's flash kernel, the key
-        # and value heads shared inside it), where a mask makes the library copy them once for each
-        # query head that reads them and use a slower kernel.
-        batch = pad(features)
-        batch.pop("attention_mask", None)
-        return batch
-
-    return collate
 
 
 def latest_complete_checkpoint(run_dir: Path) -> Path | None:
@@ -409,15 +317,6 @@ def load_model(config: TrainConfig, rank_device: str, tokenizer_dir: Path | None
         model.enable_input_require_grads()  # LoRA inputs need grads for recomputation
     lora = modeling.lora_config(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
     model = get_peft_model(model, lora)
-    # Never both fused and compiled: settling keeps them apart, and a run an earlier version recorded
-    # with both is refused at resume (settle_resumed).
-    if config.lora_kernels == "fused":
-        keep = lora_kernels.weights_can_wait_for_backward(config.gradient_checkpointing == "on",
-                                                          reentrant_recomputation(config))
-        if not lora_kernels.fuse_lora_layers(model, keep_weights_for_backward=keep):
-            raise UserError("--lora-kernels fused found no LoRA layer it can fuse (it fuses plain LoRA on "
-                            "bitsandbytes 4-bit layers without biases). Pass --lora-kernels peft.")
-        lora_kernels.fuse_rms_norms(model)
     if config.compile == "on":
         modeling.compile_decoder_layers(model)  # compiles lazily, during the first steps
     return model, tokenizer
@@ -461,28 +360,25 @@ def fit(plan: Plan, state) -> None:
     rank_device = f"cuda:{state.local_process_index}" if settled.device == "cuda" else settled.device
     model, tokenizer = load_model(settled, rank_device, tokenizer_dir=run_dir if plan.record else None)
     load_seconds = time.perf_counter() - started
-    checkpoint = open_run_dir(plan, model, tokenizer, state)
-
-    train_set = tokenized_dataset(plan.split["train"], tokenizer, settled.prompt_template, settled.max_length)
-    eval_set = tokenized_dataset(plan.split["eval"], tokenizer, settled.prompt_template, settled.max_length)
-    effective_batch = settled.batch_size * settled.grad_accum * state.num_processes
-    steps_per_epoch = math.ceil(len(train_set) / effective_batch)
-    trainer = trainer_class(settled.compile == "on", settled.pad_to)(
-        model=model, args=training_arguments(settled, run_dir, steps_per_epoch), train_dataset=train_set,
-        eval_dataset=eval_set, data_collator=data_collator(settled, tokenizer),
-        callbacks=[step_clock(), epoch_for_balanced_batches()])
-    quiet.hide_eval_progress_bar(trainer)
-    share_gradient_buckets(trainer)
-    if state.is_main_process:
-        print_plan(plan, model, len(train_set), len(eval_set), state.num_processes, steps_per_epoch, checkpoint)
-    first_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
-    train_started = time.perf_counter()
-    # With the fused layers, the rotary embedding is one autograd function too (the fewer-launches set).
-    fused = settled.lora_kernels == "fused"
-    rotary = lora_kernels.rotary_for_training(model) if fused else contextlib.nullcontext()
-    with modeling.training_attention(settled.device, compiled=settled.compile == "on"), rotary:
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.perf_counter() - train_started
+    # The speed-ups are in force from here until training ends, and gone when fit returns.
+    with contextlib.ExitStack() as speedups:
+        if settled.lora_kernels == "fused":
+            speedups.enter_context(fused_layers(settled, model))
+        train_set = tokenized_dataset(plan.split["train"], tokenizer, settled.prompt_template, settled.max_length)
+        eval_set = tokenized_dataset(plan.split["eval"], tokenizer, settled.prompt_template, settled.max_length)
+        checkpoint = open_run_dir(plan, model, tokenizer, state)
+        steps_per_epoch = math.ceil(len(train_set) / (settled.batch_size * settled.grad_accum * state.num_processes))
+        trainer = make_trainer(settled, model, tokenizer, train_set, eval_set, training_arguments(
+            settled, run_dir, steps_per_epoch))
+        if not settled.stock:
+            speedups.enter_context(accel.training_speedups(trainer, settled.pad_to))
+        if state.is_main_process:
+            print_plan(plan, model, len(train_set), len(eval_set), state.num_processes, steps_per_epoch, checkpoint)
+        first_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+        train_started = time.perf_counter()
+        with modeling.training_attention(settled.device, compiled=settled.compile == "on"):
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        train_seconds = time.perf_counter() - train_started
     if state.is_main_process:
         # Throughput of this invocation only: after a resume, the steps before the checkpoint
         # were run (and timed) by the earlier process.
@@ -499,6 +395,29 @@ def fit(plan: Plan, state) -> None:
             "loaded": modeling.describe_loaded(model),
         })
     state.wait_for_everyone()
+
+
+def fused_layers(config: TrainConfig, model):
+    """The fused LoRA layers, torch's RMSNorm and the one-function rotary embedding (qexpand.accel), as a
+    context manager. Never together with compiled blocks: settling keeps them apart, and a run an earlier
+    version recorded with both is refused at resume (settle_resumed)."""
+    from qexpand.accel.lora_kernels import fused_training, weights_can_wait_for_backward
+
+    keep = weights_can_wait_for_backward(config.gradient_checkpointing == "on", reentrant_recomputation(config))
+    return fused_training(model, keep_weights_for_backward=keep)
+
+
+def make_trainer(config: TrainConfig, model, tokenizer, train_set, eval_set, arguments):
+    """The stock Trainer; with compiled blocks, one that evaluates them eagerly (qexpand.trainer)."""
+    from transformers import Trainer
+
+    from qexpand.trainer import EagerEvalTrainer
+
+    trainer_type = EagerEvalTrainer if config.compile == "on" else Trainer
+    trainer = trainer_type(model=model, args=arguments, train_dataset=train_set, eval_dataset=eval_set,
+                           data_collator=data_collator(config.pad_to, tokenizer), callbacks=[step_clock()])
+    quiet.hide_eval_progress_bar(trainer)
+    return trainer
 
 
 def open_run_dir(plan: Plan, model, tokenizer, state) -> Path | None:
@@ -526,7 +445,9 @@ def print_plan(plan: Plan, model, n_train: int, n_eval: int, processes: int, ste
           f"{c.batch_size} x accumulation {c.grad_accum} = effective batch "
           f"{processes * c.batch_size * c.grad_accum}; learning rate {c.learning_rate:g}; {steps_per_epoch} steps per epoch"
           + (f"; at most {c.max_steps} steps" if c.max_steps else "")
-          + ("\neach step's examples cut into batches of equal padded size, one per process" if processes > 1 else "")
+          + ("\neach step's examples cut into batches of equal padded size, one per process"
+             if processes > 1 and not c.stock else "")
+          + ("\nstock path (--stock): none of the speed-ups of qexpand.accel" if c.stock else "")
           + (f"\nresuming from {checkpoint}" if checkpoint else ""), flush=True)
 
 

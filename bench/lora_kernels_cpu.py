@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     import torch
 
     from bench.random_mistral import TINY_MISTRAL, save_random_mistral
-    from qexpand.lora_kernels import fuse_lora_layers, rotary_for_training
+    from qexpand.accel.lora_kernels import fuse_lora_layers, rotary_for_training
 
     torch.set_num_threads(1)  # the host of one training process: one thread launches
     with tempfile.TemporaryDirectory() as folder:

@@ -83,6 +83,10 @@ class TrainConfig:
                                "function for the rotary embedding (fewer launches; see the README); auto = fused "
                                "on the 4-bit base in the default recipe, peft with --compile on",
                                TRAINING, choices=("auto", "peft", "fused"))
+    stock: bool = option(False, "train on the stock path: peft's LoRA layers, the library's RMSNorm and rotary "
+                         "embedding, the stock Trainer with its own batches for several processes: none of the "
+                         "speed-ups of qexpand.accel (implies --lora-kernels peft; the way back if a speed-up "
+                         "refuses a library version or is in doubt)", TRAINING)
     save_every: int | None = option(None, "save a resumable checkpoint and compute the eval loss every N "
                                     "optimizer steps (0 = once per epoch)", TRAINING)
     logging_steps: int | None = option(None, "log the training loss every N steps", TRAINING)
@@ -185,6 +189,9 @@ class TestConfig:
                                 "anchored adds its closeness to the query (default: mbr)", GENERATION,
                                 choices=SELECT_CHOICES)
     seed: int = option(0, "sampling seed", GENERATION)
+    stock: bool = option(False, "generate on the stock path: the library's generate for greedy decoding too, "
+                         "instead of the CUDA-graph decoder of qexpand.accel (the way back if it refuses a "
+                         "library version or is in doubt)", GENERATION)
     baseline: bool = option(False, "also generate with the base model alone (zero-shot, same prompt) and "
                             "score it", SCORES)
     sbert_model: str | None = option(None, "sentence-transformers model for the cosine score (default: "

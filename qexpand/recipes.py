@@ -84,14 +84,19 @@ def settle_training(config: TrainConfig) -> TrainConfig:
         "nf4" if device == "cuda" else "none")
     values["precision"] = config.precision if config.precision != "auto" else (
         "bf16" if device == "cuda" else "fp32")
-    if config.lora_kernels == "auto" and (values["quantization"] != "nf4" or config.compile == "on"):
-        # The fused layers compute on a 4-bit base only, and are not compiled (settle_compile says why).
+    fused_cannot_run = values["quantization"] != "nf4" or config.compile == "on" or config.stock
+    if config.lora_kernels == "auto" and fused_cannot_run:
+        # The fused layers compute on a 4-bit base only, are not compiled (settle_compile says why) and
+        # are not part of the stock path.
         values["lora_kernels"] = "peft"
     settled = dataclasses.replace(config, **values, device=device, recipe=recipe_name)
     if settled.lora_kernels == "fused" and settled.quantization != "nf4":
         raise UserError("--lora-kernels fused computes LoRA layers on a 4-bit base, and this run loads the base "
                         f"with --quantization {settled.quantization}. Add --quantization nf4, or leave "
                         "--lora-kernels out.")
+    if settled.lora_kernels == "fused" and settled.stock:
+        raise UserError("--stock trains with peft's LoRA layers, so it cannot go with --lora-kernels fused. "
+                        "Leave one of them out.")
     if settled.lora_kernels == "fused" and settled.compile == "on":
         raise UserError("--compile on cannot go with --lora-kernels fused: compiled blocks over the fused layers "
                         "trained to a far higher loss than the same layers eagerly in their one GPU measurement "

@@ -36,8 +36,8 @@ def damaged(run_dir: Path, name: str, problem: str) -> UserError:
 
 
 # Training settings added after run directories had been written without them, with the value that
-# says how such a run trained (it had no compiled blocks and peft's LoRA layers).
-ADDED_SETTINGS = {"compile": "off", "lora_kernels": "peft"}
+# says how such a run trained (it had no compiled blocks and peft's LoRA layers; --stock did not exist).
+ADDED_SETTINGS = {"compile": "off", "lora_kernels": "peft", "stock": False}
 
 
 def read_record(run_dir: Path) -> RunRecord:

@@ -35,13 +35,13 @@ VARIANTS = {
     "compile-nodrop": {"compile": True, "lora_dropout": 0.0},
     "compile-nockpt": {"compile": True, "checkpointing": False},
     "compile-b64": {"compile": True, "batch_size": 64},
-    # training.py --lora-kernels fused (qexpand.lora_kernels)
+    # training.py --lora-kernels fused (qexpand.accel.lora_kernels)
     "fused": {"fused": True},
     "fused-compile": {"fused": True, "compile": True},
     # Re-entrant checkpoints: the first forward pass runs without autograd.
     "reentrant": {"reentrant": True},
     "fused-reentrant": {"fused": True, "reentrant": True},
-    # On top: torch's RMSNorm while training (qexpand.lora_kernels.fuse_rms_norms), attention kernels
+    # On top: torch's RMSNorm while training (qexpand.accel.lora_kernels.fuse_rms_norms), attention kernels
     # other than cuDNN's (qexpand.modeling.training_attention), both (training.py's default since).
     "fused-reentrant-norms": {"fused": True, "reentrant": True, "norms": True},
     "fused-reentrant-attention": {"fused": True, "reentrant": True, "attention": True},
@@ -82,7 +82,8 @@ def run(opts, paths, device, left_s, variant: str) -> dict:
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from qexpand import lora_kernels, modeling
+    from qexpand import modeling
+    from qexpand.accel import lora_kernels
     from qexpand.prompt import PROMPT_TEMPLATE, tokenize_example
 
     settings = {**COPY, **VARIANTS[variant]}
