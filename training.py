@@ -313,6 +313,8 @@ def load_model(config: TrainConfig, rank_device: str, tokenizer_dir: Path | None
     # generation pads on the left and says so itself.
     tokenizer.padding_side = "right"
     model = modeling.load_base_model(config.model, config.gguf_file, config.quantization, rank_device, config.precision)
+    if config.quantization == "nf4":
+        modeling.keep_four_bit_layout_for_training(model)  # gradients through every 4-bit layer, eval or not
     if config.gradient_checkpointing == "on":
         model.enable_input_require_grads()  # LoRA inputs need grads for recomputation
     lora = modeling.lora_config(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)

@@ -88,6 +88,7 @@ def four_bit_model(folder: Path):
     from qexpand import modeling
 
     model = modeling.load_base_model(str(folder), None, "nf4", "cpu", "bf16")
+    modeling.keep_four_bit_layout_for_training(model)
     model.enable_input_require_grads()
     model = get_peft_model(model, modeling.lora_config(model, 8, 16, 0.05, "all-linear"))
     model.train()
