@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from qexpand import accel, data, modeling, options, quiet, rundir, runcheck
-from qexpand.collation import data_collator
+from qexpand.collation import check_pad_to, data_collator
 from qexpand.config import INVOCATION_FIELDS, TrainConfig, validate_training
 from qexpand.errors import UserError, fail_if_problems, run_cli
 from qexpand.prompt import format_prompt, tokenize_example
@@ -368,6 +368,8 @@ def fit(plan: Plan, state) -> None:
             speedups.enter_context(fused_layers(settled, model))
         train_set = tokenized_dataset(plan.split["train"], tokenizer, settled.prompt_template, settled.max_length)
         eval_set = tokenized_dataset(plan.split["eval"], tokenizer, settled.prompt_template, settled.max_length)
+        check_pad_to(settled.pad_to, {"training": [len(ids) for ids in train_set["input_ids"]],
+                                      "eval": [len(ids) for ids in eval_set["input_ids"]]})
         checkpoint = open_run_dir(plan, model, tokenizer, state)
         steps_per_epoch = math.ceil(len(train_set) / (settled.batch_size * settled.grad_accum * state.num_processes))
         trainer = make_trainer(settled, model, tokenizer, train_set, eval_set, training_arguments(

@@ -3,6 +3,8 @@ loss, no padding mask."""
 
 from __future__ import annotations
 
+from qexpand.errors import UserError
+
 PAD_MULTIPLE = 8  # the collator pads each batch to a multiple of this many tokens
 
 
@@ -13,6 +15,21 @@ def collator_padding(pad_to: int | None) -> dict:
     if pad_to:
         return {"padding": "max_length", "max_length": pad_to}
     return {"padding": True, "pad_to_multiple_of": PAD_MULTIPLE}
+
+
+def check_pad_to(pad_to: int | None, lengths: dict[str, list[int]]) -> None:
+    """With `pad_to` (--pad-to) every example is padded to that many tokens, which an example longer than
+    that cannot be: the collator would stop the run at the first batch holding one. Refused before
+    training instead. `lengths`: the tokens of each example (prompt + description + EOS) by split."""
+    longest = max((max(counts) for counts in lengths.values() if counts), default=0)
+    if not pad_to or longest <= pad_to:
+        return
+    longer = ", ".join(f"{sum(n > pad_to for n in counts)} of the {len(counts)} {split} examples"
+                       for split, counts in lengths.items() if any(n > pad_to for n in counts))
+    raise UserError(f"--pad-to {pad_to} is shorter than {longer} (prompt, description and end token; the "
+                    f"longest has {longest} tokens), and no example is cut to fit it. Give --pad-to {longest} "
+                    "or more, --pad-to 0 (each batch padded to its own longest example), or a --max-length "
+                    f"of at most {pad_to}, which cuts the longer descriptions.")
 
 
 def data_collator(pad_to: int | None, tokenizer):
