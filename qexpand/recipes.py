@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import textwrap
+from pathlib import Path
 
 from qexpand import data
-from qexpand.config import TestConfig, TrainConfig
-from qexpand.errors import UserError
+from qexpand.config import INVOCATION_FIELDS, TestConfig, TrainConfig
+from qexpand.errors import UserError, fail_if_problems
 from qexpand.modeling import DEFAULT_MODEL
+from qexpand.options import flag_name, given_fields
 from qexpand.prompt import PROMPT_TEMPLATE
+from qexpand.runcheck import RunRecord
 
 COMMON = {
     "model": DEFAULT_MODEL, "datasets": list(data.DEFAULT_DATASETS), "split": list(data.DEFAULT_SPLIT),
@@ -109,6 +113,29 @@ def settle_training(config: TrainConfig) -> TrainConfig:
     return settled
 
 
+def resume_conflicts(config: TrainConfig, recorded: TrainConfig) -> list[str]:
+    """Options given with --resume that differ from the run's recorded settings."""
+    problems = []
+    for name, value in given_fields(config).items():
+        if name not in INVOCATION_FIELDS and value != getattr(recorded, name):
+            problems.append(f"{flag_name(name)} {value} differs from the run's recorded {getattr(recorded, name)}")
+    return problems
+
+
+def settle_resumed(config: TrainConfig, run_dir: Path, record: RunRecord) -> TrainConfig:
+    """The recorded settings, whole; an option given now that differs from them is an error."""
+    fail_if_problems(resume_conflicts(config, record.config),
+                     "A resumed run continues with its recorded settings: leave those options out.")
+    if record.config.device == "cuda":
+        resolve_device("cuda")  # a run trained on CUDA does not silently continue on the CPU
+    if record.config.compile == "on" and record.config.lora_kernels == "fused":
+        raise UserError(f"{run_dir} was recorded by an earlier version with compiled blocks over fused LoRA "
+                        "layers, a combination that trained to a far higher loss on a GPU than the same layers "
+                        "eagerly (bench/RESULTS.md), so it is not continued. Start the run afresh under another "
+                        "--run-name (this folder stays as it is); --compile on now trains with peft's layers.")
+    return dataclasses.replace(record.config, output_dir=config.output_dir, resume=str(run_dir))
+
+
 def examples_per_process(config: TrainConfig, train_topics: int, processes: int) -> int:
     """Training examples each process works through: epochs included, capped by --max-steps."""
     per_process = math.ceil(train_topics / processes) * config.epochs
@@ -150,3 +177,19 @@ def settle_testing(config: TestConfig, trained: TrainConfig, base_model: str, gg
         repeat_query=config.repeat_query or 1,
     )
     return settled, form
+
+
+def epilog() -> str:
+    """The recipes as training.py's --help lists them."""
+    def shown(value) -> str:
+        if isinstance(value, dict):  # per device
+            return "/".join(map(str, value.values()))
+        return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    lines = ["recipes (what an option you leave out is set to; a/b = CUDA/CPU):"]
+    for name, preset in RECIPES.items():
+        text = ", ".join(f"{flag_name(k)} {shown(v)}" for k, v in preset.items()
+                         if k not in ("prompt_template", "datasets", "model"))
+        lines.append(textwrap.fill(f"{name}: {text}", 100, initial_indent="  ", subsequent_indent="    ",
+                                   break_on_hyphens=False))
+    return "\n".join(lines)

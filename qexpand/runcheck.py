@@ -12,7 +12,7 @@ from qexpand import data, options, rundir
 from qexpand.config import TrainConfig
 from qexpand.errors import UserError
 
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_FILE = rundir.ADAPTER_WEIGHTS_FILE
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model")
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
