@@ -81,7 +81,8 @@ class TrainConfig:
                                "modules, or fused = one autograd function per layer (one for the layers that read "
                                "the same input, which then share a dropout mask), torch's own RMSNorm and one "
                                "function for the rotary embedding (fewer launches; see the README); auto = fused "
-                               "on the 4-bit base in the default recipe, peft with --compile on",
+                               "on the 4-bit base in the default recipe, peft with --compile on or --stock "
+                               "(which also leaves out the other speed-ups)",
                                TRAINING, choices=("auto", "peft", "fused"))
     stock: bool = option(False, "train on the stock path: peft's LoRA layers, the library's RMSNorm and rotary "
                          "embedding, the stock Trainer with its own batches for several processes: none of the "
