@@ -290,14 +290,14 @@ def main(config: TestConfig) -> dict:
     if config.topics:
         topics = read_topics(config.topics)
         warn_if_seen(topics, split)
-        model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf, needs_scorer=False)
-        with greedy_decoding(config) as decoder:
+        with greedy_decoding(config) as decoder:  # entered first: a refusal comes before the model loads
+            model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf, needs_scorer=False)
             return expand_topic_file(config, topics, finetuned_model(model, form), tokenizer, template, scorer,
                                      decoder, run_dir)
     evaluation, items = topics_to_expand(config, split)
-    model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf,
-                                                   needs_scorer=items[0]["description"] is not None)
     with greedy_decoding(config) as decoder:
+        model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf,
+                                                       needs_scorer=items[0]["description"] is not None)
         return evaluate(config, run_dir, split, template, evaluation, items, model, tokenizer, scorer, decoder, form)
 
 

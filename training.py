@@ -61,6 +61,8 @@ def main(config: TrainConfig) -> Path:
         settled = settle_resumed(config, run_dir, record)
     else:
         settled = settle_training(config)
+    if not settled.stock:
+        accel.refuse_unchecked_versions(fused_layers=settled.lora_kernels == "fused")
     modeling.keep_freed_memory(settled.device)
     # One process, or one per GPU under `accelerate launch` / torchrun (data parallel): each rank
     # holds its own copy of the 4-bit base; only the main process writes files or prints.

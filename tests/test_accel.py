@@ -91,6 +91,21 @@ def test_the_stock_path_installs_nothing_and_needs_no_checked_versions(tmp_path,
     assert (tmp_path / "runs").is_dir()
 
 
+def test_training_refuses_unchecked_versions_before_loading_or_writing_anything(tmp_path, tiny_model, topics_home,
+                                                                                 monkeypatch):
+    import training
+    from qexpand import modeling
+    from qexpand.accel import checked_versions
+    from qexpand.errors import UserError
+
+    monkeypatch.setattr(checked_versions, "installed_version", lambda library: "0.0.1")
+    monkeypatch.setattr(modeling, "load_base_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    config = training.parse_config(["--model", str(tiny_model), *TINY_RUN, "--output-dir", str(tmp_path / "runs")])
+    with pytest.raises(UserError, match="checked only on .*training.py --stock"):
+        training.main(config)
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("library", ["torch", "transformers", "peft", "bitsandbytes"])
 def test_the_fused_layers_refuse_a_library_version_they_were_not_checked_on(tiny_model, monkeypatch, library):
     from qexpand.accel import checked_versions

@@ -27,3 +27,12 @@ def training_speedups(trainer, pad_to: int | None):
 
     with operations_counted_once(trainer), balanced_batches(trainer, pad_to):
         yield
+
+
+def refuse_unchecked_versions(fused_layers: bool) -> None:
+    """Refuse, before any model is loaded, a training run whose speed-ups would meet library versions they
+    were not checked on (the context managers check again as they install)."""
+    from qexpand.accel import checked_versions
+
+    for part in ("fused_layers", "trainer_hooks") if fused_layers else ("trainer_hooks",):
+        checked_versions.require(part)
