@@ -62,6 +62,7 @@ def installed(model, trainer, step_counter) -> dict:
 
 def test_nothing_of_the_speed_ups_stays_installed_after_training_main_returns(
         tmp_path, tiny_model, topics_home, monkeypatch):
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
     from torch.optim import optimizer as torch_optimizer
 
     from qexpand.accel.lora_kernels import OPTIMIZER_STEPS
@@ -70,7 +71,9 @@ def test_nothing_of_the_speed_ups_stays_installed_after_training_main_returns(
         return {key: hook for key, hook in torch_optimizer._global_optimizer_post_hooks.items()
                 if getattr(hook, "__self__", None) is not OPTIMIZER_STEPS}
 
-    hooks_before = others_hooks()
+    from transformers.models.mistral import modeling_mistral
+
+    hooks_before, library_rotary = others_hooks(), modeling_mistral.apply_rotary_pos_emb
     seen = train_in_process(tiny_model, tmp_path / "runs", monkeypatch, "--quantization", "nf4")
     during = seen["during"]
     assert during["module attributes"] and "forward" in during["module attributes"]  # the fused layers, norms
@@ -79,6 +82,12 @@ def test_nothing_of_the_speed_ups_stays_installed_after_training_main_returns(
     assert seen["after"] == {"module attributes": [], "rotary replaced": False, "optimizer step hooks": 0,
                              "trainer methods": []}
     assert others_hooks() == hooks_before  # nobody else's hooks touched
+    assert modeling_mistral.apply_rotary_pos_emb is library_rotary
+    model = seen["model"]
+    norms = [module for module in model.modules() if type(module).__name__.endswith("RMSNorm")]
+    lora_layers = [module for module in model.modules() if isinstance(module, LoraLinear4bit)]
+    assert len(norms) == 5 and len(lora_layers) == 14
+    assert all(module.forward.__func__ is type(module).forward for module in norms + lora_layers)  # their own
 
 
 def test_the_stock_path_installs_nothing_and_needs_no_checked_versions(tmp_path, tiny_model, topics_home, monkeypatch):
