@@ -143,7 +143,17 @@ def pick_candidate(query: str, candidates: list[str], scorer: Scorer | None, sel
     return int(np.argmax(consensus))
 
 
-def expand(model, tokenizer, template: str, queries: list[str], config: TestConfig, scorer,
+def greedy_decoding(config: TestConfig):
+    """A context manager that gives the greedy decoder to generate with: on CUDA the CUDA-graph one of
+    qexpand.accel, else (and with --stock) None, the library's generate."""
+    if config.stock or config.device != "cuda":
+        return contextlib.nullcontext(None)
+    from qexpand.accel.graphed_decoding import graphed_greedy_decoding
+
+    return graphed_greedy_decoding()
+
+
+def expand(model, tokenizer, template: str, queries: list[str], config: TestConfig, scorer, decoder,
            progress: bool = True) -> tuple[list[dict], float]:
     """One detail record per query (chosen text, EOS, candidates) and the generation time."""
     import torch
@@ -154,7 +164,8 @@ def expand(model, tokenizer, template: str, queries: list[str], config: TestConf
         generations = generate_descriptions(
             model, tokenizer, template, queries, batch_size=config.batch_size,
             max_new_tokens=config.max_new_tokens, num_candidates=config.num_candidates,
-            temperature=config.temperature, seed=config.seed, progress=progress,
+            temperature=config.temperature, seed=config.seed, progress=progress, greedy_decoder=decoder,
+            no_repeat_ngram=config.no_repeat_ngram,
         )
     seconds = time.perf_counter() - started
     details = []
@@ -214,18 +225,20 @@ def warn_if_seen(topics: list[QueryTopic], split: dict) -> None:
 
 
 def expand_topic_file(config: TestConfig, topics: list[QueryTopic], model, tokenizer, template: str, scorer,
-                      run_dir: Path) -> dict:
+                      decoder, run_dir: Path) -> dict:
     """--topics: expand every topic, resumably, and write the file a retrieval toolkit reads."""
 
     def expand_batch(queries: list[str]) -> list[tuple[str, list]]:
         prepared = prepare_queries([{"query": q} for q in queries], tokenizer)
-        details, _ = expand(model, tokenizer, template, prepared, config, scorer, progress=False)
+        details, _ = expand(model, tokenizer, template, prepared, config, scorer, decoder, progress=False)
         return [(d["generated"], d["candidates"] or [d["generated"]]) for d in details]
 
     settings = {"run": str(run_dir.resolve()), "zero_shot": config.zero_shot, "num_candidates": config.num_candidates, "seed": config.seed,
-                "temperature": config.temperature, "select": config.select, "max_new_tokens": config.max_new_tokens}
+                "temperature": config.temperature, "select": config.select, "max_new_tokens": config.max_new_tokens,
+                "no_repeat_ngram": config.no_repeat_ngram}
     records = expand_topics(topics, expand_batch, config.out, config.format, config.query_form,
-                            config.repeat_query, batch_size=config.batch_size, settings=settings)
+                            config.repeat_query, batch_size=config.batch_size, settings=settings,
+                            query_weight=config.query_weight)
     return {"run": str(run_dir), "evaluation": "topics", "out": config.out, "expansions": records}
 
 
@@ -243,15 +256,15 @@ def load_for_generation(config: TestConfig, record: runcheck.RunRecord, run_dir:
 
 
 def evaluate(config: TestConfig, run_dir: Path, split: dict, template: str, evaluation: str, items: list[dict],
-             model, tokenizer, scorer, form: GenerationForm) -> dict:
+             model, tokenizer, scorer, decoder, form: GenerationForm) -> dict:
     """Expand the items (fine-tuned, and zero-shot with --baseline), print and write them, score them."""
     queries = prepare_queries(items, tokenizer)
     loaded = modeling.describe_loaded(model)
     outputs = {}
     if config.baseline:
         with model.disable_adapter():
-            outputs["zero_shot"] = expand(model, tokenizer, template, queries, config, scorer)
-    outputs["finetuned"] = expand(finetuned_model(model, form), tokenizer, template, queries, config, scorer)
+            outputs["zero_shot"] = expand(model, tokenizer, template, queries, config, scorer, decoder)
+    outputs["finetuned"] = expand(finetuned_model(model, form), tokenizer, template, queries, config, scorer, decoder)
     details, seconds = outputs["finetuned"]
     print_blocks(items, queries, details)
     paths = rundir.output_paths(run_dir, evaluation)
@@ -286,15 +299,18 @@ def main(config: TestConfig) -> dict:
     if config.topics:
         topics = read_topics(config.topics)
         warn_if_seen(topics, split)
-        model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf, needs_scorer=False)
-        if config.zero_shot:
-            with model.disable_adapter():
-                return expand_topic_file(config, topics, model, tokenizer, template, scorer, run_dir)
-        return expand_topic_file(config, topics, finetuned_model(model, form), tokenizer, template, scorer, run_dir)
+        with greedy_decoding(config) as decoder:  # entered first: a refusal comes before the model loads
+            model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf, needs_scorer=False)
+            if config.zero_shot:
+                with model.disable_adapter():
+                    return expand_topic_file(config, topics, model, tokenizer, template, scorer, decoder, run_dir)
+            return expand_topic_file(config, topics, finetuned_model(model, form), tokenizer, template, scorer,
+                                     decoder, run_dir)
     evaluation, items = topics_to_expand(config, split, run_dir)
-    model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf,
-                                                   needs_scorer=items[0]["description"] is not None)
-    return evaluate(config, run_dir, split, template, evaluation, items, model, tokenizer, scorer, form)
+    with greedy_decoding(config) as decoder:
+        model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf,
+                                                       needs_scorer=items[0]["description"] is not None)
+        return evaluate(config, run_dir, split, template, evaluation, items, model, tokenizer, scorer, decoder, form)
 
 
 def cli() -> int:

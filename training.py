@@ -14,29 +14,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import math
-import os
-import shutil
-import tempfile
-import textwrap
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
-from qexpand import batches, data, lora_kernels, modeling, options, quiet, rundir, runcheck
-from qexpand.config import INVOCATION_FIELDS, TrainConfig, validate_training
-from qexpand.errors import UserError, fail_if_problems, run_cli
-from qexpand.prompt import format_prompt, tokenize_example
-from qexpand.recipes import RECIPES, resolve_device, settle_compile, settle_training
+from qexpand import accel, data, modeling, options, quiet, rundir, runcheck
+from qexpand.collation import check_pad_to, data_collator
+from qexpand.config import TrainConfig, validate_training
+from qexpand.errors import run_cli
+from qexpand.prompt import tokenize_example
+from qexpand.recipes import epilog, settle_compile, settle_resumed, settle_training
 
 DESCRIPTION = "Fine-tune LoRA adapters that expand short search queries into TREC descriptions."
 OOM_HINT = (
     "Lower --batch-size (raising --grad-accum keeps the effective batch), or pass "
     "--gradient-checkpointing on, which trades speed for much less memory."
 )
-log = logging.getLogger("training")
 ONE_GRADIENT_BUCKET_MB = 1 << 16  # more than any LoRA adapter's gradients: all go in one bucket
 
 
@@ -51,146 +45,165 @@ class Plan:
     record: runcheck.RunRecord | None  # the recorded run, when resuming
 
 
-def recipes_epilog() -> str:
-    def shown(value) -> str:
-        if isinstance(value, dict):  # per device
-            return "/".join(map(str, value.values()))
-        return " ".join(map(str, value)) if isinstance(value, list) else str(value)
-
-    lines = ["recipes (what an option you leave out is set to; a/b = CUDA/CPU):"]
-    for name, preset in RECIPES.items():
-        text = ", ".join(f"{options.flag_name(k)} {shown(v)}" for k, v in preset.items()
-                         if k not in ("prompt_template", "datasets", "model"))
-        lines.append(textwrap.fill(f"{name}: {text}", 100, initial_indent="  ", subsequent_indent="    ",
-                                   break_on_hyphens=False))
-    return "\n".join(lines)
-
-
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    return options.parse_config(TrainConfig, argv, DESCRIPTION, recipes_epilog())
+    return options.parse_config(TrainConfig, argv, DESCRIPTION, epilog())
 
 
-def default_run_name(model: str, gguf_file: str | None) -> str:
-    base = Path(gguf_file).stem if gguf_file else Path(model.rstrip("/")).name
-    return f"{base}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+def main(config: TrainConfig) -> Path:
+    """Train one run (or resume one) and return its run directory."""
+    from accelerate import PartialState
 
-
-def find_run_to_resume(config: TrainConfig) -> Path:
-    root = Path(config.output_dir)
-    if config.resume:
-        path = Path(config.resume) if Path(config.resume).is_dir() else root / config.resume
-        if not rundir.is_run_dir(path):
-            raise UserError(f"--resume {config.resume}: {path} is not a run directory made by training.py.")
+    validate_training(config)
+    record = None
+    if config.resume is not None:
+        run_dir = rundir.find_run_to_resume(Path(config.output_dir), config.resume)
+        record = runcheck.read_record(run_dir)
+        settled = settle_resumed(config, run_dir, record)
     else:
-        unfinished = [p for p in root.glob("*") if rundir.is_run_dir(p) and not rundir.is_finished(p)] if root.is_dir() else []
-        if not unfinished:
-            raise UserError(f"--resume: no unfinished run in {root}; name one with --resume RUN.")
-        path = max(unfinished, key=lambda p: p.stat().st_mtime)
-    if rundir.is_finished(path):
-        raise UserError(f"the run {path} has already finished; test it with testing_finetuned_model.py.")
-    return path
-
-
-def resume_conflicts(config: TrainConfig, recorded: TrainConfig) -> list[str]:
-    """Options given with --resume that differ from the run's recorded settings."""
-    problems = []
-    for name, value in options.given_fields(config).items():
-        if name not in INVOCATION_FIELDS and value != getattr(recorded, name):
-            problems.append(f"{options.flag_name(name)} {value} differs from the run's recorded {getattr(recorded, name)}")
-    return problems
-
-
-def settle_resumed(config: TrainConfig, run_dir: Path, record: runcheck.RunRecord) -> TrainConfig:
-    """The recorded settings, whole; an option given now that differs from them is an error."""
-    fail_if_problems(resume_conflicts(config, record.config),
-                     "A resumed run continues with its recorded settings: leave those options out.")
-    if record.config.device == "cuda":
-        resolve_device("cuda")  # a run trained on CUDA does not silently continue on the CPU
-    if record.config.compile == "on" and record.config.lora_kernels == "fused":
-        raise UserError(f"{run_dir} was recorded by an earlier version with compiled blocks over fused LoRA "
-                        "layers, a combination that trained to a far higher loss on a GPU than the same layers "
-                        "eagerly (bench/RESULTS.md), so it is not continued. Start the run afresh under another "
-                        "--run-name (this folder stays as it is); --compile on now trains with peft's layers.")
-    return dataclasses.replace(record.config, output_dir=config.output_dir, resume=str(run_dir))
+        settled = settle_training(config)
+    if not settled.stock:
+        accel.refuse_unchecked_versions(fused_layers=settled.lora_kernels == "fused")
+    modeling.keep_freed_memory(settled.device)
+    # One process, or one per GPU under `accelerate launch` / torchrun (data parallel): each rank
+    # holds its own copy of the 4-bit base; only the main process writes files or prints.
+    state = PartialState(cpu=settled.device == "cpu")  # on the CPU, processes talk through gloo
+    if record is None:
+        run_dir = Path(settled.output_dir) / shared_run_name(state, settled)
+    lock = rundir.RunLock(run_dir) if state.is_main_process else None
+    try:
+        fit(make_plan(settled, run_dir, record, state.num_processes), state)
+    finally:
+        if lock:
+            lock.release()
+    return run_dir
 
 
 def make_plan(settled: TrainConfig, run_dir: Path, record: runcheck.RunRecord | None, processes: int) -> Plan:
-    """Read (resume) or make (new run) the split and settle --compile; nothing is written yet."""
+    """The run's settings, final from here on, and its split: read back when resuming; for a new run the
+    split made or read (--split-file), and the run name and --compile settled. Nothing is written yet."""
     if record is not None:
         return Plan(settled, run_dir, runcheck.read_split(run_dir), None, record)
     rundir.prepare_new_run_dir(run_dir, settled.overwrite)
+    from_file = {}
     if settled.split_file:
-        split_json = read_split_file(settled.split_file)
-        settled.datasets = split_json["datasets"]
-        settled.split = [split_json["counts"][name] for name in data.SPLIT_NAMES]
+        split_json = data.read_split_file(settled.split_file)
         split = data.split_from_json(split_json)
+        # The file brings its own topic sets and counts: recorded as the run's.
+        from_file = {"datasets": split_json["datasets"],
+                     "split": [split_json["counts"][name] for name in data.SPLIT_NAMES]}
     else:
         split = data.split_topics(data.load_all_topics(settled.datasets), tuple(settled.split), settled.seed)
         split_json = data.split_to_json(split, settled.seed, settled.datasets)
-    settled.compile = settle_compile(settled, len(split["train"]), processes)
-    return Plan(settled, run_dir, split, split_json, None)
+    final = dataclasses.replace(settled, run_name=run_dir.name, **from_file,
+                                compile=settle_compile(settled, len(split["train"]), processes))
+    return Plan(final, run_dir, split, split_json, None)
 
 
-def read_split_file(path: str) -> dict:
-    try:
-        split_json = rundir.read_json(Path(path))
-        data.split_from_json(split_json)
-        if not all(split_json[name] for name in data.SPLIT_NAMES):
-            raise ValueError("a split is empty")
-        return split_json
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"--split-file {path} is not a usable split file ({error}); give the split.json "
-                        "of a run directory or one in the same format.") from None
+def shared_run_name(state, config: TrainConfig) -> str:
+    """The run name: given, or made by the main process and sent to the others (clocks may differ)."""
+    from accelerate.utils import broadcast_object_list
+
+    if config.run_name:
+        return config.run_name
+    names = [rundir.default_run_name(config.model, config.gguf_file)]
+    if state.num_processes > 1:
+        broadcast_object_list(names, from_process=0)
+    return names[0]
 
 
-def library_versions() -> dict:
-    import peft
-    import torch
-    import transformers
+def fit(plan: Plan, state) -> None:
+    """Load, train with the Trainer (resuming from the last complete checkpoint), finish the run."""
+    from transformers import set_seed
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    settled, run_dir = plan.config, plan.run_dir
+    set_seed(settled.seed)
+    started = time.perf_counter()
+    rank_device = f"cuda:{state.local_process_index}" if settled.device == "cuda" else settled.device
+    model, tokenizer = load_model(settled, rank_device, tokenizer_dir=run_dir if plan.record else None)
+    load_seconds = time.perf_counter() - started
+    # The speed-ups are in force from here until training ends, and gone when fit returns.
+    with contextlib.ExitStack() as speedups:
+        if settled.lora_kernels == "fused":
+            speedups.enter_context(fused_layers(settled, model))
+        train_set = tokenized_dataset(plan.split["train"], tokenizer, settled)
+        eval_set = tokenized_dataset(plan.split["eval"], tokenizer, settled)
+        check_pad_to(settled.pad_to, {"training": [len(ids) for ids in train_set["input_ids"]],
+                                      "eval": [len(ids) for ids in eval_set["input_ids"]]})
+        checkpoint = open_run_dir(plan, model, tokenizer, state)
+        steps_per_epoch = math.ceil(len(train_set) / (settled.batch_size * settled.grad_accum * state.num_processes))
+        trainer = make_trainer(settled, model, tokenizer, train_set, eval_set, training_arguments(
+            settled, run_dir, steps_per_epoch))
+        if not settled.stock:
+            speedups.enter_context(accel.training_speedups(trainer, settled.pad_to))
+        if state.is_main_process:
+            print_plan(plan, model, len(train_set), len(eval_set), state.num_processes, steps_per_epoch, checkpoint)
+        first_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+        train_started = time.perf_counter()
+        with modeling.training_attention(settled.device, compiled=settled.compile == "on"):
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        train_seconds = time.perf_counter() - train_started
+    if state.is_main_process:
+        # Throughput of this invocation only: after a resume, the steps before the checkpoint
+        # were run (and timed) by the earlier process.
+        share = (trainer.state.global_step - first_step) / steps_per_epoch
+        finish_run(run_dir, trainer, result, {
+            "train_seconds": round(train_seconds, 2),
+            "model_load_seconds": round(load_seconds, 2),
+            "resumed_from_step": first_step,
+            "train_samples_per_second": round(share * len(train_set) / train_seconds, 2),
+            # Tokens of prompt + description + EOS, padding excluded (eval time included).
+            "train_real_tokens_per_second": round(
+                share * sum(len(ids) for ids in train_set["input_ids"]) / train_seconds, 1),
+            "processes": state.num_processes,
+            "loaded": modeling.describe_loaded(model),
+        })
+    state.wait_for_everyone()
 
 
-def tokenized_dataset(topics: list[data.Topic], tokenizer, config: TrainConfig):
-    from datasets import Dataset
+def load_model(config: TrainConfig, rank_device: str, tokenizer_dir: Path | None):
+    """The base model with fresh LoRA adapters, and the tokenizer (a resumed run's own, from its folder)."""
+    from peft import get_peft_model
 
-    rows = [tokenize_example(tokenizer, config.prompt_template, t.query, data.training_target(t, config.target),
-                             config.max_length) for t in topics]
-    return Dataset.from_list(rows)
-
-
-def check_texts(config: TrainConfig, topics: list[data.Topic]) -> list[str]:
-    """Texts whose token ids are recorded, so a tokenizer loaded later can be checked against them."""
-    return [format_prompt(config.prompt_template, topics[0].query)] + [data.training_target(t, config.target)
-                                                                        for t in topics[:3]]
-
-
-def start_run_dir(plan: Plan, model, tokenizer, processes: int) -> runcheck.RunRecord:
-    """Create a new run directory: split, tokenizer (checked against the ids training uses), settings."""
-    config, run_dir = plan.config, plan.run_dir
-    texts = [format_prompt(config.prompt_template, t.query) for t in plan.split["train"]]
-    texts += [data.training_target(t, config.target) for t in plan.split["train"]]
-    # The tokenizer is saved and checked before an earlier run of this name (--overwrite) is removed.
-    with tempfile.TemporaryDirectory(dir=run_dir.parent, prefix=f".{run_dir.name}-tokenizer-") as staging:
-        tokenizer.save_pretrained(staging)
-        runcheck.verify_tokenizer(modeling.load_tokenizer(staging), runcheck.tokenizer_check(tokenizer, texts),
-                                  f"saved for {run_dir}")
-        rundir.replace_run_dir(run_dir)
-        rundir.move_files_into(Path(staging), run_dir)
-    rundir.atomic_write_json(run_dir / rundir.SPLIT_FILE, plan.split_json)
-    record = runcheck.RunRecord(
-        config=config, base_model_signature=modeling.model_signature(model.config),
-        tokenizer_check=runcheck.tokenizer_check(tokenizer, check_texts(config, plan.split["train"])),
-        processes=processes, versions=library_versions(), created_at=datetime.now(timezone.utc).isoformat())
-    runcheck.write_record(run_dir, record)
-    return record
+    if tokenizer_dir is None:
+        tokenizer = modeling.load_tokenizer(config.model, config.gguf_file)
+    else:
+        tokenizer = modeling.load_tokenizer(str(tokenizer_dir))
+    # Training batches pad on the right, so positions count from each example's first token;
+    # generation pads on the left and says so itself.
+    tokenizer.padding_side = "right"
+    model = modeling.load_base_model(config.model, config.gguf_file, config.quantization, rank_device, config.precision)
+    if config.quantization == "nf4":
+        modeling.keep_four_bit_layout_for_training(model)  # gradients through every 4-bit layer, eval or not
+    if config.gradient_checkpointing == "on":
+        model.enable_input_require_grads()  # LoRA inputs need grads for recomputation
+    lora = modeling.lora_config(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    model = get_peft_model(model, lora)
+    if config.compile == "on":
+        modeling.compile_decoder_layers(model)  # compiles lazily, during the first steps
+    return model, tokenizer
 
 
-def reentrant_recomputation(config: TrainConfig) -> bool:
-    """Re-entrant checkpoints run each block's first forward pass without autograd (nothing recorded,
-    nothing saved): 1.10-1.34x the rate on an H200 (bench/RESULTS.md). Compiled blocks keep the other
-    kind, which they were measured with: a first pass without autograd would compile a second graph."""
-    return config.compile != "on"
+def fused_layers(config: TrainConfig, model):
+    """The fused LoRA layers, torch's RMSNorm and the one-function rotary embedding (qexpand.accel), as a
+    context manager. Never together with compiled blocks: settling keeps them apart, and a run an earlier
+    version recorded with both is refused at resume (settle_resumed)."""
+    from qexpand.accel.lora_kernels import fused_training, weights_can_wait_for_backward
+
+    keep = weights_can_wait_for_backward(config.gradient_checkpointing == "on", reentrant_recomputation(config))
+    return fused_training(model, keep_weights_for_backward=keep)
+
+
+def make_trainer(config: TrainConfig, model, tokenizer, train_set, eval_set, arguments):
+    """The stock Trainer; with compiled blocks, one that evaluates them eagerly (qexpand.trainer)."""
+    from transformers import Trainer
+
+    from qexpand.trainer import EagerEvalTrainer
+
+    trainer_type = EagerEvalTrainer if config.compile == "on" else Trainer
+    trainer = trainer_type(model=model, args=arguments, train_dataset=train_set, eval_dataset=eval_set,
+                           data_collator=data_collator(config.pad_to, tokenizer), callbacks=[step_clock()])
+    quiet.hide_eval_progress_bar(trainer)
+    return trainer
 
 
 def training_arguments(config: TrainConfig, run_dir: Path, steps_per_epoch: int):
@@ -248,78 +261,16 @@ def training_arguments(config: TrainConfig, run_dir: Path, steps_per_epoch: int)
         ddp_bucket_cap_mb=ONE_GRADIENT_BUCKET_MB,
         # Each process's summed token loss over the step's token count in all processes: the gradient is
         # the same however the step's examples are shared out (the batches of several processes differ
-        # in size, see trainer_class).
+        # in size, qexpand.accel.batches).
         average_tokens_across_devices=True,
     )
 
 
-def trainer_class(compiled: bool, pad_to: int | None = None):
-    """The Trainer, counting the model's parameters once for its floating-point-operation tally and,
-    with several processes, cutting each optimizer step's examples into batches of equal padded size
-    (`qexpand.batches`; with `pad_to`, every example padded to that length as the collator pads it);
-    with compiled blocks, one that also evaluates them eagerly: the few eval batches of an epoch do not
-    repay a second compilation (the one without gradients)."""
-    from transformers import Trainer
-
-    class CountingOnceTrainer(Trainer):
-        operations_per_token = None
-
-        def _get_train_sampler(self, train_dataset=None):
-            # One process keeps the Trainer's length-grouped batches (train_sampling_strategy).
-            if self.args.world_size == 1:
-                return super()._get_train_sampler(train_dataset)
-            dataset = self.train_dataset if train_dataset is None else train_dataset
-            return batches.balanced_sampler_class()(
-                [batches.length_padded_at_least(len(ids), pad_to) for ids in dataset["input_ids"]],
-                self.args.per_device_train_batch_size,
-                self.args.world_size, self.args.gradient_accumulation_steps, self.args.process_index,
-                self.args.data_seed if self.args.data_seed is not None else self.args.seed)
-
-        def floating_point_ops(self, inputs):
-            # The Trainer adds operations per token x tokens to a tally for every batch and finds the
-            # former by walking every module to count parameters (milliseconds of host time, which a step
-            # bound by its host waits for); the count does not change while training: found once.
-            main_input = getattr(self.model, "main_input_name", "input_ids")
-            tokens = inputs[main_input].numel() if main_input in inputs else 0
-            if not tokens:
-                return super().floating_point_ops(inputs)
-            if self.operations_per_token is None:
-                self.operations_per_token = super().floating_point_ops(inputs) // tokens
-            return self.operations_per_token * tokens
-
-    if not compiled:
-        return CountingOnceTrainer
-
-    class EagerEvalTrainer(CountingOnceTrainer):
-        def evaluate(self, *args, **kwargs):
-            import torch
-
-            with torch.compiler.set_stance("force_eager"):
-                return super().evaluate(*args, **kwargs)
-
-    return EagerEvalTrainer
-
-
-def share_gradient_buckets(trainer) -> None:
-    """With several processes, each LoRA weight's gradient lives in the buffer the processes sum
-    (DistributedDataParallel's `gradient_as_bucket_view`): no copy of every gradient back out of it
-    after the sum, one launch per weight and step fewer."""
-    handler = trainer.accelerator.ddp_handler  # the settings accelerate wraps the model with
-    if handler is not None:
-        handler.gradient_as_bucket_view = True
-
-
-def epoch_for_balanced_batches():
-    """A callback that gives several processes' balanced batches the epoch at its start, a resumed
-    one included (`qexpand.batches.set_epoch_of_balanced_batches`)."""
-    from transformers import TrainerCallback
-
-    class EpochForBalancedBatches(TrainerCallback):
-        def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
-            # state.epoch is the epochs done so far, a fraction into the current one when resumed mid-way.
-            batches.set_epoch_of_balanced_batches(train_dataloader, int(state.epoch))
-
-    return EpochForBalancedBatches()
+def reentrant_recomputation(config: TrainConfig) -> bool:
+    """Re-entrant checkpoints run each block's first forward pass without autograd (nothing recorded,
+    nothing saved): 1.10-1.34x the rate on an H200 (bench/RESULTS.md). Compiled blocks keep the other
+    kind, which they were measured with: a first pass without autograd would compile a second graph."""
+    return config.compile != "on"
 
 
 def step_clock():
@@ -338,169 +289,12 @@ def step_clock():
     return StepClock()
 
 
-def data_collator(config: TrainConfig, tokenizer):
-    """Batches for training and the eval loss, padded on the right, without a padding mask."""
-    from transformers import DataCollatorForSeq2Seq
+def tokenized_dataset(topics: list[data.Topic], tokenizer, config: TrainConfig):
+    from datasets import Dataset
 
-    if tokenizer.padding_side != "right":
-        raise ValueError("training batches are padded on the right (load_model sets it)")
-    # Labels are padded with IGNORE_INDEX. By default each batch is padded to its own longest example
-    # (a multiple of 8); with --pad-to every example to that fixed length, as the original recipe did
-    # (batches.collator_padding, which the balanced cut of several processes counts by as well).
-    pad = DataCollatorForSeq2Seq(tokenizer, **batches.collator_padding(config.pad_to))
-
-    def collate(features):
-        # Pads come after every real token of their row and the model attends causally, so no real token
-        # attends to a pad, and the pads' own outputs carry no loss: the padding mask changes nothing the
-        # loss sees. Without it the attention is plain causal attention (PyTorch's flash kernel, the key
-        # and value heads shared inside it), where a mask makes the library copy them once for each
-        # query head that reads them and use a slower kernel.
-        batch = pad(features)
-        batch.pop("attention_mask", None)
-        return batch
-
-    return collate
-
-
-def latest_complete_checkpoint(run_dir: Path) -> Path | None:
-    """The newest Trainer checkpoint whose files were all written.
-
-    The Trainer writes trainer_state.json last, so a checkpoint without it (or without its
-    optimizer/scheduler state) was cut off mid-write: it is skipped and removed.
-    """
-    needed = ("trainer_state.json", "optimizer.pt", "scheduler.pt", rundir.ADAPTER_CONFIG_FILE)
-    folder = run_dir / rundir.TRAINER_DIR
-    candidates = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if folder.is_dir() else []
-    complete = None
-    for checkpoint in reversed(candidates):
-        if complete is None and all((checkpoint / name).is_file() for name in needed):
-            complete = checkpoint
-        elif complete is None:
-            # Cut off mid-write. Removed, so the Trainer's checkpoint rotation never takes it
-            # for the newest one and deletes a good checkpoint instead.
-            log.warning("removing the incomplete checkpoint %s", checkpoint)
-            shutil.rmtree(checkpoint)
-    return complete
-
-
-def shared_run_name(state, config: TrainConfig) -> str:
-    """The run name: given, or made by the main process and sent to the others (clocks may differ)."""
-    from accelerate.utils import broadcast_object_list
-
-    if config.run_name:
-        return config.run_name
-    names = [default_run_name(config.model, config.gguf_file)]
-    if state.num_processes > 1:
-        broadcast_object_list(names, from_process=0)
-    return names[0]
-
-
-def load_model(config: TrainConfig, rank_device: str, tokenizer_dir: Path | None):
-    """The base model with fresh LoRA adapters, and the tokenizer (a resumed run's own, from its folder)."""
-    from peft import get_peft_model
-
-    if tokenizer_dir is None:
-        tokenizer = modeling.load_tokenizer(config.model, config.gguf_file)
-    else:
-        tokenizer = modeling.load_tokenizer(str(tokenizer_dir))
-    # Training batches pad on the right, so positions count from each example's first token;
-    # generation pads on the left and says so itself.
-    tokenizer.padding_side = "right"
-    model = modeling.load_base_model(config.model, config.gguf_file, config.quantization, rank_device, config.precision)
-    if config.gradient_checkpointing == "on":
-        model.enable_input_require_grads()  # LoRA inputs need grads for recomputation
-    lora = modeling.lora_config(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
-    model = get_peft_model(model, lora)
-    # Never both fused and compiled: settling keeps them apart, and a run an earlier version recorded
-    # with both is refused at resume (settle_resumed).
-    if config.lora_kernels == "fused":
-        keep = lora_kernels.weights_can_wait_for_backward(config.gradient_checkpointing == "on",
-                                                          reentrant_recomputation(config))
-        if not lora_kernels.fuse_lora_layers(model, keep_weights_for_backward=keep):
-            raise UserError("--lora-kernels fused found no LoRA layer it can fuse (it fuses plain LoRA on "
-                            "bitsandbytes 4-bit layers without biases). Pass --lora-kernels peft.")
-        lora_kernels.fuse_rms_norms(model)
-    if config.compile == "on":
-        modeling.compile_decoder_layers(model)  # compiles lazily, during the first steps
-    return model, tokenizer
-
-
-def main(config: TrainConfig) -> Path:
-    """Train one run (or resume one) and return its run directory."""
-    from accelerate import PartialState
-
-    validate_training(config)
-    record = None
-    if config.resume is not None:
-        run_dir = find_run_to_resume(config)
-        record = runcheck.read_record(run_dir)
-        settled = settle_resumed(config, run_dir, record)
-    else:
-        settled = settle_training(config)
-    modeling.keep_freed_memory(settled.device)
-    # One process, or one per GPU under `accelerate launch` / torchrun (data parallel): each rank
-    # holds its own copy of the 4-bit base; only the main process writes files or prints.
-    state = PartialState(cpu=settled.device == "cpu")  # on the CPU, processes talk through gloo
-    if record is None:
-        settled.run_name = shared_run_name(state, settled)
-        run_dir = Path(settled.output_dir) / settled.run_name
-    lock = rundir.RunLock(run_dir) if state.is_main_process else None
-    try:
-        fit(make_plan(settled, run_dir, record, state.num_processes), state)
-    finally:
-        if lock:
-            lock.release()
-    return run_dir
-
-
-def fit(plan: Plan, state) -> None:
-    """Load, train with the Trainer (resuming from the last complete checkpoint), finish the run."""
-    from transformers import set_seed
-
-    settled, run_dir = plan.config, plan.run_dir
-    set_seed(settled.seed)
-    started = time.perf_counter()
-    rank_device = f"cuda:{state.local_process_index}" if settled.device == "cuda" else settled.device
-    model, tokenizer = load_model(settled, rank_device, tokenizer_dir=run_dir if plan.record else None)
-    load_seconds = time.perf_counter() - started
-    checkpoint = open_run_dir(plan, model, tokenizer, state)
-
-    train_set = tokenized_dataset(plan.split["train"], tokenizer, settled)
-    eval_set = tokenized_dataset(plan.split["eval"], tokenizer, settled)
-    effective_batch = settled.batch_size * settled.grad_accum * state.num_processes
-    steps_per_epoch = math.ceil(len(train_set) / effective_batch)
-    trainer = trainer_class(settled.compile == "on", settled.pad_to)(
-        model=model, args=training_arguments(settled, run_dir, steps_per_epoch), train_dataset=train_set,
-        eval_dataset=eval_set, data_collator=data_collator(settled, tokenizer),
-        callbacks=[step_clock(), epoch_for_balanced_batches()])
-    quiet.hide_eval_progress_bar(trainer)
-    share_gradient_buckets(trainer)
-    if state.is_main_process:
-        print_plan(plan, model, len(train_set), len(eval_set), state.num_processes, steps_per_epoch, checkpoint)
-    first_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
-    train_started = time.perf_counter()
-    # With the fused layers, the rotary embedding is one autograd function too (the fewer-launches set).
-    fused = settled.lora_kernels == "fused"
-    rotary = lora_kernels.rotary_for_training(model) if fused else contextlib.nullcontext()
-    with modeling.training_attention(settled.device, compiled=settled.compile == "on"), rotary:
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.perf_counter() - train_started
-    if state.is_main_process:
-        # Throughput of this invocation only: after a resume, the steps before the checkpoint
-        # were run (and timed) by the earlier process.
-        share = (trainer.state.global_step - first_step) / steps_per_epoch
-        finish_run(run_dir, trainer, tokenizer, result, {
-            "train_seconds": round(train_seconds, 2),
-            "model_load_seconds": round(load_seconds, 2),
-            "resumed_from_step": first_step,
-            "train_samples_per_second": round(share * len(train_set) / train_seconds, 2),
-            # Tokens of prompt + description + EOS, padding excluded (eval time included).
-            "train_real_tokens_per_second": round(
-                share * sum(len(ids) for ids in train_set["input_ids"]) / train_seconds, 1),
-            "processes": state.num_processes,
-            "loaded": modeling.describe_loaded(model),
-        })
-    state.wait_for_everyone()
+    rows = [tokenize_example(tokenizer, config.prompt_template, t.query, data.training_target(t, config.target),
+                             config.max_length) for t in topics]
+    return Dataset.from_list(rows)
 
 
 def open_run_dir(plan: Plan, model, tokenizer, state) -> Path | None:
@@ -508,12 +302,13 @@ def open_run_dir(plan: Plan, model, tokenizer, state) -> Path | None:
     if plan.record:
         runcheck.verify_tokenizer(tokenizer, plan.record.tokenizer_check, f"saved in {plan.run_dir}")
     elif state.is_main_process:
-        start_run_dir(plan, model, tokenizer, state.num_processes)
+        rundir.start_run_dir(plan.run_dir, plan.config, plan.split, plan.split_json, model, tokenizer,
+                             state.num_processes)
     # The main process removes checkpoints cut off mid-write before the others look.
-    checkpoint = latest_complete_checkpoint(plan.run_dir) if plan.record and state.is_main_process else None
+    checkpoint = rundir.latest_complete_checkpoint(plan.run_dir) if plan.record and state.is_main_process else None
     state.wait_for_everyone()
     if plan.record and not state.is_main_process:
-        checkpoint = latest_complete_checkpoint(plan.run_dir)
+        checkpoint = rundir.latest_complete_checkpoint(plan.run_dir)
     return checkpoint
 
 
@@ -528,63 +323,24 @@ def print_plan(plan: Plan, model, n_train: int, n_eval: int, processes: int, ste
           f"{c.batch_size} x accumulation {c.grad_accum} = effective batch "
           f"{processes * c.batch_size * c.grad_accum}; learning rate {c.learning_rate:g}; {steps_per_epoch} steps per epoch"
           + (f"; at most {c.max_steps} steps" if c.max_steps else "")
-          + ("\neach step's examples cut into batches of equal padded size, one per process" if processes > 1 else "")
+          + ("\neach step's examples cut into batches of equal padded size, one per process"
+             if processes > 1 and not c.stock else "")
+          + ("\nstock path (--stock): none of the speed-ups of qexpand.accel" if c.stock else "")
           + (f"\nresuming from {checkpoint}" if checkpoint else ""), flush=True)
 
 
-def write_loss_outputs(run_dir: Path, log_history: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rundir.atomic_write_json(run_dir / rundir.LOSS_LOG_FILE, log_history)
-    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", alpha=0.7)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy on description tokens")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with tempfile.NamedTemporaryFile(dir=run_dir, suffix=".png", delete=False) as handle:
-        fig.savefig(handle.name, dpi=120)
-    os.replace(handle.name, run_dir / rundir.LOSS_PLOT_FILE)
-    plt.close(fig)
-
-
-def save_final_adapter(model, run_dir: Path) -> None:
-    """Write the adapter into a temp folder, then rename each file into the run dir."""
-    try:
-        with tempfile.TemporaryDirectory(dir=run_dir, prefix=".final-") as staging, modeling.no_progress_bars():
-            model.save_pretrained(staging)
-            # --- diverged training: NaN or infinite weights never enter the run, which stays unfinished ---
-            runcheck.refuse_diverged_adapter(Path(staging) / runcheck.ADAPTER_WEIGHTS_FILE, run_dir)
-            # --- end ---
-            rundir.move_files_into(Path(staging), run_dir)
-    except OSError as error:
-        raise rundir.write_failed(run_dir / runcheck.ADAPTER_WEIGHTS_FILE, error) from None
-
-
-def finish_run(run_dir: Path, trainer, tokenizer, result, measures: dict) -> None:
+def finish_run(run_dir: Path, trainer, result, measures: dict) -> None:
     """Save the best adapter, the loss log and plot, then mark the run finished (in that order)."""
-    save_final_adapter(trainer.model, run_dir)
-    write_loss_outputs(run_dir, trainer.state.log_history)
+    rundir.save_final_adapter(trainer.model, run_dir)
+    rundir.write_loss_outputs(run_dir, trainer.state.log_history)
     best_eval = trainer.state.best_metric
-    rundir.atomic_write_json(run_dir / rundir.FINISHED_FILE, {
-        "finished_at": datetime.now(timezone.utc).isoformat(),
+    rundir.mark_finished(run_dir, {
         "best_eval_loss": best_eval,
         "train_loss": result.training_loss,
         "peak_gpu_memory_gb": modeling.peak_gpu_memory_gb(),
         "global_steps": trainer.state.global_step,
         **measures,
     })
-    # Only once the run is marked finished are the resumable checkpoints no longer needed.
-    shutil.rmtree(run_dir / rundir.TRAINER_DIR, ignore_errors=True)
     print(f"done in {measures['train_seconds']:.1f} s; best eval loss {best_eval:.4f}; adapter saved in "
           f"{run_dir}\ntest it with: python testing_finetuned_model.py --run {run_dir}", flush=True)
 

@@ -43,13 +43,19 @@ def test_queries(paths: Paths, tokenizer, count: int) -> list[str]:
 
 
 def generate(model, tokenizer, queries: list[str], new_tokens: int, device: str, graphed: bool | None) -> dict:
-    """generate_descriptions as the test script calls it (one batch of up to 64 queries, greedy)."""
+    """generate_descriptions as the test script calls it (one batch of up to 64 queries, greedy); graphed:
+    through the CUDA-graph decoder of qexpand.accel, None: on CUDA, as the test script does."""
+    import contextlib
+
+    from qexpand.accel.graphed_decoding import graphed_greedy_decoding
     from qexpand.generation import generate_descriptions
     from qexpand.prompt import PROMPT_TEMPLATE
 
-    generations, seconds = timed(lambda: generate_descriptions(
-        model, tokenizer, PROMPT_TEMPLATE, queries, batch_size=64, max_new_tokens=new_tokens, progress=False,
-        graphed=graphed), device)
+    graphed = device == "cuda" if graphed is None else graphed
+    with graphed_greedy_decoding() if graphed else contextlib.nullcontext(None) as decoder:
+        generations, seconds = timed(lambda: generate_descriptions(
+            model, tokenizer, PROMPT_TEMPLATE, queries, batch_size=64, max_new_tokens=new_tokens, progress=False,
+            greedy_decoder=decoder), device)
     tokens = sum(g[0].new_tokens for g in generations)
     return {"seconds": round(seconds, 3), "prompts": len(queries), "new_tokens": tokens,
             "tokens_per_s": round(tokens / seconds, 1), "ended_at_eos": sum(g[0].ended_at_eos for g in generations),

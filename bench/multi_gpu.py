@@ -38,7 +38,8 @@ from bench import gpu_bench  # noqa: E402
 from bench.gpu_build import topic_order, write_split_file  # noqa: E402
 from bench.gpu_common import Paths, environment_without_hub, logged_rate, logged_step_seconds, write_json  # noqa: E402
 from bench.recipes.project import warm_up_once  # noqa: E402
-from qexpand import batches, rundir  # noqa: E402
+from qexpand import rundir  # noqa: E402
+from qexpand.accel import batches  # noqa: E402
 from qexpand.recipes import RECIPES  # noqa: E402
 
 EXAMPLES = 280
@@ -158,7 +159,7 @@ def slowest_batch_tokens(lengths: list[int], batch_size: int, processes: int, ep
     """Mean, over optimizer steps, of the padded tokens (batch x its longest example) of the slowest
     process's batch, which a data-parallel step waits for. balanced=False: the Trainer's length-grouped
     order cut into batches that accelerate deals out in turn (one process; several before the balanced
-    cut); True: the batches training.py gives several processes (qexpand.batches)."""
+    cut); True: the batches training.py gives several processes (qexpand.accel.batches)."""
     import torch
     from transformers.trainer_pt_utils import get_length_grouped_indices
 

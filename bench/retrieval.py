@@ -6,7 +6,9 @@ with Lucene BM25 and BM25+RM3 (pyserini), and scores nDCG@10, MAP and R@1000 (ir
 
     python bench/retrieval.py --collections nfcorpus-dev vaswani cacm --model FOLDER --gguf-file NAME.gguf
 
-Rows, each query the title repeated K times and then a text (K: the run's recipe, or --repeat-query):
+Rows, each query the title repeated and then a text, weighted as the run's recipe says (the retrieval
+recipe repeats the title so that its words make up about 70% of the query's; --query-weight or
+--repeat-query to change it):
   title          the title alone
   template       title + "Find information about {title}." (adds no information: the bar for "any added word")
   zero_shot      title + the base model's expansion
@@ -39,6 +41,7 @@ from qexpand import retrieval  # noqa: E402
 from qexpand.errors import UserError, run_cli  # noqa: E402
 from qexpand.expandtopics import journal_path  # noqa: E402
 from qexpand.recipes import expansion_defaults  # noqa: E402
+from qexpand.topicfiles import expanded_query  # noqa: E402
 from qexpand.rundir import atomic_write_json, atomic_write_text  # noqa: E402
 
 TEMPLATE = "Find information about {query}."
@@ -59,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", default="retrieval", help="training recipe (training.py --recipe)")
     parser.add_argument("--train-args", default="", help="more training.py options, as one quoted string")
     parser.add_argument("--expand-args", default="", help="more testing_finetuned_model.py options for the expansions")
-    parser.add_argument("--repeat-query", type=int, help="K: times the title precedes a text (default: the run's recipe)")
+    parser.add_argument("--repeat-query", type=int, help="K: times the title precedes a text, for every topic")
+    parser.add_argument("--query-weight", type=float, help="the title's share of the query's words (default: "
+                        "the run's recipe)")
     parser.add_argument("--work-dir", default="checkpoints/retrieval-bench",
                         help="indexes, expansions and the trained run go here; a rerun reuses indexes and expansions")
     parser.add_argument("--out", default="bench/results/retrieval.json", help="the JSON report; the tables go beside it as .md")
@@ -98,28 +103,47 @@ def expand_all(run_dir: Path, topics: dict[str, dict[str, str]], work: Path, arg
     return expansions
 
 
+def query_weighting(args, recipe: dict) -> tuple[int, float]:
+    """(K, query weight) for topicfiles.expanded_query: as given, else as the run's recipe says."""
+    if args.repeat_query is not None:
+        return args.repeat_query, 0.0
+    if args.query_weight is not None:
+        return 1, args.query_weight
+    return recipe["repeat_query"], recipe["query_weight"]
+
+
+def describe_weighting(weighting: tuple[int, float]) -> str:
+    repeat, weight = weighting
+    if weight:
+        return f"the title repeated until its words are about {weight:.0%} of the query's, then the text"
+    return f"the title {repeat} time(s), then the text"
+
+
 def decoding(expansions: Path) -> dict:
     """The generation settings the expansions were made with, from the header of their journal."""
     header = json.loads(journal_path(str(expansions)).read_text(encoding="utf-8").splitlines()[0])
     return {k: v for k, v in header["settings"].items() if k not in ("run", "zero_shot")}
 
 
-def form_queries(topics: dict[str, str], expansions: dict, name: str, repeat: int) -> dict[str, dict[str, str]]:
+def form_queries(topics: dict[str, str], expansions: dict, name: str, weighting: tuple) -> dict[str, dict[str, str]]:
     """{form: {qid: query text}} for the BM25 forms; the RM3 forms reuse title and finetuned."""
+    def weighted(query: str, text: str) -> str:
+        return expanded_query(query, text, "query+expansion", *weighting)
+
     def expanded(kind: str, qid: str) -> str:
-        return retrieval.weighted_query(topics[qid], expansions[kind][f"{name}{QID_JOIN}{qid}"], repeat)
+        return weighted(topics[qid], expansions[kind][f"{name}{QID_JOIN}{qid}"])
 
     return {"title": dict(topics),
-            "template": {q: retrieval.weighted_query(t, TEMPLATE.format(query=t), repeat) for q, t in topics.items()},
+            "template": {q: weighted(t, TEMPLATE.format(query=t)) for q, t in topics.items()},
             "zero_shot": {q: expanded("zero_shot", q) for q in topics},
             "finetuned": {q: expanded("finetuned", q) for q in topics}}
 
 
 def score_collection(collection: retrieval.Collection, topics: dict[str, str], expansions: dict, work: Path,
-                     repeat: int) -> dict[str, dict[str, np.ndarray]]:
+                     weighting: tuple) -> dict[str, dict[str, np.ndarray]]:
     """{form: {measure: per-query values in topic order}}."""
     searcher = retrieval.Searcher(retrieval.build_index(collection, work / "indexes"))
-    queries = form_queries(topics, expansions, collection.name, repeat)
+    queries = form_queries(topics, expansions, collection.name, weighting)
     runs = {form: searcher.search(texts) for form, texts in queries.items()}
     runs["rm3"] = searcher.search(queries["title"], rm3=True)
     runs["finetuned_rm3"] = searcher.search(queries["finetuned"], rm3=True)
@@ -136,7 +160,7 @@ def summary(scores: dict[str, dict[str, np.ndarray]], seed: int) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Engine: {report['engine']}. Query: title x{report['repeat_query']} + text. "
+    lines = [f"Engine: {report['engine']}. Query: {report['query_weighting']}. "
              "Expansions: " + ", ".join(f"{k} {v}" for k, v in report["expansion"].items()) + ".", "", f"Command: `{report['command']}` ({report['seconds']:.0f} s)", ""]
     for name, part in [*report["collections"].items(), ("pooled", report["pooled"])]:
         lines += [f"## {name} ({part['n_topics']} topics)", "", "| row | " + " | ".join(retrieval.MEASURES) + " |",
@@ -163,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError("two collections have the same folder name; give each collection once.")
     if args.repeat_query is not None and args.repeat_query < 1:
         raise UserError(f"--repeat-query must be at least 1 (got {args.repeat_query}).")
+    if args.query_weight is not None and not (0 < args.query_weight < 1) or None not in (args.query_weight, args.repeat_query):
+        raise UserError("--query-weight must lie between 0 and 1, and goes without --repeat-query.")
     topics = {c.name: c.judged_topics() for c in collections}
     for name, judged in topics.items():
         if not judged:
@@ -171,12 +197,13 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     run_dir = trained_run(args, work)
     expansions = expand_all(run_dir, topics, work, args)
-    repeat = args.repeat_query or expansion_defaults(run_dir)["repeat_query"]
-    scores = {c.name: score_collection(c, topics[c.name], expansions, work, repeat) for c in collections}
+    weighting = query_weighting(args, expansion_defaults(run_dir))
+    scores = {c.name: score_collection(c, topics[c.name], expansions, work, weighting) for c in collections}
     pooled = {form: {m: np.concatenate([scores[c][form][m] for c in scores]) for m in retrieval.MEASURES}
               for form in FORMS}
     report = {"engine": retrieval.ENGINE, "command": shlex.join(["python", "bench/retrieval.py", *argv]),
-              "seconds": 0.0, "run": str(run_dir), "repeat_query": repeat, "expansion": decoding(work / "finetuned.jsonl"),
+              "seconds": 0.0, "run": str(run_dir),
+              "query_weighting": describe_weighting(weighting), "expansion": decoding(work / "finetuned.jsonl"),
               "collections": {name: summary(s, args.seed) for name, s in scores.items()},
               "pooled": summary(pooled, args.seed)}
     report["seconds"] = round(time.perf_counter() - started, 1)

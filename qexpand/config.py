@@ -86,8 +86,13 @@ class TrainConfig:
                                "modules, or fused = one autograd function per layer (one for the layers that read "
                                "the same input, which then share a dropout mask), torch's own RMSNorm and one "
                                "function for the rotary embedding (fewer launches; see the README); auto = fused "
-                               "on the 4-bit base in the default recipe, peft with --compile on",
+                               "on the 4-bit base in the default recipe, peft with --compile on or --stock "
+                               "(which also leaves out the other speed-ups)",
                                TRAINING, choices=("auto", "peft", "fused"))
+    stock: bool = option(False, "train on the stock path: peft's LoRA layers, the library's RMSNorm and rotary "
+                         "embedding, the stock Trainer with its own batches for several processes: none of the "
+                         "speed-ups of qexpand.accel (implies --lora-kernels peft; the way back if a speed-up "
+                         "refuses a library version or is in doubt)", TRAINING)
     save_every: int | None = option(None, "save a resumable checkpoint and compute the eval loss every N "
                                     "optimizer steps (0 = once per epoch)", TRAINING)
     logging_steps: int | None = option(None, "log the training loss every N steps", TRAINING)
@@ -142,7 +147,7 @@ def validate_training(config: TrainConfig) -> None:
 
 EXPAND, GENERATION, SCORES = "what to expand", "generation", "scores"
 RETRIEVAL = "expand a topic file for retrieval toolkits (no scores)"
-TOPIC_OUTPUT_FIELDS = ("out", "format", "query_form", "repeat_query")
+TOPIC_OUTPUT_FIELDS = ("out", "format", "query_form", "repeat_query", "query_weight")
 
 
 @dataclass
@@ -169,6 +174,10 @@ class TestConfig:
                                     choices=("expansion", "query+expansion"))
     repeat_query: int | None = option(None, "how often the query precedes the expansion (default: 1; query2doc "
                                       "used 5)", RETRIEVAL)
+    query_weight: float | None = option(None, "instead of a fixed --repeat-query, repeat the query so that its "
+                                        "words make up about this share of the expanded query's words (0 = "
+                                        "off; with --topics, as the run's recipe says: 0.7 for --recipe "
+                                        "retrieval)", RETRIEVAL)
     model: str | None = option(None, "a local copy of the run's base model (hub id or folder); default: the "
                                "one recorded in the run", MODEL)
     gguf_file: str | None = option(None, "GGUF file inside --model", MODEL)
@@ -188,11 +197,17 @@ class TestConfig:
                                         "them (--select) (default: 1; with --topics, as the run's recipe says: "
                                         "8 joined for --recipe retrieval)", GENERATION)
     temperature: float | None = option(None, "sampling temperature when N > 1 (default: 0.7)", GENERATION)
+    no_repeat_ngram: int | None = option(None, "no n-gram of N tokens twice in one generation, so it cannot loop "
+                                         "(0 = off) (default: 0; with --topics, as the run's recipe says)",
+                                         GENERATION)
     select: str | None = option(None, "with N > 1: mbr keeps the candidate closest on average to the others; "
                                 "anchored adds its closeness to the query; join keeps them all, one after the "
                                 "other (a pseudo-document for retrieval) (default: mbr)", GENERATION,
                                 choices=SELECT_CHOICES)
     seed: int = option(0, "sampling seed", GENERATION)
+    stock: bool = option(False, "generate on the stock path: the library's generate for greedy decoding too, "
+                         "instead of the CUDA-graph decoder of qexpand.accel (the way back if it refuses a "
+                         "library version or is in doubt)", GENERATION)
     baseline: bool = option(False, "also generate with the base model alone (zero-shot, same prompt) and "
                             "score it", SCORES)
     zero_shot: bool = option(False, "with --topics: expand with the base model alone (the adapter switched off, "
@@ -205,7 +220,7 @@ def validate_testing(config: TestConfig) -> None:
     from qexpand.modeling import check_model_source
 
     problems = numeric_problems(config, ("batch_size", "max_new_tokens", "num_candidates", "temperature",
-                                         "repeat_query"))
+                                         "repeat_query"), non_negative=("no_repeat_ngram",))
     if config.topics is not None:
         if config.out is None:
             problems.append("--topics needs --out, the file to write (- for standard output)")
@@ -213,8 +228,8 @@ def validate_testing(config: TestConfig) -> None:
         if others:
             problems.append(f"--topics expands a topic file, so it cannot go with {', '.join(others)}")
     elif any(getattr(config, n) is not None for n in TOPIC_OUTPUT_FIELDS) or config.zero_shot:
-        problems.append("--out, --format, --query-form, --repeat-query and --zero-shot describe the output of "
-                        "--topics; give --topics too")
+        problems.append("--out, --format, --query-form, --repeat-query, --query-weight and --zero-shot describe "
+                        "the output of --topics; give --topics too")
     if config.query is not None:
         if any(not q.strip() for q in config.query):
             problems.append("--query got an empty or whitespace-only query; give the words to expand")
@@ -226,6 +241,10 @@ def validate_testing(config: TestConfig) -> None:
     if config.num_candidates == 1 and (config.temperature is not None or config.select):  # None: the recipe's
         problems.append("--temperature and --select only apply when sampling, i.e. with --num-candidates 2 "
                         "or more")
+    if config.query_weight is not None and not 0 <= config.query_weight < 1:
+        problems.append(f"--query-weight must be in [0, 1) (got {config.query_weight})")
+    if config.query_weight and config.repeat_query is not None:
+        problems.append("--query-weight and --repeat-query both say how often the query is repeated; give one")
     if config.merge and config.quantization == "nf4":
         problems.append("--merge loads the base unquantized, so it cannot go with --quantization nf4")
     # The SBERT model scores expansions against gold descriptions and picks one of several sampled

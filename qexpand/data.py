@@ -269,3 +269,18 @@ def split_to_json(split: dict[str, list[Topic]], seed: int, dataset_ids: list[st
 
 def split_from_json(data: dict) -> dict[str, list[Topic]]:
     return {name: [Topic(**t) for t in data[name]] for name in SPLIT_NAMES}
+
+
+def read_split_file(path: str) -> dict:
+    """A split.json (of a run directory, or one in that format) for --split-file, checked."""
+    import json
+
+    try:
+        split_json = json.loads(Path(path).read_text(encoding="utf-8"))
+        split_from_json(split_json)
+        if not all(split_json[name] for name in SPLIT_NAMES):
+            raise ValueError("a split is empty")
+        return split_json
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"--split-file {path} is not a usable split file ({error}); give the split.json "
+                        "of a run directory or one in the same format.") from None

@@ -75,7 +75,7 @@ def _check_reused(records: dict[str, dict], topics: list[QueryTopic], path: Path
             )
 
 
-def _check_output(out: str, output_format: str, query_form: str, repeat_query: int) -> None:
+def _check_output(out: str, output_format: str, query_form: str, repeat_query: int, query_weight: float) -> None:
     problems = []
     if output_format not in OUTPUT_FORMATS:
         problems.append(f"the format '{output_format}' is none of {', '.join(OUTPUT_FORMATS)}")
@@ -83,6 +83,8 @@ def _check_output(out: str, output_format: str, query_form: str, repeat_query: i
         problems.append(f"the query form '{query_form}' is none of {', '.join(QUERY_FORMS)}")
     if repeat_query < 0:
         problems.append(f"the query repetition {repeat_query} is negative")
+    if not 0 <= query_weight < 1:
+        problems.append(f"the query weight {query_weight} is outside [0, 1)")
     if out != STDIO and not Path(out).parent.is_dir():
         problems.append(f"the output folder {Path(out).parent} does not exist")
     if out != STDIO and Path(out).is_dir():
@@ -91,9 +93,9 @@ def _check_output(out: str, output_format: str, query_form: str, repeat_query: i
         raise UserError("cannot write the expanded topics: " + "; ".join(problems) + ".")
 
 
-def render(records: list[dict], output_format: str, query_form: str, repeat_query: int) -> str:
+def render(records: list[dict], output_format: str, query_form: str, repeat_query: int, query_weight: float = 0.0) -> str:
     """The output text of finished records (input order) in one format and query form."""
-    queries = [expanded_query(r["query"], r["generated"], query_form, repeat_query) for r in records]
+    queries = [expanded_query(r["query"], r["generated"], query_form, repeat_query, query_weight) for r in records]
     if output_format == "tsv":
         return tsv_text([(r["query_id"], q) for r, q in zip(records, queries)])
     if output_format == "trec":
@@ -109,6 +111,7 @@ def expand_topics(
     query_form: str = "query+expansion",
     repeat_query: int = 1,
     batch_size: int = 32,
+    query_weight: float = 0.0,
     journal: Path | None = None,
     settings: dict | None = None,
 ) -> list[dict]:
@@ -118,7 +121,7 @@ def expand_topics(
     settings: what made the expansions (run, decoding); a journal written with other settings is refused.
     Returns the records in the order of `topics`; progress and messages go to stderr only.
     """
-    _check_output(out, output_format, query_form, repeat_query)
+    _check_output(out, output_format, query_form, repeat_query, query_weight)
     if output_format == "tsv":
         check_tsv_ids([t.query_id for t in topics])  # before hours of generation, not after
     journal = Path(journal) if journal is not None else journal_path(out)
@@ -146,7 +149,7 @@ def expand_topics(
         if handle:
             handle.close()
     finished = [done[t.query_id] for t in topics]
-    write_output(render(finished, output_format, query_form, repeat_query), out)
+    write_output(render(finished, output_format, query_form, repeat_query, query_weight), out)
     if output_format == "trec" and not all(t.query_id.isdigit() for t in topics):
         print("note: some query ids are not integers; Anserini's TREC topic reader (pyserini) needs integers, "
               "PyTerrier's does not. For pyserini, write --format tsv.", file=sys.stderr)

@@ -152,6 +152,24 @@ def load_base_model(model: str, gguf_file: str | None, quantization: str, device
     return loaded
 
 
+def keep_four_bit_layout_for_training(model) -> int:
+    """Keep bitsandbytes from repacking the 4-bit weights of a model that trains for its CPU inference
+    kernel; returns how many layers would have repacked. On a CPU with AVX512-BF16, a 4-bit layer's
+    first pass without gradients (the Trainer's eval pass) repacks its weight in place for good, and from
+    then on every product of the layer, a training one included, goes through bitsandbytes' gemv_4bit,
+    which has no gradient formula: the gradient of the layer's input, and so of every LoRA weight before
+    it, would be lost with only a warning. bitsandbytes decides it by the layer's
+    `support_avx512bf16_for_cpu` (bitsandbytes 0.50); without it, eval passes run the kernels training
+    runs. Nothing changes on CUDA."""
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [module for module in model.modules()
+              if isinstance(module, Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 @contextlib.contextmanager
 def no_progress_bars(hide: bool = True):
     """Hide the library's progress bars for work of a few seconds (de-quantizing a small GGUF file,

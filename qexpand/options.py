@@ -102,6 +102,8 @@ def from_json(cls: type[Config], data) -> Config:
 
 
 def given_fields(config) -> dict[str, Any]:
-    """The fields set to something other than 'not given' (None, or 'auto' for choices)."""
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-            if getattr(config, f.name) not in (None, "auto")}
+    """The fields set to something other than 'not given' (None, 'auto' for choices, False for a flag)."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    # `is False`, not `== False`: a count of 0 was given.
+    return {name: value for name, value in values.items()
+            if value is not None and value != "auto" and value is not False}

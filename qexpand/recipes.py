@@ -11,12 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import textwrap
+from pathlib import Path
 
 from qexpand import data
-from qexpand.config import TestConfig, TrainConfig
-from qexpand.errors import UserError
+from qexpand.config import INVOCATION_FIELDS, TestConfig, TrainConfig
+from qexpand.errors import UserError, fail_if_problems
 from qexpand.modeling import DEFAULT_MODEL
+from qexpand.options import flag_name, given_fields
 from qexpand.prompt import PROMPT_TEMPLATE
+from qexpand.runcheck import RunRecord
 
 COMMON = {
     "model": DEFAULT_MODEL, "datasets": list(data.DEFAULT_DATASETS), "split": list(data.DEFAULT_SPLIT),
@@ -51,11 +55,15 @@ RECIPES = {
 
 # How a run's expansions are made when the test script expands topics for retrieval (--topics), by the
 # recipe the run was trained with; options given on the command line win. repeat_query is K, the times the
-# query precedes its expansion in the expanded query. Chosen on the shared collections (bench/results/retrieval.md).
+# query precedes its expansion in the expanded query; a query_weight above 0 sets K for each query instead,
+# so that the query's words make up about that share of the whole (topicfiles.query_repeats). Chosen on the shared collections (bench/results/retrieval.md).
 EXPANSION = {
-    "default": {"num_candidates": 1, "select": None, "temperature": None, "max_new_tokens": 96, "repeat_query": 1},
-    "original": {"num_candidates": 1, "select": None, "temperature": None, "max_new_tokens": 96, "repeat_query": 1},
-    "retrieval": {"num_candidates": 8, "select": "join", "temperature": 0.7, "max_new_tokens": 128, "repeat_query": 3},
+    "default": {"num_candidates": 1, "select": None, "temperature": None, "max_new_tokens": 96, "no_repeat_ngram": 0,
+                "repeat_query": 1, "query_weight": 0.0},
+    "original": {"num_candidates": 1, "select": None, "temperature": None, "max_new_tokens": 96, "no_repeat_ngram": 0,
+                 "repeat_query": 1, "query_weight": 0.0},
+    "retrieval": {"num_candidates": 8, "select": "join", "temperature": 0.7, "max_new_tokens": 128,
+                  "no_repeat_ngram": 4, "repeat_query": 1, "query_weight": 0.7},
 }
 
 
@@ -109,14 +117,19 @@ def settle_training(config: TrainConfig) -> TrainConfig:
         "nf4" if device == "cuda" else "none")
     values["precision"] = config.precision if config.precision != "auto" else (
         "bf16" if device == "cuda" else "fp32")
-    if config.lora_kernels == "auto" and (values["quantization"] != "nf4" or config.compile == "on"):
-        # The fused layers compute on a 4-bit base only, and are not compiled (settle_compile says why).
+    fused_cannot_run = values["quantization"] != "nf4" or config.compile == "on" or config.stock
+    if config.lora_kernels == "auto" and fused_cannot_run:
+        # The fused layers compute on a 4-bit base only, are not compiled (settle_compile says why) and
+        # are not part of the stock path.
         values["lora_kernels"] = "peft"
     settled = dataclasses.replace(config, **values, device=device, recipe=recipe_name)
     if settled.lora_kernels == "fused" and settled.quantization != "nf4":
         raise UserError("--lora-kernels fused computes LoRA layers on a 4-bit base, and this run loads the base "
                         f"with --quantization {settled.quantization}. Add --quantization nf4, or leave "
                         "--lora-kernels out.")
+    if settled.lora_kernels == "fused" and settled.stock:
+        raise UserError("--stock trains with peft's LoRA layers, so it cannot go with --lora-kernels fused. "
+                        "Leave one of them out.")
     if settled.lora_kernels == "fused" and settled.compile == "on":
         raise UserError("--compile on cannot go with --lora-kernels fused: compiled blocks over the fused layers "
                         "trained to a far higher loss than the same layers eagerly in their one GPU measurement "
@@ -127,6 +140,29 @@ def settle_training(config: TrainConfig) -> TrainConfig:
         raise UserError("the optimizer paged_adamw_8bit (bitsandbytes' paged 8-bit AdamW, used by the original "
                         "recipe) needs CUDA. On the CPU pass --optimizer adamw.")
     return settled
+
+
+def resume_conflicts(config: TrainConfig, recorded: TrainConfig) -> list[str]:
+    """Options given with --resume that differ from the run's recorded settings."""
+    problems = []
+    for name, value in given_fields(config).items():
+        if name not in INVOCATION_FIELDS and value != getattr(recorded, name):
+            problems.append(f"{flag_name(name)} {value} differs from the run's recorded {getattr(recorded, name)}")
+    return problems
+
+
+def settle_resumed(config: TrainConfig, run_dir: Path, record: RunRecord) -> TrainConfig:
+    """The recorded settings, whole; an option given now that differs from them is an error."""
+    fail_if_problems(resume_conflicts(config, record.config),
+                     "A resumed run continues with its recorded settings: leave those options out.")
+    if record.config.device == "cuda":
+        resolve_device("cuda")  # a run trained on CUDA does not silently continue on the CPU
+    if record.config.compile == "on" and record.config.lora_kernels == "fused":
+        raise UserError(f"{run_dir} was recorded by an earlier version with compiled blocks over fused LoRA "
+                        "layers, a combination that trained to a far higher loss on a GPU than the same layers "
+                        "eagerly (bench/RESULTS.md), so it is not continued. Start the run afresh under another "
+                        "--run-name (this folder stays as it is); --compile on now trains with peft's layers.")
+    return dataclasses.replace(record.config, output_dir=config.output_dir, resume=str(run_dir))
 
 
 def examples_per_process(config: TrainConfig, train_topics: int, processes: int) -> int:
@@ -172,9 +208,28 @@ def settle_testing(config: TestConfig, trained: TrainConfig, base_model: str, gg
         config, device=device, quantization=form.quantization, precision=precision,
         split_part=config.split_part or "test", num_candidates=candidates,
         max_new_tokens=config.max_new_tokens or recipe["max_new_tokens"],
+        no_repeat_ngram=recipe["no_repeat_ngram"] if config.no_repeat_ngram is None else config.no_repeat_ngram,
         temperature=(config.temperature or recipe["temperature"] or 0.7) if sampling else None,
         select=(config.select or recipe["select"] or "mbr") if sampling else None,
         format=config.format or "tsv", query_form=config.query_form or "query+expansion",
         repeat_query=config.repeat_query or recipe["repeat_query"],
+        query_weight=(recipe["query_weight"] if config.repeat_query is None else 0.0) if config.query_weight is None
+        else config.query_weight,
     )
     return settled, form
+
+
+def epilog() -> str:
+    """The recipes as training.py's --help lists them."""
+    def shown(value) -> str:
+        if isinstance(value, dict):  # per device
+            return "/".join(map(str, value.values()))
+        return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    lines = ["recipes (what an option you leave out is set to; a/b = CUDA/CPU):"]
+    for name, preset in RECIPES.items():
+        text = ", ".join(f"{flag_name(k)} {shown(v)}" for k, v in preset.items()
+                         if k not in ("prompt_template", "datasets", "model"))
+        lines.append(textwrap.fill(f"{name}: {text}", 100, initial_indent="  ", subsequent_indent="    ",
+                                   break_on_hyphens=False))
+    return "\n".join(lines)

@@ -177,7 +177,3 @@ def paired(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
                                    n_resamples=RESAMPLES, vectorized=True, random_state=seed).pvalue)
     return {"diff": float(diff.mean()), "ci": [float(low), float(high)], "p": p}
 
-
-def weighted_query(query: str, expansion: str, repeat: int) -> str:
-    """The query `repeat` times, then the expansion: each repetition adds the query's weight once."""
-    return " ".join([query] * repeat + [expansion]).strip()

@@ -12,7 +12,7 @@ from qexpand import data, options, rundir
 from qexpand.config import TrainConfig
 from qexpand.errors import UserError
 
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_FILE = rundir.ADAPTER_WEIGHTS_FILE
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model")
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -36,8 +36,8 @@ def damaged(run_dir: Path, name: str, problem: str) -> UserError:
 
 
 # Training settings added after run directories had been written without them, with the value that
-# says how such a run trained (it had no compiled blocks and peft's LoRA layers, and learnt the description).
-ADDED_SETTINGS = {"compile": "off", "lora_kernels": "peft", "target": "description"}
+# says how such a run trained (no compiled blocks, peft's LoRA layers, no --stock, and it learnt the description).
+ADDED_SETTINGS = {"compile": "off", "lora_kernels": "peft", "stock": False, "target": "description"}
 
 
 def read_record(run_dir: Path) -> RunRecord:

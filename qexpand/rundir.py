@@ -10,6 +10,9 @@ checkpoints/<run-name>/
     trainer_checkpoints/   resumable checkpoints while training runs
     finished.json          written last: the run is complete
     predictions*.jsonl, scores*.json, scores*.md   written by the test script
+
+Besides writing files safely, it names new runs, finds the run to resume and its newest complete
+checkpoint, and finishes a run: the adapter, the loss log and plot, then finished.json.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 from qexpand.errors import UserError
@@ -31,6 +36,9 @@ LOSS_LOG_FILE = "loss_log.json"
 LOSS_PLOT_FILE = "loss_curve.png"
 TRAINER_DIR = "trainer_checkpoints"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+
+log = logging.getLogger(__name__)
 
 
 def write_failed(path: Path, error: OSError) -> UserError:
@@ -176,3 +184,134 @@ def replace_run_dir(path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
+
+
+def start_run_dir(run_dir: Path, config, split: dict, split_json: dict, model, tokenizer, processes: int):
+    """Create a new run directory: the tokenizer (checked against the ids training uses), the split and
+    the run's record (settings, base model, tokenizer check, processes, library versions)."""
+    # Imported here: runcheck reads run directories through this module.
+    from qexpand import modeling, runcheck
+    from qexpand.data import training_target
+    from qexpand.prompt import format_prompt
+
+    texts = [format_prompt(config.prompt_template, t.query) for t in split["train"]]
+    texts += [training_target(t, config.target) for t in split["train"]]
+    # The tokenizer is saved and checked before an earlier run of this name (--overwrite) is removed.
+    with tempfile.TemporaryDirectory(dir=run_dir.parent, prefix=f".{run_dir.name}-tokenizer-") as staging:
+        tokenizer.save_pretrained(staging)
+        runcheck.verify_tokenizer(modeling.load_tokenizer(staging), runcheck.tokenizer_check(tokenizer, texts),
+                                  f"saved for {run_dir}")
+        replace_run_dir(run_dir)
+        move_files_into(Path(staging), run_dir)
+    atomic_write_json(run_dir / SPLIT_FILE, split_json)
+    # A few texts whose ids are recorded, so a tokenizer loaded later can be checked against them.
+    checked_texts = [format_prompt(config.prompt_template, split["train"][0].query)]
+    checked_texts += [training_target(t, config.target) for t in split["train"][:3]]
+    record = runcheck.RunRecord(
+        config=config, base_model_signature=modeling.model_signature(model.config),
+        tokenizer_check=runcheck.tokenizer_check(tokenizer, checked_texts), processes=processes,
+        versions=library_versions(), created_at=datetime.now(timezone.utc).isoformat())
+    runcheck.write_record(run_dir, record)
+    return record
+
+
+def library_versions() -> dict:
+    """The versions of the libraries that decide what a run trains, for its record."""
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def default_run_name(model: str, gguf_file: str | None) -> str:
+    """The model's (or GGUF file's) name and the time: a new run's name when --run-name is not given."""
+    base = Path(gguf_file).stem if gguf_file else Path(model.rstrip("/")).name
+    return f"{base}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def find_run_to_resume(output_dir: Path, resume: str) -> Path:
+    """The run that --resume names (a path, or a name under `output_dir`); '' names the newest
+    unfinished run under `output_dir`."""
+    root = Path(output_dir)
+    if resume:
+        path = Path(resume) if Path(resume).is_dir() else root / resume
+        if not is_run_dir(path):
+            raise UserError(f"--resume {resume}: {path} is not a run directory made by training.py.")
+    else:
+        unfinished = [p for p in root.glob("*") if is_run_dir(p) and not is_finished(p)] if root.is_dir() else []
+        if not unfinished:
+            raise UserError(f"--resume: no unfinished run in {root}; name one with --resume RUN.")
+        path = max(unfinished, key=lambda p: p.stat().st_mtime)
+    if is_finished(path):
+        raise UserError(f"the run {path} has already finished; test it with testing_finetuned_model.py.")
+    return path
+
+
+def latest_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest Trainer checkpoint whose files were all written.
+
+    The Trainer writes trainer_state.json last, so a checkpoint without it (or without its
+    optimizer/scheduler state) was cut off mid-write: it is skipped and removed.
+    """
+    needed = ("trainer_state.json", "optimizer.pt", "scheduler.pt", ADAPTER_CONFIG_FILE)
+    folder = Path(run_dir) / TRAINER_DIR
+    candidates = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if folder.is_dir() else []
+    complete = None
+    for checkpoint in reversed(candidates):
+        if complete is None and all((checkpoint / name).is_file() for name in needed):
+            complete = checkpoint
+        elif complete is None:
+            # Cut off mid-write. Removed, so the Trainer's checkpoint rotation never takes it
+            # for the newest one and deletes a good checkpoint instead.
+            log.warning("removing the incomplete checkpoint %s", checkpoint)
+            shutil.rmtree(checkpoint)
+    return complete
+
+
+def write_loss_outputs(run_dir: Path, log_history: list[dict]) -> None:
+    """The Trainer's log as loss_log.json, and the training and eval losses plotted in loss_curve.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    atomic_write_json(run_dir / LOSS_LOG_FILE, log_history)
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", alpha=0.7)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy on description tokens")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with tempfile.NamedTemporaryFile(dir=run_dir, suffix=".png", delete=False) as handle:
+        fig.savefig(handle.name, dpi=120)
+    os.replace(handle.name, run_dir / LOSS_PLOT_FILE)
+    plt.close(fig)
+
+
+def save_final_adapter(model, run_dir: Path) -> None:
+    """Write the adapter into a temp folder, then rename each file into the run dir."""
+    from qexpand.modeling import no_progress_bars
+    from qexpand.runcheck import refuse_diverged_adapter
+
+    try:
+        with tempfile.TemporaryDirectory(dir=run_dir, prefix=".final-") as staging, no_progress_bars():
+            model.save_pretrained(staging)
+            # NaN or infinite weights (training diverged) never enter the run, which then stays unfinished.
+            refuse_diverged_adapter(Path(staging) / ADAPTER_WEIGHTS_FILE, run_dir)
+            move_files_into(Path(staging), run_dir)
+    except OSError as error:
+        raise write_failed(Path(run_dir) / ADAPTER_WEIGHTS_FILE, error) from None
+
+
+def mark_finished(run_dir: Path, summary: dict) -> None:
+    """Write finished.json (the time it finished and `summary`), then remove the resumable checkpoints,
+    which only a finished run no longer needs."""
+    atomic_write_json(Path(run_dir) / FINISHED_FILE, {"finished_at": datetime.now(timezone.utc).isoformat(), **summary})
+    shutil.rmtree(Path(run_dir) / TRAINER_DIR, ignore_errors=True)

@@ -200,13 +200,35 @@ def parse_trec_xml(text: str, name: str) -> list[QueryTopic]:
     return _checked_list(topics, name)
 
 
-def expanded_query(query: str, expansion: str, form: str, repeat: int = 1) -> str:
-    """The query a toolkit should run; an empty expansion falls back to the query itself."""
+WORD = re.compile(r"[a-z0-9]{2,}")
+
+
+def term_count(text: str) -> int:
+    """Words of a text that a search engine keeps: two or more letters or digits, English stopwords left out."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return sum(word not in ENGLISH_STOP_WORDS for word in WORD.findall(text.lower()))
+
+
+def query_repeats(query: str, expansion: str, query_weight: float) -> int:
+    """How often to repeat the query before the expansion so that the query's words make up about
+    `query_weight` of the words of the whole (at least once). A bag-of-words engine (Lucene, Terrier)
+    weighs a word by how often the query holds it, so this weighs the query against the expansion as
+    RM3 weighs the original query against its feedback terms, whatever the two lengths."""
+    ratio = query_weight / (1 - query_weight) * term_count(expansion) / max(term_count(query), 1)
+    return max(1, round(ratio))
+
+
+def expanded_query(query: str, expansion: str, form: str, repeat: int = 1, query_weight: float = 0.0) -> str:
+    """The query a toolkit should run: the query `repeat` times (or as often as `query_weight` asks, when
+    above 0), then the expansion; an empty expansion falls back to the query itself."""
     query, expansion = data.normalise_whitespace(query), data.normalise_whitespace(expansion)
     if not expansion:
         return query
     if form == "expansion":
         return expansion
+    if query_weight:
+        repeat = query_repeats(query, expansion, query_weight)
     return " ".join([query] * repeat + [expansion])
 
 

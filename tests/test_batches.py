@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from qexpand import batches
+from qexpand.accel import batches
+from qexpand.collation import collator_padding
 
 
 def costliest(groups: list[list[int]]) -> int:
@@ -128,7 +129,7 @@ def test_the_cut_counts_each_batch_as_the_training_collator_pads_it(mistral_toke
     mistral_tokenizer.padding_side = "right"  # as training.py sets it
     lengths = [3, 11, 29]
     features = [{"input_ids": [5] * n, "labels": [5] * n} for n in lengths]
-    collated = DataCollatorForSeq2Seq(mistral_tokenizer, **batches.collator_padding(pad_to))(features)
+    collated = DataCollatorForSeq2Seq(mistral_tokenizer, **collator_padding(pad_to))(features)
     counted = [batches.length_padded_at_least(n, pad_to) for n in lengths]
     # 3 rows of 32 (29 rounded up to a multiple of 8), or of 40 with every example padded to 40.
     assert collated["input_ids"].numel() == batches.batch_tokens([0, 1, 2], counted) == 3 * (pad_to or 32)

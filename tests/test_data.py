@@ -131,3 +131,18 @@ def test_all_offline_topic_sets_load(tmp_path):
     assert {d: sum(t[0] == d for t in topics) for d in OFFLINE_SETS} == OFFLINE_SETS
     with_narrative = {dataset for dataset, has_narrative in topics if has_narrative}
     assert with_narrative == {"disks45/nocr/trec-robust-2004", "gov2/trec-tb-2004", "gov2/trec-tb-2005", "gov2/trec-tb-2006"}
+
+
+def test_the_narrative_target_keeps_what_is_wanted_without_the_judges_framing():
+    topic = data.Topic("robust", "1", "dam removal", "Where have dams been removed?",
+                       "Relevant documents must identify specific places where dams have been removed. "
+                       "Applications for removal are not relevant unless reasons are given. "
+                       "Discussion of the environmental impact of removal is relevant.")
+    kept = data.positive_narrative(topic.narrative)
+    assert kept == ("Specific places where dams have been removed. "
+                    "Discussion of the environmental impact of removal.")
+    assert data.training_target(topic, "description") == "Where have dams been removed?"
+    assert data.training_target(topic, "description+narrative") == "Where have dams been removed? " + kept
+    # A topic set without narratives (the Web tracks) trains on the description alone either way.
+    web = data.Topic("web", "2", "raspberry pi", "What is a raspberry pi?")
+    assert data.training_target(web, "description+narrative") == "What is a raspberry pi?"

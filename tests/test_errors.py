@@ -252,6 +252,13 @@ def test_damaged_run_directory_is_named_before_loading(world, name, damage, matc
     assert str(world / "runs" / run) in message
 
 
+def test_a_pad_to_shorter_than_an_example_is_refused_before_training(world, tiny_model):
+    message = expect_error(world, "training.py", "--model", tiny_model, *SPLIT, "--pad-to", "12", "--run-name",
+                           "short-pad", match="--pad-to 12 is shorter than 30 of the 30 training examples")
+    assert "5 of the 5 eval examples" in message and "--pad-to 0" in message
+    assert not (world / "runs" / "short-pad").exists()
+
+
 def test_second_training_process_on_the_same_run_name_refuses(world, tiny_model):
     from qexpand import rundir
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
+
 from qexpand import generation, modeling
+from qexpand.accel.graphed_decoding import GraphedGreedy, graphed_greedy_decoding
 from qexpand.prompt import PROMPT_TEMPLATE, prompt_ids
 
 QUERIES = ["internet privacy", "hubble telescope", "obama family tree", "hoboken",
@@ -12,8 +16,9 @@ QUERIES = ["internet privacy", "hubble telescope", "obama family tree", "hoboken
 
 
 def expansions(model, tokenizer, graphed: bool, new_tokens: int = 14) -> list[tuple]:
-    out = generation.generate_descriptions(model, tokenizer, PROMPT_TEMPLATE, QUERIES, batch_size=4,
-                                           max_new_tokens=new_tokens, progress=False, graphed=graphed)
+    with graphed_greedy_decoding() if graphed else contextlib.nullcontext(None) as decoder:
+        out = generation.generate_descriptions(model, tokenizer, PROMPT_TEMPLATE, QUERIES, batch_size=4,
+                                               max_new_tokens=new_tokens, progress=False, greedy_decoder=decoder)
     return [(g[0].text, g[0].ended_at_eos, g[0].new_tokens) for g in out]
 
 
@@ -37,7 +42,7 @@ def test_rows_that_end_early_match_too(tiny, position):
     texts share their first few tokens, so with position 3 whole batches end before the budget)."""
     model, tokenizer = tiny
     prompt = prompt_ids(tokenizer, PROMPT_TEMPLATE, QUERIES[0])
-    ids = generation.GraphedGreedy(model, [prompt], tokenizer.pad_token_id, tokenizer.eos_token_id, 30).run()[0]
+    ids = GraphedGreedy(model, [prompt], tokenizer.pad_token_id, tokenizer.eos_token_id, 30).run()[0]
     original = tokenizer.eos_token
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(ids[position])
     try:

@@ -35,15 +35,19 @@ def four_bit_model(folder):
 
 
 def four_bit_lora_model(folder, dropout: float):
-    """The tiny model, 4-bit, with float32 compute so that the two paths can be compared closely."""
+    """The tiny model, 4-bit, with float32 compute so that the two paths can be compared closely; its
+    4-bit weights kept in the layout that trains, as training.py keeps them."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qexpand.modeling import keep_four_bit_layout_for_training
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=torch.float32,
                                                  device_map="cpu")
+    keep_four_bit_layout_for_training(model)
     model.enable_input_require_grads()
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear",
@@ -77,7 +81,7 @@ def test_fused_layers_give_peft_loss_and_gradients(tiny_model, dropout, checkpoi
     """The reference is peft's layers with the recomputation training.py used before (not re-entrant).
     Siblings in one call share a dropout mask where peft draws one per layer: they are compared with
     peft without dropout here, and with dropout against the layers one call each (next test)."""
-    from qexpand.lora_kernels import fuse_lora_layers
+    from qexpand.accel.lora_kernels import fuse_lora_layers
 
     model = four_bit_lora_model(tiny_model, dropout)
     reference_loss, reference = loss_and_lora_grads(model, checkpointing)
@@ -94,7 +98,7 @@ def test_fused_layers_give_peft_loss_and_gradients(tiny_model, dropout, checkpoi
 def test_fused_layers_launch_fewer_operators_in_a_training_step(tiny_model):
     from torch.profiler import profile
 
-    from qexpand.lora_kernels import fuse_lora_layers
+    from qexpand.accel.lora_kernels import fuse_lora_layers
 
     def launched(model) -> int:
         """In one training step as training.py runs it on CUDA (bf16 compute, autocast, LoRA weights
@@ -115,7 +119,7 @@ def test_grouped_siblings_compute_what_the_layers_compute_one_by_one_with_one_dr
     with re-entrant recomputation and the weights kept for the backward pass."""
     import torch
 
-    from qexpand.lora_kernels import fuse_lora_layers
+    from qexpand.accel.lora_kernels import fuse_lora_layers
 
     def dropout_of_the_input(x, p, train):
         mask = torch.sin(x * 1000.0) > 2 * p - 1  # about 1 - p kept, the same mask for the same input
@@ -140,7 +144,7 @@ def test_sibling_layers_run_as_one_call_and_keep_their_weights_for_the_backward_
     two de-quantizations of each weight a step (the first pass and the recomputation), not three."""
     from torch.profiler import profile
 
-    from qexpand.lora_kernels import fuse_lora_layers
+    from qexpand.accel.lora_kernels import fuse_lora_layers
 
     def step(model) -> dict:
         loss_and_lora_grads(model, checkpointing=True, autocast=True, reentrant=True)  # casts made
@@ -168,7 +172,7 @@ def test_a_sibling_called_on_another_input_computes_its_own_output(tiny_model):
     anything else gets what it would have computed alone, and the kept outputs go once taken."""
     import torch
 
-    from qexpand.lora_kernels import fuse_lora_layers
+    from qexpand.accel.lora_kernels import fuse_lora_layers
 
     grouped, alone = (four_bit_lora_model(tiny_model, 0.0) for _ in range(2))
     fuse_lora_layers(grouped)
@@ -193,7 +197,7 @@ def test_a_sibling_called_on_another_input_computes_its_own_output(tiny_model):
 def test_the_block_scales_are_dequantized_once_not_at_every_step(tiny_model):
     from torch.profiler import profile
 
-    from qexpand.lora_kernels import fuse_lora_layers
+    from qexpand.accel.lora_kernels import fuse_lora_layers
 
     def scale_dequantizations(model) -> int:
         with profile() as prof:
@@ -210,7 +214,7 @@ def test_the_fused_layers_hand_bitsandbytes_plain_tensors(tiny_model, monkeypatc
     """bitsandbytes' 4-bit parameter class runs Python for every operator it takes part in."""
     from bitsandbytes.nn import Params4bit
 
-    from qexpand.lora_kernels import fuse_lora_layers
+    from qexpand.accel.lora_kernels import fuse_lora_layers
 
     model = four_bit_lora_model(tiny_model, 0.1)
     seen, handler = [], Params4bit.__torch_function__.__func__
@@ -230,11 +234,13 @@ def test_the_fused_layers_hand_bitsandbytes_plain_tensors(tiny_model, monkeypatc
 
 
 def test_a_training_step_after_an_eval_pass_is_peft_s(tiny_model):
-    """On the CPU bitsandbytes repacks 4-bit weights in an eval pass; the next training steps must not
-    read them as if they were not."""
+    """On a CPU with AVX512-BF16 bitsandbytes would repack 4-bit weights in an eval pass for a kernel
+    without a gradient formula (pytest.ini makes a backward pass through one an error); the weights
+    of a model that trains stay as they are, and the next training steps are peft's."""
     import torch
+    from bitsandbytes.nn import Linear4bit
 
-    from qexpand.lora_kernels import fuse_lora_layers
+    from qexpand.accel.lora_kernels import fuse_lora_layers
 
     ids = torch.randint(3, 500, (2, 7), generator=torch.Generator().manual_seed(3))
     fused, plain = (four_bit_lora_model(tiny_model, 0.0) for _ in range(2))
@@ -244,6 +250,8 @@ def test_a_training_step_after_an_eval_pass_is_peft_s(tiny_model):
         with torch.no_grad():
             model(input_ids=ids)
         model.train()
+        states = [m.weight.quant_state for m in model.modules() if isinstance(m, Linear4bit)]
+        assert len(states) == 14 and not any(getattr(s, "packing_format_for_cpu", False) for s in states)
     (loss, grads), (reference_loss, reference) = (loss_and_lora_grads(m, checkpointing=False) for m in (fused, plain))
     assert loss == pytest.approx(reference_loss, rel=1e-6)
     for name, grad in grads.items():
@@ -253,7 +261,7 @@ def test_a_training_step_after_an_eval_pass_is_peft_s(tiny_model):
 def test_outside_training_and_with_the_adapter_off_the_layers_are_peft_s(tiny_model):
     import torch
 
-    from qexpand.lora_kernels import fuse_lora_layers
+    from qexpand.accel.lora_kernels import fuse_lora_layers
 
     ids = torch.randint(3, 500, (1, 5), generator=torch.Generator().manual_seed(2))
     fused, plain = (four_bit_lora_model(tiny_model, 0.1) for _ in range(2))
@@ -268,7 +276,7 @@ def test_outside_training_and_with_the_adapter_off_the_layers_are_peft_s(tiny_mo
 def test_compiled_blocks_trace_the_fused_layers_whole(tiny_model):
     from torch._dynamo.utils import counters
 
-    from qexpand.lora_kernels import fuse_lora_layers
+    from qexpand.accel.lora_kernels import fuse_lora_layers
     from qexpand.modeling import compile_decoder_layers
 
     # Dropout 0: compiled code draws its dropout masks from another generator than eager code does.
@@ -290,7 +298,7 @@ def test_the_lora_weights_are_cast_once_per_optimizer_step(tiny_model):
     weight, and then made again from the new values."""
     import torch
 
-    from qexpand.lora_kernels import cast_lora_weights, fuse_lora_layers
+    from qexpand.accel.lora_kernels import cast_lora_weights, fuse_lora_layers
 
     model = four_bit_lora_model(tiny_model, 0.0)
     fuse_lora_layers(model)
@@ -322,7 +330,7 @@ def test_fused_layers_follow_peft_over_optimizer_steps_under_autocast(tiny_model
     alone) under bf16 autocast: a cast kept past a step would train on the first weights throughout."""
     import torch
 
-    from qexpand.lora_kernels import fuse_lora_layers
+    from qexpand.accel.lora_kernels import fuse_lora_layers
 
     def losses(model) -> list[float]:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01, fused=True)
@@ -347,7 +355,7 @@ def test_fused_layers_follow_peft_over_optimizer_steps_under_autocast(tiny_model
 def test_fused_rms_norms_give_the_model_s_loss_and_gradients_and_leave_eval_alone(tiny_model):
     import torch
 
-    from qexpand.lora_kernels import fuse_lora_layers, fuse_rms_norms
+    from qexpand.accel.lora_kernels import fuse_lora_layers, fuse_rms_norms
 
     model = four_bit_lora_model(tiny_model, 0.0)
     reference_loss, reference = loss_and_lora_grads(model, checkpointing=True, reentrant=True)
@@ -368,7 +376,7 @@ def test_a_fused_rms_norm_in_bf16_differs_from_the_model_s_by_rounding_only():
     import torch
     from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 
-    from qexpand.lora_kernels import fuse_rms_norms
+    from qexpand.accel.lora_kernels import fuse_rms_norms
 
     norm, fused = MistralRMSNorm(256), MistralRMSNorm(256)
     with torch.no_grad():
@@ -407,7 +415,7 @@ def test_rms_norms_that_compute_something_else_keep_their_own_forward():
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 
-    from qexpand.lora_kernels import fuse_rms_norms
+    from qexpand.accel.lora_kernels import fuse_rms_norms
 
     class OnePlusWeightRMSNorm(MistralRMSNorm):
         def forward(self, hidden):
@@ -445,7 +453,7 @@ def test_the_training_rotary_embedding_rotates_as_the_library_does_and_back_in_i
     import torch
     from transformers.models.mistral import modeling_mistral
 
-    from qexpand.lora_kernels import rotary_embedding
+    from qexpand.accel.lora_kernels import rotary_embedding
 
     library = modeling_mistral.apply_rotary_pos_emb
     inputs = rotary_inputs(getattr(torch, dtype_name))
@@ -464,8 +472,8 @@ def test_the_training_rotary_embedding_is_in_force_inside_only_and_gives_the_mod
         tiny_model, monkeypatch):
     from transformers.models.mistral import modeling_mistral
 
-    from qexpand import lora_kernels
-    from qexpand.lora_kernels import fuse_lora_layers, rotary_for_training
+    from qexpand.accel import lora_kernels
+    from qexpand.accel.lora_kernels import fuse_lora_layers, rotary_for_training
 
     library = modeling_mistral.apply_rotary_pos_emb
     model = four_bit_lora_model(tiny_model, 0.0)
@@ -489,7 +497,7 @@ def test_rotary_calls_the_training_function_does_not_handle_go_to_the_library_s_
     import torch
     from transformers.models.mistral import modeling_mistral
 
-    from qexpand.lora_kernels import rotary_embedding, rotary_function, rotates_halves
+    from qexpand.accel.lora_kernels import rotary_embedding, rotary_function, rotates_halves
 
     q, k, cos, sin, _, _ = rotary_inputs(torch.float32)
     library_calls = []
@@ -517,7 +525,7 @@ def test_rotary_calls_the_training_function_does_not_handle_go_to_the_library_s_
 
 
 def test_de_quantized_weights_wait_for_the_backward_pass_only_under_re_entrant_recomputation():
-    from qexpand.lora_kernels import weights_can_wait_for_backward
+    from qexpand.accel.lora_kernels import weights_can_wait_for_backward
 
     assert weights_can_wait_for_backward(checkpointing=True, reentrant=True)
     # Without recomputation the whole model's weights would wait; non-re-entrant records every block at once.

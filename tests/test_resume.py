@@ -160,13 +160,14 @@ def test_a_run_recorded_with_compiled_blocks_over_fused_layers_is_not_resumed(tm
     import training
     from qexpand.config import TrainConfig
     from qexpand.errors import UserError
+    from qexpand.recipes import settle_resumed
     from qexpand.runcheck import RunRecord
 
     def resumed(lora_kernels: str):
         record = RunRecord(config=TrainConfig(device="cpu", compile="on", lora_kernels=lora_kernels),
                            base_model_signature={}, tokenizer_check={"texts": [], "ids": []}, processes=1,
                            versions={}, created_at="then")
-        return training.settle_resumed(training.parse_config(["--resume", str(tmp_path)]), tmp_path, record)
+        return settle_resumed(training.parse_config(["--resume", str(tmp_path)]), tmp_path, record)
 
     with pytest.raises(UserError, match="not continued"):
         resumed("fused")

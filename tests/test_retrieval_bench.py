@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from qexpand import retrieval
+from qexpand.topicfiles import expanded_query
 from tests.conftest import run_script
 from tests.fixtures import write_topic_files
 
@@ -52,13 +53,13 @@ def test_lucene_index_and_search_round_trip(small_collection, tmp_path):
     title = searcher.search(topics)
     assert set(title) == set(topics)
     assert max(title["1"], key=title["1"].get).startswith("d0-")  # "jaguar" twice beats "jaguar" once
-    expanded = searcher.search({q: retrieval.weighted_query(t, "habitat species", 1) for q, t in topics.items()})
+    expanded = searcher.search({q: expanded_query(t, "habitat species", "query+expansion", 1) for q, t in topics.items()})
     assert max(expanded["1"], key=expanded["1"].get).startswith("r0-")
     ap_title = retrieval.per_query(title, qrels, list(topics))["AP"]
     ap_expanded = retrieval.per_query(expanded, qrels, list(topics))["AP"]
     assert ap_title.mean() < 0.6 and ap_expanded.mean() > 0.95
     # Repeating the title weighs it up: with it 5 times the distractors win again.
-    heavy = searcher.search({q: retrieval.weighted_query(t, "habitat species", 5) for q, t in topics.items()})
+    heavy = searcher.search({q: expanded_query(t, "habitat species", "query+expansion", 5) for q, t in topics.items()})
     assert retrieval.per_query(heavy, qrels, list(topics))["AP"].mean() < ap_expanded.mean()
     rm3 = searcher.search(topics, rm3=True)
     assert set(rm3) == set(topics) and all(rm3[q] for q in topics)
@@ -95,7 +96,7 @@ def test_the_whole_pipeline_on_a_tiny_model(tmp_path, tiny_model):
         "--work-dir", tmp_path / "work", "--out", out, home=tmp_path / "irds", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["engine"].startswith("Lucene BM25 (pyserini") and report["repeat_query"] == 3
+    assert report["engine"].startswith("Lucene BM25 (pyserini") and "70%" in report["query_weighting"]
     assert report["expansion"]["num_candidates"] == 8 and report["expansion"]["select"] == "join"
     recorded = json.loads((tmp_path / "work" / "run" / "run_config.json").read_text())["config"]
     assert (recorded["recipe"], recorded["target"]) == ("retrieval", "description+narrative")

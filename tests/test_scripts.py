@@ -10,7 +10,11 @@ import sys
 import pytest
 import torch
 
-from qexpand import batches, rundir
+from qexpand import rundir
+from qexpand.accel import batches
+from qexpand.accel.batches import balanced_batches
+from qexpand.accel.operation_tally import operations_counted_once
+from qexpand.collation import data_collator
 from tests.conftest import REPO, run_script
 from tests.fixtures import write_topic_files
 
@@ -80,18 +84,22 @@ def test_the_trainer_counts_parameters_once_and_logs_the_loss_as_it_is(tmp_path,
     arguments = training.training_arguments(settled_on_the_cpu(), tmp_path, 10)
     assert arguments.logging_nan_inf_filter is False  # no read-back of every step's loss to hide a NaN
     eval_set = [{"input_ids": [1, 2]}]  # the run's arguments evaluate once an epoch
-    ours, theirs = (trainer(model=model, args=arguments, eval_dataset=eval_set)
-                    for trainer in (training.trainer_class(compiled=False), Trainer))
-    for rows, tokens in ((4, 16), (2, 40), (32, 56)):
-        batch = {"input_ids": torch.ones(rows, tokens, dtype=torch.long)}
-        assert ours.floating_point_ops(batch) == theirs.floating_point_ops(batch) == 6 * rows * tokens * count(
-            exclude_embeddings=True)
-    assert len(counted) == 1 + 3  # ours once, the Trainer's own at every batch
-    assert ours.floating_point_ops({"labels": torch.ones(2, 3)}) == 0  # no input ids: the Trainer's answer
+    ours, theirs = (Trainer(model=model, args=arguments, eval_dataset=eval_set) for _ in range(2))
+    with operations_counted_once(ours):
+        for rows, tokens in ((4, 16), (2, 40), (32, 56)):
+            batch = {"input_ids": torch.ones(rows, tokens, dtype=torch.long)}
+            assert ours.floating_point_ops(batch) == theirs.floating_point_ops(batch) == 6 * rows * tokens * count(
+                exclude_embeddings=True)
+        assert len(counted) == 1 + 3  # ours once, the Trainer's own at every batch
+        assert ours.floating_point_ops({"labels": torch.ones(2, 3)}) == 0  # no input ids: the Trainer's answer
+    assert "floating_point_ops" not in vars(ours)  # the Trainer's own again
 
 
-def test_data_parallel_processes_sum_gradients_in_one_bucket_they_live_in_and_send_no_buffers(tmp_path, tiny_model):
+def test_data_parallel_processes_sum_gradients_in_one_bucket_they_live_in_and_send_no_buffers(
+        tmp_path, tiny_model, monkeypatch):
     """Settings for several processes (the model is wrapped in DistributedDataParallel only then)."""
+    from transformers import Trainer, TrainingArguments
+
     import training
 
     settled = settled_on_the_cpu("--model", str(tiny_model))
@@ -101,13 +109,16 @@ def test_data_parallel_processes_sum_gradients_in_one_bucket_they_live_in_and_se
     arguments = training.training_arguments(settled, tmp_path, 10)
     # Batches of unequal size in one step: each process's loss is divided by the step's token count.
     assert arguments.average_tokens_across_devices is True
-    trainer = training.trainer_class(compiled=False)(model=model, args=arguments, eval_dataset=[{"input_ids": [1]}])
-    training.share_gradient_buckets(trainer)
+    trainer = Trainer(model=model, args=arguments, eval_dataset=[{"input_ids": [1]}])
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
     # One bucket of gradients, summed once after the backward pass.
     gradient_mb = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
     assert training.ONE_GRADIENT_BUCKET_MB > 100 * max(gradient_mb, 84)  # the default Mistral adapter's: 84 MB
-    assert trainer.accelerator.ddp_handler.to_kwargs() == {
-        "broadcast_buffers": False, "gradient_as_bucket_view": True, "bucket_cap_mb": training.ONE_GRADIENT_BUCKET_MB}
+    with balanced_batches(trainer, None):
+        assert trainer.accelerator.ddp_handler.to_kwargs() == {
+            "broadcast_buffers": False, "gradient_as_bucket_view": True,
+            "bucket_cap_mb": training.ONE_GRADIENT_BUCKET_MB}
+    assert "gradient_as_bucket_view" not in trainer.accelerator.ddp_handler.to_kwargs()  # as it was
 
 
 def test_with_several_processes_the_trainer_s_loader_yields_this_process_s_share_of_each_balanced_step(
@@ -115,10 +126,12 @@ def test_with_several_processes_the_trainer_s_loader_yields_this_process_s_share
     import random
 
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerState, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer, TrainerState, TrainingArguments
 
     import training
     from qexpand import modeling
+    from qexpand.accel.batches import epoch_for_balanced_batches
+    from qexpand.collation import data_collator
 
     settled = settled_on_the_cpu("--batch-size", "4", "--model", str(tiny_model))
     arguments = training.training_arguments(settled, tmp_path, 10)
@@ -129,16 +142,16 @@ def test_with_several_processes_the_trainer_s_loader_yields_this_process_s_share
     tokenizer = modeling.load_tokenizer(str(tiny_model))
     tokenizer.padding_side = "right"
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    trainer_type = training.trainer_class(compiled=False)
 
     def loader_batches(rank):
         # Process `rank` of two, as the Trainer sees it under `accelerate launch`.
         monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
         monkeypatch.setattr(TrainingArguments, "process_index", property(lambda self: rank))
-        trainer = trainer_type(model=model, args=arguments, train_dataset=train_set, eval_dataset=train_set[:1],
-                               data_collator=training.data_collator(settled, tokenizer))
-        loader = trainer.get_train_dataloader()
-        return [batch["input_ids"].tolist() for batch in loader], trainer._get_train_sampler(), loader
+        trainer = Trainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=train_set[:1],
+                          data_collator=data_collator(settled.pad_to, tokenizer))
+        with balanced_batches(trainer, settled.pad_to):
+            loader = trainer.get_train_dataloader()
+            return [batch["input_ids"].tolist() for batch in loader], trainer._get_train_sampler(), loader
 
     first, sampler, loader = loader_batches(0)
     second, _, _ = loader_batches(1)
@@ -154,14 +167,14 @@ def test_with_several_processes_the_trainer_s_loader_yields_this_process_s_share
         assert max(len(rows) * len(rows[0]) for rows in shares) == best <= batches.padded_cost(4, lengths[0])
     # With every example padded to one length (--pad-to, the original recipe), equal halves.
     monkeypatch.setattr(TrainingArguments, "process_index", property(lambda self: 0))
-    fixed = training.trainer_class(compiled=False, pad_to=64)(model=model, args=arguments, train_dataset=train_set,
-                                                              eval_dataset=train_set[:1])
-    assert {len(batch) for batch in fixed._get_train_sampler()} == {4}
+    fixed = Trainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=train_set[:1])
+    with balanced_batches(fixed, pad_to=64):
+        assert {len(batch) for batch in fixed._get_train_sampler()} == {4}
     # Resumed two steps into the second epoch: the Trainer skips the first two batches through accelerate;
     # the callback tells the batches the epoch.
     from accelerate import skip_first_batches
 
-    training.epoch_for_balanced_batches().on_epoch_begin(arguments, TrainerState(epoch=1.4), None,
+    epoch_for_balanced_batches().on_epoch_begin(arguments, TrainerState(epoch=1.4), None,
                                                          train_dataloader=loader)
     second_epoch = [batch["input_ids"].tolist() for batch in loader]
     assert second_epoch != first
@@ -184,7 +197,7 @@ def test_training_batches_leave_out_the_padding_mask_and_the_loss_and_gradients_
              ("hubble", "Find the Hubble telescope's discoveries about distant galaxies and dark energy."),
              ("jaguar", "The animal, not the car.")]
     features = [tokenize_example(tokenizer, PROMPT_TEMPLATE, q, d, 256) for q, d in pairs]
-    batch = training.data_collator(settled_on_the_cpu(), tokenizer)(features)
+    batch = data_collator(settled_on_the_cpu().pad_to, tokenizer)(features)
     masked = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8)(features)
     assert "attention_mask" not in batch and (masked["attention_mask"] == 0).sum(dim=1).max() >= 8  # real padding
     assert torch.equal(batch["input_ids"], masked["input_ids"]) and torch.equal(batch["labels"], masked["labels"])
@@ -202,7 +215,7 @@ def test_training_batches_leave_out_the_padding_mask_and_the_loss_and_gradients_
         assert torch.allclose(grad, masked_grad, atol=1e-6, rtol=1e-4)
     tokenizer.padding_side = "left"
     with pytest.raises(ValueError, match="on the right"):
-        training.data_collator(settled_on_the_cpu(), tokenizer)
+        data_collator(settled_on_the_cpu().pad_to, tokenizer)
 
 
 def test_the_default_recipe_fuses_lora_layers_on_a_four_bit_base_only():

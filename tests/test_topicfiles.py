@@ -171,3 +171,14 @@ def test_jsonl_output_keeps_every_candidate():
 def test_tsv_refuses_ids_pyterrier_would_misread():
     with pytest.raises(UserError, match="'a:1' holds a colon"):
         render([{**RECORDS[1], "query_id": "a:1"}], "tsv", "expansion", 1)
+
+
+def test_query_weight_repeats_the_query_for_its_share_of_the_words():
+    from qexpand.topicfiles import expanded_query, query_repeats, term_count
+
+    query, expansion = "dam removal", "Which dams were removed from rivers with fish?"
+    assert (term_count(query), term_count(expansion)) == (2, 4)  # stopwords and one-letter words do not count
+    assert query_repeats(query, expansion, 0.5) == 2 and query_repeats(query, expansion, 0.75) == 6
+    assert query_repeats(query, "fish", 0.5) == 1  # never fewer than once
+    assert expanded_query(query, expansion, "query+expansion", 1, 0.5) == f"{query} {query} {expansion}"
+    assert expanded_query(query, expansion, "query+expansion", 3) == f"{query} {query} {query} {expansion}"

@@ -15,24 +15,16 @@ examples are shared out.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
-PAD_MULTIPLE = 8  # training.py's collator pads each batch to a multiple of this many tokens
-
-
-def collator_padding(pad_to: int | None) -> dict:
-    """How training.py's collator pads (the arguments of transformers' DataCollatorForSeq2Seq): each
-    batch to its longest example, rounded up to PAD_MULTIPLE; with `pad_to` (--pad-to, the original
-    recipe) every example to that fixed length."""
-    if pad_to:
-        return {"padding": "max_length", "max_length": pad_to}
-    return {"padding": True, "pad_to_multiple_of": PAD_MULTIPLE}
+from qexpand.collation import PAD_MULTIPLE
 
 
 def length_padded_at_least(length: int, pad_to: int | None) -> int:
-    """The fewest tokens an example of `length` tokens takes once collated (collator_padding), whatever
-    batch it lands in: what the balanced cut counts it as."""
+    """The fewest tokens an example of `length` tokens takes once collated (`qexpand.collation`),
+    whatever batch it lands in: what the balanced cut counts it as."""
     return max(length, pad_to or 0)
 
 
@@ -145,3 +137,58 @@ def set_epoch_of_balanced_batches(train_dataloader, epoch: int) -> None:
         sampler = getattr(sampler, "batch_sampler", None)
     if sampler is not None:
         sampler.set_epoch(epoch)
+
+
+@contextlib.contextmanager
+def balanced_batches(trainer, pad_to: int | None):
+    """While inside and with several processes, the Trainer cuts each optimizer step's examples into
+    batches of equal padded size (`balanced_sampler_class`; with `pad_to`, every example counted at the
+    length the collator pads it to), tells them the epoch at its start, a resumed one included, and
+    keeps each LoRA weight's gradient in the buffer the processes sum (DistributedDataParallel's
+    `gradient_as_bucket_view`: no copy of every gradient out of it after the sum, one launch per weight
+    and step fewer). One process keeps the Trainer's own length-grouped batches: nothing is installed.
+    On leaving, the Trainer is as it was."""
+    if trainer.args.world_size == 1:
+        yield
+        return
+    from qexpand.accel import checked_versions
+
+    checked_versions.require("trainer_hooks")
+    trainer.__dict__["_get_train_sampler"] = functools.partial(balanced_train_sampler, trainer, pad_to=pad_to)
+    callback = epoch_for_balanced_batches()
+    trainer.add_callback(callback)
+    handler = trainer.accelerator.ddp_handler  # the settings accelerate wraps the model with
+    shared_before = handler.gradient_as_bucket_view if handler is not None else None
+    if handler is not None:
+        handler.gradient_as_bucket_view = True
+    try:
+        yield
+    finally:
+        if handler is not None:
+            handler.gradient_as_bucket_view = shared_before
+        trainer.remove_callback(callback)
+        del trainer.__dict__["_get_train_sampler"]
+
+
+def balanced_train_sampler(trainer, train_dataset=None, pad_to: int | None = None):
+    """What `balanced_batches` makes the Trainer's `_get_train_sampler` return: this process's
+    balanced batches of the training set."""
+    args = trainer.args
+    dataset = trainer.train_dataset if train_dataset is None else train_dataset
+    return balanced_sampler_class()(
+        [length_padded_at_least(len(ids), pad_to) for ids in dataset["input_ids"]],
+        args.per_device_train_batch_size, args.world_size, args.gradient_accumulation_steps,
+        args.process_index, args.data_seed if args.data_seed is not None else args.seed)
+
+
+def epoch_for_balanced_batches():
+    """A callback that gives several processes' balanced batches the epoch at its start, a resumed
+    one included (`set_epoch_of_balanced_batches`)."""
+    from transformers import TrainerCallback
+
+    class EpochForBalancedBatches(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            # state.epoch is the epochs done so far, a fraction into the current one when resumed mid-way.
+            set_epoch_of_balanced_batches(train_dataloader, int(state.epoch))
+
+    return EpochForBalancedBatches()

@@ -19,7 +19,7 @@ before. Only the plain case is fused (one active adapter, no DoRA, no biases, no
 mode); every other call goes through peft's own forward. The LoRA weights are cast to the products'
 dtype once per optimizer step, the model's RMSNorms run as torch's single operator while training,
 and the rotary position embedding of queries and keys is one autograd function with a hand-written
-backward (`rotary_for_training`).
+backward (`rotary_for_training`). `fused_training` installs all of it and takes all of it away again.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import contextlib
 import functools
 import sys
 import types
+import weakref
 from typing import Any, NamedTuple
 
 
@@ -42,6 +43,31 @@ def weights_can_wait_for_backward(checkpointing: bool, reentrant: bool) -> bool:
     return checkpointing and reentrant
 
 
+@contextlib.contextmanager
+def fused_training(model, keep_weights_for_backward: bool):
+    """While inside, the model trains through the fused LoRA layers (`fuse_lora_layers`), torch's RMSNorm
+    (`fuse_rms_norms`) and the one-function rotary embedding (`rotary_for_training`); on leaving, every
+    forward, attribute, library function and the optimizer-step hook installed for them is taken away."""
+    from qexpand.accel import checked_versions
+    from qexpand.errors import UserError
+
+    checked_versions.require("fused_layers")
+    try:
+        if not fuse_lora_layers(model, keep_weights_for_backward=keep_weights_for_backward):
+            raise UserError("--lora-kernels fused found no LoRA layer it can fuse (it fuses plain LoRA on "
+                            "bitsandbytes 4-bit layers without biases). Pass --lora-kernels peft.")
+        fuse_rms_norms(model)
+        with rotary_for_training(model):
+            yield
+    finally:
+        unfuse_rms_norms(model)
+        unfuse_lora_layers(model)
+
+
+# Attributes `fuse_lora_layers` sets on a layer (plain attributes: the state dict stays peft's).
+FUSED_LAYER_ATTRIBUTES = ("forward", "nf4_weight", "keep_weights_for_backward", "sibling_group", "lora_weight_casts")
+
+
 def fuse_lora_layers(model, group_siblings: bool = True, keep_weights_for_backward: bool = False) -> int:
     """Route every fusable peft LoRA layer on a bitsandbytes 4-bit base through `lora_on_nf4()`, sibling
     layers on one input as one call (`group_siblings`); returns how many layers were routed.
@@ -49,17 +75,16 @@ def fuse_lora_layers(model, group_siblings: bool = True, keep_weights_for_backwa
     gradients to its backward pass, one de-quantization fewer per layer and step: only for re-entrant
     recomputation, where just one block's forward pass records at a time (Mistral-7B: one block's
     weights, 0.44 GB in bf16); without recomputation it would hold every de-quantized weight of the
-    model."""
+    model. `unfuse_lora_layers` undoes it."""
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
     # The function is looked up here, not in the forward: torch.compile then sees it as a constant.
     forward = functools.partial(fused_forward, function=lora_on_nf4())
-    optimizer_steps()  # counting from before the first step
+    OPTIMIZER_STEPS.count_for(model)  # counting from before the first step
     routed = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLinear4bit) and fusable(module):
             weight = module.get_base_layer().weight
-            # Plain attributes, not buffers: the adapter's state dict stays peft's.
             module.nf4_weight = (weight.quant_state, nf4_operands(weight))
             module.keep_weights_for_backward = keep_weights_for_backward
             module.__dict__.pop("sibling_group", None)  # fused again: grouped anew below, or not at all
@@ -70,19 +95,47 @@ def fuse_lora_layers(model, group_siblings: bool = True, keep_weights_for_backwa
     return len(routed)
 
 
-@functools.cache
-def optimizer_steps() -> list[int]:
-    """How many optimizer steps any optimizer of this process has taken since the first call (a global
-    hook of torch's, installed by that call)."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook
+def unfuse_lora_layers(model) -> int:
+    """Give every layer `fuse_lora_layers` routed its own forward back and drop what was kept on it;
+    returns how many layers were given back."""
+    restored = 0
+    for module in model.modules():
+        if "nf4_weight" in module.__dict__:
+            for attribute in FUSED_LAYER_ATTRIBUTES:
+                module.__dict__.pop(attribute, None)
+            restored += 1
+    OPTIMIZER_STEPS.stop_counting_for(model)
+    return restored
 
-    counter = [0]
 
-    def count(optimizer, args, kwargs):
-        counter[0] += 1
+class OptimizerStepCounter:
+    """How many optimizer steps any optimizer of this process has taken while counting, through a
+    process-wide hook of torch's: held while some model has fused layers, removed after the last one
+    is unfused. The count never goes back, so a cast keyed by it is never taken for a later one."""
 
-    register_optimizer_step_post_hook(count)
-    return counter
+    def __init__(self):
+        self.steps = 0
+        self.models = weakref.WeakSet()  # the models with fused layers
+        self.hook = None
+
+    def count_for(self, model) -> None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.models.add(model)
+        if self.hook is None:
+            self.hook = register_optimizer_step_post_hook(self.count)
+
+    def stop_counting_for(self, model) -> None:
+        self.models.discard(model)
+        if not self.models and self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+
+    def count(self, optimizer, args, kwargs) -> None:
+        self.steps += 1
+
+
+OPTIMIZER_STEPS = OptimizerStepCounter()
 
 
 def fuse_rms_norms(model) -> int:
@@ -99,6 +152,17 @@ def fuse_rms_norms(model) -> int:
             module.forward = types.MethodType(fused_rms_norm_forward, module)
             routed += 1
     return routed
+
+
+def unfuse_rms_norms(model) -> int:
+    """Give every RMSNorm `fuse_rms_norms` routed its own forward back; returns how many."""
+    restored = 0
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if getattr(forward, "__func__", None) is fused_rms_norm_forward:
+            del module.__dict__["forward"]
+            restored += 1
+    return restored
 
 
 def computes_plain_rms_norm(module) -> bool:
@@ -287,7 +351,7 @@ def cast_lora_weights(holder, lora_as, lora_bs, dtype):
     if torch.compiler.is_compiling():  # a compiled block fuses the casts into its own kernels
         return stacked_lora_weights(lora_as, lora_bs, dtype)
     weights = (*lora_as, *lora_bs)
-    key = (dtype, optimizer_steps()[0], *((w._version, w.data_ptr()) for w in weights))
+    key = (dtype, OPTIMIZER_STEPS.steps, *((w._version, w.data_ptr()) for w in weights))
     cached = holder.__dict__.get("lora_weight_casts")
     if cached is None or cached[0] != key:
         with torch.no_grad():
