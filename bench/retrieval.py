@@ -7,7 +7,7 @@ with Lucene BM25 and BM25+RM3 (pyserini), and scores nDCG@10, MAP and R@1000 (ir
     python bench/retrieval.py --collections nfcorpus-dev vaswani cacm --model FOLDER --gguf-file NAME.gguf
 
 Rows, each query the title repeated and then a text, weighted as the run's recipe says (the retrieval
-recipe repeats the title so that its words make up about 70% of the query's; --query-weight or
+recipe repeats the title so that its words make up about 60% of the query's; --query-weight or
 --repeat-query to change it):
   title          the title alone
   template       title + "Find information about {title}." (adds no information: the bar for "any added word")

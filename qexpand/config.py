@@ -176,7 +176,7 @@ class TestConfig:
                                       "used 5)", RETRIEVAL)
     query_weight: float | None = option(None, "instead of a fixed --repeat-query, repeat the query so that its "
                                         "words make up about this share of the expanded query's words (0 = "
-                                        "off; with --topics, as the run's recipe says: 0.7 for --recipe "
+                                        "off; with --topics, as the run's recipe says: 0.6 for --recipe "
                                         "retrieval)", RETRIEVAL)
     model: str | None = option(None, "a local copy of the run's base model (hub id or folder); default: the "
                                "one recorded in the run", MODEL)
@@ -195,7 +195,7 @@ class TestConfig:
                                         "--topics, as the run's recipe says)", GENERATION)
     num_candidates: int | None = option(None, "sample N expansions per query (1 = greedy) and keep one or join "
                                         "them (--select) (default: 1; with --topics, as the run's recipe says: "
-                                        "8 joined for --recipe retrieval)", GENERATION)
+                                        "4 joined for --recipe retrieval)", GENERATION)
     temperature: float | None = option(None, "sampling temperature when N > 1 (default: 0.7)", GENERATION)
     no_repeat_ngram: int | None = option(None, "no n-gram of N tokens twice in one generation, so it cannot loop "
                                          "(0 = off) (default: 0; with --topics, as the run's recipe says)",

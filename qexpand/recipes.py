@@ -62,8 +62,8 @@ EXPANSION = {
                 "repeat_query": 1, "query_weight": 0.0},
     "original": {"num_candidates": 1, "select": None, "temperature": None, "max_new_tokens": 96, "no_repeat_ngram": 0,
                  "repeat_query": 1, "query_weight": 0.0},
-    "retrieval": {"num_candidates": 8, "select": "join", "temperature": 0.7, "max_new_tokens": 128,
-                  "no_repeat_ngram": 4, "repeat_query": 1, "query_weight": 0.7},
+    "retrieval": {"num_candidates": 4, "select": "join", "temperature": 0.7, "max_new_tokens": 96,
+                  "no_repeat_ngram": 4, "repeat_query": 1, "query_weight": 0.6},
 }
 
 

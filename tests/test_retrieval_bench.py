@@ -96,8 +96,8 @@ def test_the_whole_pipeline_on_a_tiny_model(tmp_path, tiny_model):
         "--work-dir", tmp_path / "work", "--out", out, home=tmp_path / "irds", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["engine"].startswith("Lucene BM25 (pyserini") and "70%" in report["query_weighting"]
-    assert report["expansion"]["num_candidates"] == 8 and report["expansion"]["select"] == "join"
+    assert report["engine"].startswith("Lucene BM25 (pyserini") and "60%" in report["query_weighting"]
+    assert report["expansion"]["num_candidates"] == 4 and report["expansion"]["select"] == "join"
     recorded = json.loads((tmp_path / "work" / "run" / "run_config.json").read_text())["config"]
     assert (recorded["recipe"], recorded["target"]) == ("retrieval", "description+narrative")
     for part in (report["collections"]["animals"], report["pooled"]):
