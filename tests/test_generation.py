@@ -56,3 +56,37 @@ def test_stragglers_continue_to_the_same_greedy_text(monkeypatch):
     assert len(passes) > 1 and passes[0] == 8 and passes[1] < 8  # the batch stopped; stragglers went on
     assert early_stopped == whole_batch
     assert all(ended for _, ended, _ in whole_batch)
+
+
+
+def test_no_repeated_ngram_keeps_a_looping_model_from_looping(tiny_model, monkeypatch):
+    """A random tiny model, decoded greedily, repeats itself; with no_repeat_ngram no n-gram of a row
+    (prompt and new tokens) occurs twice. Checked on the token ids that generation produced."""
+    tokenizer = modeling.load_tokenizer(str(tiny_model))
+    modeling.choose_pad_token(tokenizer)
+    model = modeling.load_base_model(str(tiny_model), None, "none", "cpu", "fp32")
+    template, queries = "Query: {query}\nNeed:", ["internet privacy", "hubble telescope", "dam removal"]
+    produced = []
+    library_rows = generation._generate_rows
+
+    def recording(model, tokenizer, prompts, copies, budget, sampling):
+        rows = library_rows(model, tokenizer, prompts, copies, budget, sampling)
+        produced.extend(prompt + row for prompt, row in zip(prompts, rows))
+        return rows
+
+    monkeypatch.setattr(generation, "_generate_rows", recording)
+
+    def repeated_trigrams(no_repeat_ngram: int) -> list[int]:
+        produced.clear()
+        generation.generate_descriptions(model, tokenizer, template, queries, max_new_tokens=40, progress=False,
+                                         no_repeat_ngram=no_repeat_ngram)
+        assert len(produced) == len(queries)
+        counts = []
+        for ids in produced:
+            ids = [i for i in ids if i != tokenizer.pad_token_id]
+            grams = [tuple(ids[i:i + 3]) for i in range(len(ids) - 2)]
+            counts.append(len(grams) - len(set(grams)))
+        return counts
+
+    assert sum(repeated_trigrams(0)) > 0  # the model loops when let
+    assert repeated_trigrams(3) == [0, 0, 0]
