@@ -9,7 +9,6 @@ table of the differences and why ours differ.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import textwrap
 from pathlib import Path
@@ -20,11 +19,12 @@ from qexpand.errors import UserError, fail_if_problems
 from qexpand.modeling import DEFAULT_MODEL
 from qexpand.options import flag_name, given_fields
 from qexpand.prompt import PROMPT_TEMPLATE
-from qexpand.runcheck import RunRecord
+from qexpand.runcheck import RunRecord, read_record
 
 COMMON = {
     "model": DEFAULT_MODEL, "datasets": list(data.DEFAULT_DATASETS), "split": list(data.DEFAULT_SPLIT),
-    "seed": data.DEFAULT_SEED, "prompt_template": PROMPT_TEMPLATE, "target": "description", "epochs": 3.0, "warmup_ratio": 0.05,
+    "seed": data.DEFAULT_SEED, "prompt_template": PROMPT_TEMPLATE, "target": "description", "epochs": 3.0,
+    "warmup_ratio": 0.05,
     "weight_decay": 0.0, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "neftune_alpha": 0.0, "save_every": 0,
     "logging_steps": 1,
 }
@@ -56,12 +56,13 @@ RECIPES = {
 # How a run's expansions are made when the test script expands topics for retrieval (--topics), by the
 # recipe the run was trained with; options given on the command line win. repeat_query is K, the times the
 # query precedes its expansion in the expanded query; a query_weight above 0 sets K for each query instead,
-# so that the query's words make up about that share of the whole (topicfiles.query_repeats). Chosen on the shared collections (bench/results/retrieval.md).
+# so that the query's words make up about that share of the whole (topicfiles.query_repeats). The
+# retrieval recipe's settings were chosen on the shared collections (bench/RESULTS.md).
+GREEDY_EXPANSION = {"num_candidates": 1, "select": None, "temperature": None, "max_new_tokens": 96,
+                    "no_repeat_ngram": 0, "repeat_query": 1, "query_weight": 0.0}
 EXPANSION = {
-    "default": {"num_candidates": 1, "select": None, "temperature": None, "max_new_tokens": 96, "no_repeat_ngram": 0,
-                "repeat_query": 1, "query_weight": 0.0},
-    "original": {"num_candidates": 1, "select": None, "temperature": None, "max_new_tokens": 96, "no_repeat_ngram": 0,
-                 "repeat_query": 1, "query_weight": 0.0},
+    "default": GREEDY_EXPANSION,
+    "original": GREEDY_EXPANSION,
     "retrieval": {"num_candidates": 4, "select": "join", "temperature": 0.7, "max_new_tokens": 96,
                   "no_repeat_ngram": 4, "repeat_query": 1, "query_weight": 0.6},
 }
@@ -69,10 +70,7 @@ EXPANSION = {
 
 def expansion_defaults(run_dir) -> dict:
     """The EXPANSION settings of the recipe a run was trained with (read from its run_config.json)."""
-    from pathlib import Path
-
-    recorded = json.loads((Path(run_dir) / "run_config.json").read_text(encoding="utf-8"))["config"]
-    return EXPANSION[recorded.get("recipe") or "default"]
+    return EXPANSION[read_record(Path(run_dir)).config.recipe or "default"]
 
 
 # Compiling the transformer blocks cost each training.py process 42 s (64 s the first time on a machine) on

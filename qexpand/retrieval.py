@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from qexpand.errors import UserError
+from qexpand.topicfiles import parse_tsv
 
 BM25_K1, BM25_B = 0.9, 0.4
 RM3_TERMS, RM3_DOCS, RM3_ORIGINAL_WEIGHT = 10, 10, 0.5
@@ -44,21 +45,19 @@ class Collection:
 
     def topics(self) -> dict[str, str]:
         """{qid: query} in file order."""
-        topics = {}
-        for number, line in enumerate(_read_lines(self.folder / "topics.tsv"), start=1):
-            qid, tab, query = line.partition("\t")
-            if not tab or not qid.strip() or not query.strip():
-                raise UserError(f"{self.folder / 'topics.tsv'}, line {number}: expected 'qid<TAB>query'.")
-            topics[qid.strip()] = " ".join(query.split())
-        return topics
+        path = self.folder / "topics.tsv"
+        return {t.query_id: t.query for t in parse_tsv(_read_text(path), str(path))}
 
     def qrels(self) -> dict[str, dict[str, int]]:
-        qrels: dict[str, dict[str, int]] = {}
-        for number, line in enumerate(_read_lines(self.folder / "qrels.txt"), start=1):
-            parts = line.split()
-            if len(parts) != 4 or not parts[3].lstrip("-").isdigit():
-                raise UserError(f"{self.folder / 'qrels.txt'}, line {number}: expected TREC qrels 'qid 0 docid relevance'.")
-            qrels.setdefault(parts[0], {})[parts[2]] = int(parts[3])
+        import ir_measures
+
+        path, qrels = self.folder / "qrels.txt", {}
+        _read_text(path)  # a missing file is named as such, not as bad qrels
+        try:
+            for judgement in ir_measures.read_trec_qrels(str(path)):
+                qrels.setdefault(judgement.query_id, {})[judgement.doc_id] = judgement.relevance
+        except (ValueError, IndexError) as error:
+            raise UserError(f"{path}: expected TREC qrels lines 'qid 0 docid relevance' ({error}).") from None
         return qrels
 
     def judged_topics(self) -> dict[str, str]:
@@ -67,9 +66,9 @@ class Collection:
         return {q: text for q, text in self.topics().items() if q in judged}
 
 
-def _read_lines(path: Path) -> list[str]:
+def _read_text(path: Path) -> str:
     try:
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return path.read_text(encoding="utf-8")
     except OSError as error:
         raise UserError(f"cannot read {path} ({error.strerror}): a collection folder holds docs.jsonl, "
                         "topics.tsv and qrels.txt.") from None
