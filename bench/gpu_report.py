@@ -37,7 +37,7 @@ def summarise(report: dict) -> None:
 def ratios(report: dict) -> dict:
     out = {}
     rates = report["train_samples_per_s"]
-    for peer in ("original", "trl", "unsloth"):
+    for peer in ("original", "trl", "unsloth", "default_stock"):
         if rates.get("default") and rates.get(peer):
             out[f"default_over_{peer}_train_samples_per_s"] = round(rates["default"] / rates[peer], 2)
     gen = report["generate_35_s"]

@@ -57,6 +57,20 @@ def test_training_rate_counts_every_epoch_after_one_warm_up(tmp_path, monkeypatc
                                       ("default", 279)]
 
 
+def test_the_stock_variant_trains_training_py_with_stock_and_is_reported_as_a_ratio(tmp_path, monkeypatch):
+    from bench import gpu_report
+    from bench.recipes import project
+
+    calls = fake_training_runs(monkeypatch, {32: 5.0, 93: 15.0, 279: 45.0})
+    opts, paths = SimpleNamespace(train_examples=280), SimpleNamespace(work=tmp_path)
+    stock = project.run_default(opts, paths, lambda: 100.0, "default-stock")
+    assert [c[2] for c in calls if c[0] == "default-stock"] == [["--stock"], ["--stock"]]
+    assert stock["samples_per_s"] == 18.6
+    report = {"train_samples_per_s": {"default": 93.0, "default_stock": stock["samples_per_s"]},
+              "generate_35_s": {}}
+    assert gpu_report.ratios(report) == {"default_over_default_stock_train_samples_per_s": 5.0}
+
+
 def test_abba_order_pools_both_pairs_and_reads_rates_off_the_step_times(tmp_path, monkeypatch):
     from bench import multi_gpu
 

@@ -18,10 +18,11 @@ from bench.gpu_build import write_split_file
 from bench.gpu_common import Paths, logged_rate, python_command, run_logged, write_json
 from qexpand import rundir, runcheck
 
-# The default, and the same with peft's own LoRA layers instead of the fused ones; "-again": a second
+# The default; the same with peft's own LoRA layers instead of the fused ones; the same on the stock path
+# (`--stock`: peft's layers, the library's norm and rotary embedding, the stock Trainer). "-again": a second
 # measurement in the same call, for an A-B-B-A order (gpu_bench.py --in-order) against the host's drift.
-VARIANTS = {"default": [], "default-peft": ["--lora-kernels", "peft"]}
-VARIANTS.update({f"{name}-again": VARIANTS[name] for name in ("default", "default-peft")})
+VARIANTS = {"default": [], "default-peft": ["--lora-kernels", "peft"], "default-stock": ["--stock"]}
+VARIANTS.update({f"{name}-again": VARIANTS[name] for name in ("default", "default-peft", "default-stock")})
 # The original preset caps training at 100 optimizer steps; the cap is lifted so that the number of
 # examples sets the number of steps (the timed runs stay far below 100 steps anyway).
 ORIGINAL_FLAGS = ["--recipe", "original", "--max-steps", "0"]
