@@ -40,11 +40,11 @@ import training  # noqa: E402
 from qexpand import retrieval  # noqa: E402
 from qexpand.errors import UserError, run_cli  # noqa: E402
 from qexpand.expandtopics import journal_path  # noqa: E402
+from qexpand.metrics import TEMPLATE_BASELINE  # noqa: E402
 from qexpand.recipes import expansion_defaults  # noqa: E402
 from qexpand.topicfiles import expanded_query  # noqa: E402
 from qexpand.rundir import atomic_write_json, atomic_write_text  # noqa: E402
 
-TEMPLATE = "Find information about {query}."
 FORMS = ("title", "template", "zero_shot", "finetuned", "rm3", "finetuned_rm3")
 PAIRS = (("finetuned", "title"), ("finetuned", "template"), ("finetuned", "zero_shot"), ("finetuned", "rm3"),
          ("template", "title"), ("zero_shot", "title"), ("rm3", "title"), ("finetuned_rm3", "rm3"),
@@ -134,7 +134,7 @@ def form_queries(topics: dict[str, str], expansions: dict, name: str, weighting:
         return weighted(topics[qid], expansions[kind][f"{name}{QID_JOIN}{qid}"])
 
     return {"title": dict(topics),
-            "template": {q: weighted(t, TEMPLATE.format(query=t)) for q, t in topics.items()},
+            "template": {q: weighted(t, TEMPLATE_BASELINE.format(query=t)) for q, t in topics.items()},
             "zero_shot": {q: expanded("zero_shot", q) for q in topics},
             "finetuned": {q: expanded("finetuned", q) for q in topics}}
 

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from qexpand.errors import UserError
+from qexpand.metrics import BOOTSTRAP_RESAMPLES, bootstrap_ci
 from qexpand.topicfiles import parse_tsv
 
 BM25_K1, BM25_B = 0.9, 0.4
 RM3_TERMS, RM3_DOCS, RM3_ORIGINAL_WEIGHT = 10, 10, 0.5
 HITS = 1000
 MEASURES = ("nDCG@10", "AP", "R@1000")
-RESAMPLES = 10_000
 SHARED_COLLECTIONS = Path(__file__).resolve().parent.parent.parent / "shared" / "collections"
 ENGINE = (f"Lucene BM25 (pyserini 0.22.1 / Anserini, k1={BM25_K1}, b={BM25_B}, Porter stemmer, English stopwords); "
           f"RM3: {RM3_TERMS} terms, {RM3_DOCS} documents, original query weight {RM3_ORIGINAL_WEIGHT}")
@@ -166,13 +166,10 @@ def paired(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
     from scipy.stats import permutation_test
 
     diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(RESAMPLES, len(diff)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
     if np.allclose(diff, 0):
         p = 1.0
     else:
         p = float(permutation_test((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), permutation_type="samples",
-                                   n_resamples=RESAMPLES, vectorized=True, random_state=seed).pvalue)
-    return {"diff": float(diff.mean()), "ci": [float(low), float(high)], "p": p}
+                                   n_resamples=BOOTSTRAP_RESAMPLES, vectorized=True, random_state=seed).pvalue)
+    return {"diff": float(diff.mean()), "ci": bootstrap_ci(diff, seed), "p": p}
 
