@@ -15,55 +15,35 @@ Everything about the run (base model, prompt, split, quantization, precision) is
 directory, which is checked file by file before any model is loaded. Per query it prints QUERY /
 GENERATED / FROM DATASET, then a table of scores with 95% bootstrap intervals for the fine-tuned
 model and the baselines. Predictions (JSONL) and scores (JSON and Markdown) are written into the run
-directory. From Python: `main(parse_config([...]))` returns the report.
+directory. From Python: `main(parse_config([...]))` returns the report; to expand queries in memory
+(as --topics does), `qexpand.Expander.from_run(RUN).expand([...])`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
-import time
 from pathlib import Path
 
-import numpy as np
-
-from qexpand import data, generation, modeling, options, quiet, rundir, runcheck
-from qexpand.config import TestConfig, validate_testing
+from qexpand import data, modeling, options, quiet, rundir, runcheck
+from qexpand.config import TestConfig
 from qexpand.errors import UserError, run_cli
+# The loading and generation this script shares with qexpand.Expander (the Python API) live there.
+from qexpand.expander import (expand, finetuned_model, greedy_decoding, load_for_generation, open_run,
+                              prepare_queries, topic_expansions)
 from qexpand.expandtopics import expand_topics
-from qexpand.generation import GenerationForm, generate_descriptions
+from qexpand.generation import GenerationForm
 from qexpand.metrics import Scorer, report_markdown, score_rows
-from qexpand.prompt import truncate_query
-from qexpand.recipes import settle_testing
 from qexpand.topicfiles import QueryTopic, read_topics
 
 DESCRIPTION = "Expand test queries with a fine-tuned adapter and score them against the gold descriptions."
-MAX_QUERY_TOKENS = 64
 OOM_HINT = "Lower --batch-size, or leave out --merge (the 4-bit base needs less memory)."
 log = logging.getLogger("testing")
 
 
 def parse_config(argv: list[str] | None = None) -> TestConfig:
     return options.parse_config(TestConfig, argv, DESCRIPTION)
-
-
-def choose_base_model(config: TestConfig, record: runcheck.RunRecord) -> tuple[str, str | None]:
-    """The base model to load: the recorded one, or --model if it has the same architecture."""
-    trained = record.config
-    if not config.model or (config.model, config.gguf_file) == (trained.model, trained.gguf_file):
-        return trained.model, trained.gguf_file
-    wanted = record.base_model_signature
-    found = modeling.model_signature(modeling.load_config(config.model, config.gguf_file))
-    if wanted and found != wanted:
-        differ = ", ".join(f"{k} {wanted[k]} vs {found[k]}" for k in wanted if wanted[k] != found.get(k))
-        raise UserError(
-            f"the adapter in this run was trained on '{trained.model}', and --model "
-            f"'{config.model}' is a different model ({differ}). Leave --model out to use the recorded "
-            "base, or give a copy of that same model."
-        )
-    return config.model, config.gguf_file
 
 
 def topics_to_expand(config: TestConfig, split: dict, run_dir: Path) -> tuple[str, list[dict]]:
@@ -102,89 +82,6 @@ def unseen_topics(topics: list[data.Topic], split: dict, dataset_ids: list[str])
         print(f"left out {len(topics) - len(kept)} of {len(topics)} topics whose query is in this run's "
               "train or eval split", flush=True)
     return kept
-
-
-def prepare_queries(items: list[dict], tokenizer) -> list[str]:
-    queries = []
-    for item in items:
-        query, cut = truncate_query(tokenizer, data.normalise_whitespace(item["query"]), MAX_QUERY_TOKENS)
-        if cut:
-            log.warning("query cut to %d tokens: %r", MAX_QUERY_TOKENS, query)
-        queries.append(query)
-    return queries
-
-
-def cpu_autocast(config: TestConfig) -> bool:
-    """bf16 on the CPU means bf16 autocast over float32 weights: bfloat16 weights generated more
-    slowly there than float32 ones (bench/RESULTS.md)."""
-    return config.device == "cpu" and config.precision == "bf16"
-
-
-def load_model(base: str, gguf: str | None, run_dir: Path, config: TestConfig):
-    """The base model with the run's adapter attached; `finetuned_model` merges it where the form says so."""
-    precision = "fp32" if cpu_autocast(config) else config.precision
-    return generation.load_with_adapter(base, gguf, run_dir, config.device, config.quantization, precision)
-
-
-def pick_candidate(query: str, candidates: list[str], scorer: Scorer | None, select: str | None) -> int:
-    """Index of the candidate to keep among several sampled ones.
-
-    mbr (minimum Bayes risk): the one most similar on average to the other candidates, i.e. the
-    consensus. anchored: the same plus its similarity to the query, so a fluent candidate that
-    drifted away from the query's topic loses to one that stays on it.
-    """
-    if len(candidates) == 1 or scorer is None:
-        return 0
-    emb = scorer.embed(candidates)
-    similarity = emb @ emb.T
-    consensus = (similarity.sum(axis=1) - np.diag(similarity)) / (len(candidates) - 1)
-    if select == "anchored":
-        consensus = consensus + emb @ scorer.embed([query])[0]
-    return int(np.argmax(consensus))
-
-
-def greedy_decoding(config: TestConfig):
-    """A context manager that gives the greedy decoder to generate with: on CUDA the CUDA-graph one of
-    qexpand.accel, else (and with --stock) None, the library's generate."""
-    if config.stock or config.device != "cuda":
-        return contextlib.nullcontext(None)
-    from qexpand.accel.graphed_decoding import graphed_greedy_decoding
-
-    return graphed_greedy_decoding()
-
-
-def expand(model, tokenizer, template: str, queries: list[str], config: TestConfig, scorer, decoder,
-           progress: bool = True) -> tuple[list[dict], float]:
-    """One detail record per query (chosen text, EOS, candidates) and the generation time."""
-    import torch
-
-    started = time.perf_counter()
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cpu_autocast(config) else contextlib.nullcontext()
-    with autocast:
-        generations = generate_descriptions(
-            model, tokenizer, template, queries, batch_size=config.batch_size,
-            max_new_tokens=config.max_new_tokens, num_candidates=config.num_candidates,
-            temperature=config.temperature, seed=config.seed, progress=progress, greedy_decoder=decoder,
-            no_repeat_ngram=config.no_repeat_ngram,
-        )
-    seconds = time.perf_counter() - started
-    details = []
-    for query, candidates in zip(queries, generations):
-        if config.select == "join":
-            generated = " ".join(g.text for g in candidates)
-            ended = all(g.ended_at_eos for g in candidates)
-        else:
-            chosen = candidates[pick_candidate(query, [g.text for g in candidates], scorer, config.select)]
-            generated, ended = chosen.text, chosen.ended_at_eos
-        details.append({"generated": generated, "ended_at_eos": ended,
-                        "candidates": [vars(g) for g in candidates] if len(candidates) > 1 else None})
-    return details, seconds
-
-
-def finetuned_model(model, form: GenerationForm):
-    """The model to generate with: on an unquantized base the adapter is merged into it (nothing is
-    lost and the merged model generates faster; bench/RESULTS.md), on a 4-bit base it stays beside it."""
-    return model.merge_and_unload() if form.merged else model
 
 
 def print_blocks(items: list[dict], queries: list[str], details: list[dict]) -> None:
@@ -229,30 +126,15 @@ def expand_topic_file(config: TestConfig, topics: list[QueryTopic], model, token
     """--topics: expand every topic, resumably, and write the file a retrieval toolkit reads."""
 
     def expand_batch(queries: list[str]) -> list[tuple[str, list]]:
-        prepared = prepare_queries([{"query": q} for q in queries], tokenizer)
-        details, _ = expand(model, tokenizer, template, prepared, config, scorer, decoder, progress=False)
-        return [(d["generated"], d["candidates"] or [d["generated"]]) for d in details]
+        return topic_expansions(model, tokenizer, template, queries, config, scorer, decoder)
 
     settings = {"run": str(run_dir.resolve()), "zero_shot": config.zero_shot, "num_candidates": config.num_candidates, "seed": config.seed,
                 "temperature": config.temperature, "select": config.select, "max_new_tokens": config.max_new_tokens,
                 "no_repeat_ngram": config.no_repeat_ngram}
     records = expand_topics(topics, expand_batch, config.out, config.format, config.query_form,
                             config.repeat_query, batch_size=config.batch_size, settings=settings,
-                            query_weight=config.query_weight)
+                            query_weight=config.query_weight, feedback_terms=config.feedback_terms)
     return {"run": str(run_dir), "evaluation": "topics", "out": config.out, "expansions": records}
-
-
-def load_for_generation(config: TestConfig, record: runcheck.RunRecord, run_dir: Path, base: str, gguf: str | None,
-                        needs_scorer: bool):
-    """The run's tokenizer (checked against the ids training used), the model with its adapter, and
-    the SBERT scorer when scores or candidate selection need it."""
-    tokenizer = modeling.load_tokenizer(str(run_dir))
-    runcheck.verify_tokenizer(tokenizer, record.tokenizer_check, f"saved in {run_dir}")
-    modeling.keep_freed_memory(config.device)
-    model = load_model(base, gguf, run_dir, config)
-    picks = config.num_candidates > 1 and config.select != "join"
-    scorer = Scorer(config.sbert_model) if needs_scorer or picks else None
-    return model, tokenizer, scorer
 
 
 def evaluate(config: TestConfig, run_dir: Path, split: dict, template: str, evaluation: str, items: list[dict],
@@ -290,12 +172,9 @@ def evaluate(config: TestConfig, run_dir: Path, split: dict, template: str, eval
 def main(config: TestConfig) -> dict:
     """Expand and score (returns the report written to scores*.json; ad-hoc queries: the predictions),
     or with --topics expand a topic file (returns the expansions)."""
-    validate_testing(config)
-    run_dir = rundir.resolve_run(Path(config.output_dir), config.run, "python training.py --resume")
-    record, split = runcheck.check_finished_run(run_dir)  # every file, before any model is loaded
-    base, gguf = choose_base_model(config, record)
-    config, form = settle_testing(config, record.config, base, gguf)
-    template = record.config.prompt_template
+    run = open_run(config)  # options validated and every file of the run checked, before any model is loaded
+    config, form, run_dir, record, split = run.config, run.form, run.run_dir, run.record, run.split
+    base, gguf, template = run.base, run.gguf, run.template
     if config.topics:
         topics = read_topics(config.topics)
         warn_if_seen(topics, split)

@@ -338,6 +338,7 @@ def finish_run(run_dir: Path, trainer, result, measures: dict) -> None:
         "best_eval_loss": best_eval,
         "train_loss": result.training_loss,
         "peak_gpu_memory_gb": modeling.peak_gpu_memory_gb(),
+        "peak_rss_gb": modeling.peak_rss_gb(),  # of the whole process, model loading included
         "global_steps": trainer.state.global_step,
         **measures,
     })

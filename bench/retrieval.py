@@ -6,9 +6,9 @@ with Lucene BM25 and BM25+RM3 (pyserini), and scores nDCG@10, MAP and R@1000 (ir
 
     python bench/retrieval.py --collections nfcorpus-dev vaswani cacm --model FOLDER --gguf-file NAME.gguf
 
-Rows, each query the title repeated and then a text, weighted as the run's recipe says (the retrieval
-recipe repeats the title so that its words make up about 60% of the query's; --query-weight or
---repeat-query to change it):
+Rows, each query the title and a text made into one query as the run's recipe says (the retrieval recipe
+weighs the strongest terms of the sampled candidates against the title, qexpand.feedback; --query-form,
+--query-weight, --feedback-terms or --repeat-query to change it):
   title          the title alone
   template       title + "Find information about {title}." (adds no information: the bar for "any added word")
   zero_shot      title + the base model's expansion
@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,15 +37,15 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import testing_finetuned_model  # noqa: E402
 import training  # noqa: E402
 from qexpand import retrieval  # noqa: E402
 from qexpand.errors import UserError, run_cli  # noqa: E402
 from qexpand.expandtopics import journal_path  # noqa: E402
 from qexpand.metrics import TEMPLATE_BASELINE  # noqa: E402
-from qexpand.recipes import expansion_defaults  # noqa: E402
-from qexpand.topicfiles import expanded_query  # noqa: E402
+from qexpand.recipes import DEFAULT_FEEDBACK_TERMS, expansion_defaults  # noqa: E402
+from qexpand.runcheck import read_record  # noqa: E402
 from qexpand.rundir import atomic_write_json, atomic_write_text  # noqa: E402
+from qexpand.topicfiles import QUERY_FORMS, candidate_texts, expanded_query  # noqa: E402
 
 FORMS = ("title", "template", "zero_shot", "finetuned", "rm3", "finetuned_rm3")
 PAIRS = (("finetuned", "title"), ("finetuned", "template"), ("finetuned", "zero_shot"), ("finetuned", "rm3"),
@@ -62,9 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", default="retrieval", help="training recipe (training.py --recipe)")
     parser.add_argument("--train-args", default="", help="more training.py options, as one quoted string")
     parser.add_argument("--expand-args", default="", help="more testing_finetuned_model.py options for the expansions")
-    parser.add_argument("--repeat-query", type=int, help="K: times the title precedes a text, for every topic")
-    parser.add_argument("--query-weight", type=float, help="the title's share of the query's words (default: "
-                        "the run's recipe)")
+    parser.add_argument("--query-form", choices=QUERY_FORMS, help="how title and text make one query "
+                        "(default: the run's recipe)")
+    parser.add_argument("--repeat-query", type=int, help="K: times the title precedes a pasted text, for every topic")
+    parser.add_argument("--query-weight", type=float, help="the title's share of the query (default: the run's "
+                        "recipe)")
+    parser.add_argument("--feedback-terms", type=int, help="feedback terms of the candidates with --query-form "
+                        "feedback (default: the run's recipe)")
     parser.add_argument("--work-dir", default="checkpoints/retrieval-bench",
                         help="indexes, expansions and the trained run go here; a rerun reuses indexes and expansions")
     parser.add_argument("--out", default="bench/results/retrieval.json", help="the JSON report; the tables go beside it as .md")
@@ -87,36 +93,63 @@ def trained_run(args, work: Path) -> Path:
     return training.main(training.parse_config(argv))
 
 
-def expand_all(run_dir: Path, topics: dict[str, dict[str, str]], work: Path, args) -> dict[str, dict[str, str]]:
-    """{'finetuned' | 'zero_shot': {joined qid: expansion}}, every collection's topics in one pass each."""
+def expand_all(run_dir: Path, topics: dict[str, dict[str, str]], work: Path, args) -> tuple[dict, float]:
+    """({'finetuned' | 'zero_shot': {joined qid: record with the candidates}}, the larger peak RSS of the two
+    expansion processes in GB). Every collection's topics go in one pass each, run as a user runs the test
+    script, so that each pass's peak memory is its own."""
     source = work / "topics.tsv"
     atomic_write_text(source, "".join(f"{name}{QID_JOIN}{qid}\t{query}\n" for name, by_qid in topics.items()
                                       for qid, query in by_qid.items()))
-    expansions = {}
+    expansions, peak = {}, 0.0
     for form, extra in (("finetuned", []), ("zero_shot", ["--zero-shot"])):
         out = work / f"{form}.jsonl"
         argv = ["--run", str(run_dir), "--topics", str(source), "--format", "jsonl", "--out", str(out), *extra,
                 *shlex.split(args.expand_args)]
-        testing_finetuned_model.main(testing_finetuned_model.parse_config(argv))
+        peak = max(peak, run_measured([sys.executable, str(REPO / "testing_finetuned_model.py"), *argv]))
         records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines() if line.strip()]
-        expansions[form] = {r["query_id"]: r["generated"] for r in records}
-    return expansions
+        expansions[form] = {r["query_id"]: r for r in records}
+    return expansions, peak
 
 
-def query_weighting(args, recipe: dict) -> tuple[int, float]:
-    """(K, query weight) for topicfiles.expanded_query: as given, else as the run's recipe says."""
+def trained_base(run_dir: Path) -> str:
+    """The base model the run trained on: its folder or hub id, and the GGUF file inside it."""
+    trained = read_record(run_dir).config
+    return trained.model + (f" ({trained.gguf_file})" if trained.gguf_file else "")
+
+
+def run_measured(command: list[str]) -> float:
+    """Run a command (its output passes through) and return its peak resident memory in GB; a failure is
+    the command's own error, already printed."""
+    process = subprocess.Popen(command)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise UserError(f"{shlex.join(command[1:3])} ... stopped with exit code {process.returncode} (its message "
+                        "is above).")
+    return round(usage.ru_maxrss / 1024**2, 2)  # KiB on Linux
+
+
+def query_shape(args, recipe: dict) -> dict:
+    """How title and text make one query (topicfiles.expanded_query's arguments): as given, else as the
+    run's recipe says."""
+    form = args.query_form or recipe["query_form"]
+    if form == "feedback":
+        return {"form": form, "repeat": 1, "query_weight": recipe["query_weight"] if args.query_weight is None
+                else args.query_weight, "feedback_terms": args.feedback_terms or recipe["feedback_terms"]
+                or DEFAULT_FEEDBACK_TERMS}
     if args.repeat_query is not None:
-        return args.repeat_query, 0.0
-    if args.query_weight is not None:
-        return 1, args.query_weight
-    return recipe["repeat_query"], recipe["query_weight"]
+        return {"form": form, "repeat": args.repeat_query, "query_weight": 0.0, "feedback_terms": 0}
+    weight = recipe["query_weight"] if args.query_weight is None else args.query_weight
+    return {"form": form, "repeat": recipe["repeat_query"], "query_weight": weight, "feedback_terms": 0}
 
 
-def describe_weighting(weighting: tuple[int, float]) -> str:
-    repeat, weight = weighting
-    if weight:
-        return f"the title repeated until its words are about {weight:.0%} of the query's, then the text"
-    return f"the title {repeat} time(s), then the text"
+def describe_shape(shape: dict) -> str:
+    if shape["form"] == "feedback":
+        return (f"the title's words with {shape['query_weight']:.0%} of the weight and the {shape['feedback_terms']} "
+                "strongest terms of the sampled candidates with the rest (a weighted bag of words)")
+    if shape["query_weight"]:
+        return f"the title repeated until its words are about {shape['query_weight']:.0%} of the query's, then the text"
+    return f"the title {shape['repeat']} time(s), then the text"
 
 
 def decoding(expansions: Path) -> dict:
@@ -125,25 +158,32 @@ def decoding(expansions: Path) -> dict:
     return {k: v for k, v in header["settings"].items() if k not in ("run", "zero_shot")}
 
 
-def form_queries(topics: dict[str, str], expansions: dict, name: str, weighting: tuple) -> dict[str, dict[str, str]]:
-    """{form: {qid: query text}} for the BM25 forms; the RM3 forms reuse title and finetuned."""
-    def weighted(query: str, text: str) -> str:
-        return expanded_query(query, text, "query+expansion", *weighting)
+def form_queries(topics: dict[str, str], expansions: dict, name: str, shape: dict) -> dict[str, dict[str, str]]:
+    """{form: {qid: query text}} for the BM25 forms; the RM3 forms reuse title and finetuned. The template is
+    one candidate of its own."""
+    def shaped(query: str, text: str, candidates: list[str]) -> str:
+        return expanded_query(query, text, shape["form"], shape["repeat"], shape["query_weight"], candidates,
+                              shape["feedback_terms"])
 
     def expanded(kind: str, qid: str) -> str:
-        return weighted(topics[qid], expansions[kind][f"{name}{QID_JOIN}{qid}"])
+        record = expansions[kind][f"{name}{QID_JOIN}{qid}"]
+        return shaped(topics[qid], record["generated"], candidate_texts(record))
+
+    def template(query: str) -> str:
+        text = TEMPLATE_BASELINE.format(query=query)
+        return shaped(query, text, [text])
 
     return {"title": dict(topics),
-            "template": {q: weighted(t, TEMPLATE_BASELINE.format(query=t)) for q, t in topics.items()},
+            "template": {q: template(t) for q, t in topics.items()},
             "zero_shot": {q: expanded("zero_shot", q) for q in topics},
             "finetuned": {q: expanded("finetuned", q) for q in topics}}
 
 
 def score_collection(collection: retrieval.Collection, topics: dict[str, str], expansions: dict, work: Path,
-                     weighting: tuple) -> dict[str, dict[str, np.ndarray]]:
+                     shape: dict) -> dict[str, dict[str, np.ndarray]]:
     """{form: {measure: per-query values in topic order}}."""
     searcher = retrieval.Searcher(retrieval.build_index(collection, work / "indexes"))
-    queries = form_queries(topics, expansions, collection.name, weighting)
+    queries = form_queries(topics, expansions, collection.name, shape)
     runs = {form: searcher.search(texts) for form, texts in queries.items()}
     runs["rm3"] = searcher.search(queries["title"], rm3=True)
     runs["finetuned_rm3"] = searcher.search(queries["finetuned"], rm3=True)
@@ -160,7 +200,9 @@ def summary(scores: dict[str, dict[str, np.ndarray]], seed: int) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Engine: {report['engine']}. Query: {report['query_weighting']}. "
+    peak = report["peak_rss_gb"]
+    lines = [f"Base: {report['base']}. Peak memory (RSS): training {peak['training']} GB, expansion "
+             f"{peak['expansion']} GB.", "", f"Engine: {report['engine']}. Query: {report['query_weighting']}. "
              "Expansions: " + ", ".join(f"{k} {v}" for k, v in report["expansion"].items()) + ".", "", f"Command: `{report['command']}` ({report['seconds']:.0f} s)", ""]
     for name, part in [*report["collections"].items(), ("pooled", report["pooled"])]:
         lines += [f"## {name} ({part['n_topics']} topics)", "", "| row | " + " | ".join(retrieval.MEASURES) + " |",
@@ -189,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--repeat-query must be at least 1 (got {args.repeat_query}).")
     if args.query_weight is not None and not (0 < args.query_weight < 1) or None not in (args.query_weight, args.repeat_query):
         raise UserError("--query-weight must lie between 0 and 1, and goes without --repeat-query.")
+    if args.feedback_terms is not None and args.feedback_terms < 1:
+        raise UserError(f"--feedback-terms must be at least 1 (got {args.feedback_terms}).")
     topics = {c.name: c.judged_topics() for c in collections}
     for name, judged in topics.items():
         if not judged:
@@ -196,14 +240,21 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     run_dir = trained_run(args, work)
-    expansions = expand_all(run_dir, topics, work, args)
-    weighting = query_weighting(args, expansion_defaults(run_dir))
-    scores = {c.name: score_collection(c, topics[c.name], expansions, work, weighting) for c in collections}
+    shape = query_shape(args, expansion_defaults(run_dir))
+    if shape["form"] == "feedback" and args.repeat_query is not None:
+        raise UserError("--repeat-query pastes the text after the title; the feedback form weighs terms instead. "
+                        "Leave it out, or add --query-form query+expansion.")
+    if shape["form"] != "feedback" and args.feedback_terms is not None:
+        raise UserError("--feedback-terms applies to the feedback form only; add --query-form feedback or leave it out.")
+    expansions, expansion_peak = expand_all(run_dir, topics, work, args)
+    scores = {c.name: score_collection(c, topics[c.name], expansions, work, shape) for c in collections}
     pooled = {form: {m: np.concatenate([scores[c][form][m] for c in scores]) for m in retrieval.MEASURES}
               for form in FORMS}
     report = {"engine": retrieval.ENGINE, "command": shlex.join(["python", "bench/retrieval.py", *argv]),
-              "seconds": 0.0, "run": str(run_dir),
-              "query_weighting": describe_weighting(weighting), "expansion": decoding(work / "finetuned.jsonl"),
+              "seconds": 0.0, "run": str(run_dir), "base": trained_base(run_dir),
+              "peak_rss_gb": {"training": json.loads((run_dir / "finished.json").read_text()).get("peak_rss_gb"),
+                              "expansion": expansion_peak},
+              "query_weighting": describe_shape(shape), "expansion": decoding(work / "finetuned.jsonl"),
               "collections": {name: summary(s, args.seed) for name, s in scores.items()},
               "pooled": summary(pooled, args.seed)}
     report["seconds"] = round(time.perf_counter() - started, 1)

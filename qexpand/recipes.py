@@ -16,7 +16,7 @@ from pathlib import Path
 from qexpand import data
 from qexpand.config import INVOCATION_FIELDS, TestConfig, TrainConfig
 from qexpand.errors import UserError, fail_if_problems
-from qexpand.modeling import DEFAULT_MODEL
+from qexpand.modeling import DEFAULT_MODEL, resolve_named_base
 from qexpand.options import flag_name, given_fields
 from qexpand.prompt import PROMPT_TEMPLATE
 from qexpand.runcheck import RunRecord, read_record
@@ -28,9 +28,14 @@ COMMON = {
     "weight_decay": 0.0, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "neftune_alpha": 0.0, "save_every": 0,
     "logging_steps": 1,
 }
+# Batch per device: 32 with recomputation on CUDA (small batches leave the GPU idle between many small
+# LoRA kernels; bench/RESULTS.md); on the CPU an effective batch of 16 (more optimizer steps for few
+# topics) made of 4 micro-batches of 4: the same gradient (the Trainer divides every micro-batch's token
+# loss by the step's whole token count; a test compares it with one batch of 16) at about a third of the
+# peak memory (activations and float32 logits of 16 long examples at once took 15.5 GB with SmolLM2).
+# The accumulation comes with the batch size: --batch-size alone means a step of that many examples.
+CPU_MICRO_BATCHES = {"batch_size": {"cuda": 32, "cpu": 4}, "grad_accum": {"cuda": 1, "cpu": 4}}
 RECIPES = {
-    # Batch per device: 32 with recomputation on CUDA (small batches leave the GPU idle between many
-    # small LoRA kernels; bench/RESULTS.md), 16 on the CPU (more optimizer steps for few topics).
     # NEFTune noise 5 (the value its authors used for 7B models): chosen on eval topics, where it
     # scored a little higher on content terms and SBERT than no noise (bench/results/quality_tune_eval.md).
     # Fused LoRA layers where the base is 4-bit (peft's layers otherwise): the same gradients, 1.22-1.28x
@@ -38,15 +43,16 @@ RECIPES = {
     # recomputation (training.py's now) one run found them equal, a profiled one 1.42x; with their casts
     # kept for an optimizer step, torch's RMSNorm and attention without cuDNN, 1.22x over that (bench/RESULTS.md).
     "default": {**COMMON, "neftune_alpha": 5.0, "max_length": 256, "max_steps": 0, "learning_rate": 2e-4,
-                "grad_accum": 1, "optimizer": "adamw", "lora_targets": "all-linear", "pad_to": 0,
-                "lora_kernels": "fused",
-                "batch_size": {"cuda": 32, "cpu": 16}, "gradient_checkpointing": {"cuda": "on", "cpu": "off"}},
+                "optimizer": "adamw", "lora_targets": "all-linear", "pad_to": 0, "lora_kernels": "fused",
+                **CPU_MICRO_BATCHES, "gradient_checkpointing": {"cuda": "on", "cpu": "off"}},
     # For retrieval: the same training, on the description and what the narrative says a relevant document
-    # holds, so the model writes more of the terms a search engine matches (bench/results/retrieval.md).
-    "retrieval": {**COMMON, "target": "description+narrative", "neftune_alpha": 5.0, "max_length": 256,
-                  "max_steps": 0, "learning_rate": 2e-4, "grad_accum": 1, "optimizer": "adamw",
+    # holds, so the model writes more of the terms a search engine matches, and on all seven topic sets with
+    # descriptions that sit offline beside a checkout (548 topics) (bench/results/retrieval.md).
+    "retrieval": {**COMMON, "datasets": list(data.OFFLINE_DATASETS), "split": [478, 35, 35],
+                  "target": "description+narrative", "neftune_alpha": 5.0, "max_length": 256,
+                  "max_steps": 0, "learning_rate": 2e-4, "optimizer": "adamw",
                   "lora_targets": "all-linear", "pad_to": 0, "lora_kernels": "fused",
-                  "batch_size": {"cuda": 32, "cpu": 16}, "gradient_checkpointing": {"cuda": "on", "cpu": "off"}},
+                  **CPU_MICRO_BATCHES, "gradient_checkpointing": {"cuda": "on", "cpu": "off"}},
     "original": {**COMMON, "max_length": 512, "max_steps": 100, "learning_rate": 2.5e-5, "grad_accum": 4,
                  "optimizer": "paged_adamw_8bit", "lora_targets": "all-linear+lm_head", "pad_to": 512,
                  "batch_size": 2, "gradient_checkpointing": "on", "lora_kernels": "peft"},
@@ -59,13 +65,18 @@ RECIPES = {
 # so that the query's words make up about that share of the whole (topicfiles.query_repeats). The
 # retrieval recipe's settings were chosen on the shared collections (bench/RESULTS.md).
 GREEDY_EXPANSION = {"num_candidates": 1, "select": None, "temperature": None, "max_new_tokens": 96,
-                    "no_repeat_ngram": 0, "repeat_query": 1, "query_weight": 0.0}
+                    "no_repeat_ngram": 0, "query_form": "query+expansion", "repeat_query": 1, "query_weight": 0.0,
+                    "feedback_terms": 0}
 EXPANSION = {
     "default": GREEDY_EXPANSION,
     "original": GREEDY_EXPANSION,
-    "retrieval": {"num_candidates": 4, "select": "join", "temperature": 0.7, "max_new_tokens": 96,
-                  "no_repeat_ngram": 4, "repeat_query": 1, "query_weight": 0.6},
+    "retrieval": {"num_candidates": 8, "select": "join", "temperature": 0.7, "max_new_tokens": 96,
+                  "no_repeat_ngram": 4, "query_form": "feedback", "repeat_query": 1, "query_weight": 0.6,
+                  "feedback_terms": 50},
 }
+
+
+DEFAULT_FEEDBACK_TERMS = 20  # --query-form feedback on a run whose recipe pastes its expansions
 
 
 def expansion_defaults(run_dir) -> dict:
@@ -111,6 +122,8 @@ def settle_training(config: TrainConfig) -> TrainConfig:
         if config.split_file and name in ("datasets", "split"):
             continue  # the split file brings its own (filled in when it is read)
         values[name] = given if given not in (None, "auto") else _per_device(preset, device)
+    if config.batch_size is not None and config.grad_accum is None and isinstance(recipe["grad_accum"], dict):
+        values["grad_accum"] = 1  # the CPU's accumulation belongs to its micro-batch size (CPU_MICRO_BATCHES)
     values["quantization"] = config.quantization if config.quantization != "auto" else (
         "nf4" if device == "cuda" else "none")
     values["precision"] = config.precision if config.precision != "auto" else (
@@ -120,23 +133,29 @@ def settle_training(config: TrainConfig) -> TrainConfig:
         # The fused layers compute on a 4-bit base only, are not compiled (settle_compile says why) and
         # are not part of the stock path.
         values["lora_kernels"] = "peft"
-    settled = dataclasses.replace(config, **values, device=device, recipe=recipe_name)
+    values["model"], gguf_file = resolve_named_base(values["model"], config.gguf_file)
+    settled = dataclasses.replace(config, **values, gguf_file=gguf_file, device=device, recipe=recipe_name)
+    problems = []
     if settled.lora_kernels == "fused" and settled.quantization != "nf4":
-        raise UserError("--lora-kernels fused computes LoRA layers on a 4-bit base, and this run loads the base "
+        problems.append("--lora-kernels fused computes LoRA layers on a 4-bit base, and this run loads the base "
                         f"with --quantization {settled.quantization}. Add --quantization nf4, or leave "
-                        "--lora-kernels out.")
+                        "--lora-kernels out")
     if settled.lora_kernels == "fused" and settled.stock:
-        raise UserError("--stock trains with peft's LoRA layers, so it cannot go with --lora-kernels fused. "
-                        "Leave one of them out.")
+        problems.append("--stock trains with peft's LoRA layers, so it cannot go with --lora-kernels fused. "
+                        "Leave one of them out")
     if settled.lora_kernels == "fused" and settled.compile == "on":
-        raise UserError("--compile on cannot go with --lora-kernels fused: compiled blocks over the fused layers "
+        problems.append("--compile on cannot go with --lora-kernels fused: compiled blocks over the fused layers "
                         "trained to a far higher loss than the same layers eagerly in their one GPU measurement "
                         "(bench/RESULTS.md), and the fused layers' eager step is about as fast as compiled blocks "
                         "of peft's layers. Leave --lora-kernels out (compiled blocks then use peft's layers) or "
-                        "--compile out.")
+                        "--compile out")
     if settled.optimizer == "paged_adamw_8bit" and device != "cuda":
-        raise UserError("the optimizer paged_adamw_8bit (bitsandbytes' paged 8-bit AdamW, used by the original "
-                        "recipe) needs CUDA. On the CPU pass --optimizer adamw.")
+        problems.append("the optimizer paged_adamw_8bit (bitsandbytes' paged 8-bit AdamW, used by the original "
+                        "recipe) needs CUDA. On the CPU pass --optimizer adamw")
+    if config.epochs is not None and settled.max_steps and config.max_steps is None:
+        problems.append(f"--epochs {config.epochs:g} would be cut short by the {recipe_name} recipe's cap of "
+                        f"{settled.max_steps} optimizer steps: add --max-steps 0 to train by epochs, or leave --epochs out")
+    fail_if_problems(problems, "See `python training.py --help`.")
     return settled
 
 
@@ -200,21 +219,47 @@ def settle_testing(config: TestConfig, trained: TrainConfig, base_model: str, gg
     recipe = EXPANSION[trained.recipe or "default"] if config.topics else EXPANSION["default"]
     candidates = config.num_candidates or recipe["num_candidates"]
     sampling = candidates > 1
-    if not sampling and (config.temperature is not None or config.select):
-        raise UserError("--temperature and --select only apply when sampling, i.e. with --num-candidates 2 or more.")
+    query_form = config.query_form or recipe["query_form"]
+    problems = expansion_form_problems(config, query_form)
+    if not sampling and (config.temperature is not None or config.select or config.seed is not None):
+        problems.append("--temperature, --select and --seed only apply when sampling, i.e. with --num-candidates 2 "
+                        "or more")
+    fail_if_problems(problems, "See `python testing_finetuned_model.py --help`.")
     settled = dataclasses.replace(
         config, device=device, quantization=form.quantization, precision=precision,
-        split_part=config.split_part or "test", num_candidates=candidates,
+        split_part=config.split_part or "test", num_candidates=candidates, seed=config.seed or 0,
         max_new_tokens=config.max_new_tokens or recipe["max_new_tokens"],
         no_repeat_ngram=recipe["no_repeat_ngram"] if config.no_repeat_ngram is None else config.no_repeat_ngram,
         temperature=(config.temperature or recipe["temperature"] or 0.7) if sampling else None,
         select=(config.select or recipe["select"] or "mbr") if sampling else None,
-        format=config.format or "tsv", query_form=config.query_form or "query+expansion",
+        format=config.format or "tsv", query_form=query_form,
         repeat_query=config.repeat_query or recipe["repeat_query"],
         query_weight=(recipe["query_weight"] if config.repeat_query is None else 0.0) if config.query_weight is None
         else config.query_weight,
+        feedback_terms=(config.feedback_terms or recipe["feedback_terms"] or DEFAULT_FEEDBACK_TERMS)
+        if query_form == "feedback" else 0,
     )
     return settled, form
+
+
+def expansion_form_problems(config: TestConfig, query_form: str) -> list[str]:
+    """Options that cannot apply to the query form in force (given, or the run's recipe's)."""
+    came_from = "" if config.query_form else f" (the run's recipe expands topics with --query-form {query_form})"
+    shaping = [flag_name(n) for n in ("query_form", "repeat_query", "query_weight", "feedback_terms")
+               if getattr(config, n) is not None]
+    if config.format == "trec" and shaping:
+        return [f"--format trec writes the query as the title and the expansion as the description, so "
+                f"{', '.join(shaping)} would change nothing: leave them out, or write --format tsv or jsonl"]
+    if query_form == "expansion" and (config.query_weight or config.repeat_query is not None):
+        return ["--query-form expansion writes the expansion alone, so there is no query to weigh or repeat: "
+                "leave out --query-weight and --repeat-query, or use --query-form query+expansion"]
+    if query_form == "feedback":
+        wrong = [flag_name(n) for n in ("repeat_query",) if getattr(config, n) is not None]
+        return [f"{', '.join(wrong)} repeats the query before a pasted expansion, which the feedback form does not "
+                f"do{came_from}: leave it out and set the query's share with --query-weight"] if wrong else []
+    if config.feedback_terms is not None:
+        return [f"--feedback-terms only applies with --query-form feedback{came_from}"]
+    return []
 
 
 def epilog() -> str:

@@ -8,11 +8,11 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qexpand import data, options, rundir
+from qexpand import data, options, runfiles
 from qexpand.config import TrainConfig
 from qexpand.errors import UserError
 
-ADAPTER_WEIGHTS_FILE = rundir.ADAPTER_WEIGHTS_FILE
+ADAPTER_WEIGHTS_FILE = runfiles.ADAPTER_WEIGHTS_FILE
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model")
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -41,26 +41,26 @@ ADDED_SETTINGS = {"compile": "off", "lora_kernels": "peft", "stock": False, "tar
 
 
 def read_record(run_dir: Path) -> RunRecord:
-    raw = rundir.read_run_file(run_dir, rundir.CONFIG_FILE)
+    raw = runfiles.read_run_file(run_dir, runfiles.CONFIG_FILE)
     if isinstance(raw, dict) and isinstance(raw.get("config"), dict):
         raw = {**raw, "config": {**ADDED_SETTINGS, **raw["config"]}}
     try:
         record = options.from_json(RunRecord, raw)
     except (ValueError, TypeError) as error:
-        raise damaged(run_dir, rundir.CONFIG_FILE, f"does not hold a run's settings ({error})") from None
+        raise damaged(run_dir, runfiles.CONFIG_FILE, f"does not hold a run's settings ({error})") from None
     return record
 
 
 def write_record(run_dir: Path, record: RunRecord) -> None:
-    rundir.atomic_write_json(Path(run_dir) / rundir.CONFIG_FILE, asdict(record))
+    runfiles.atomic_write_json(Path(run_dir) / runfiles.CONFIG_FILE, asdict(record))
 
 
 def read_split(run_dir: Path) -> dict[str, list[data.Topic]]:
-    raw = rundir.read_run_file(run_dir, rundir.SPLIT_FILE)
+    raw = runfiles.read_run_file(run_dir, runfiles.SPLIT_FILE)
     try:
         return data.split_from_json(raw)
     except (KeyError, TypeError, AttributeError) as error:
-        raise damaged(run_dir, rundir.SPLIT_FILE, f"is not a train/eval/test split ({error!r})") from None
+        raise damaged(run_dir, runfiles.SPLIT_FILE, f"is not a train/eval/test split ({error!r})") from None
 
 
 def split_part_topics(run_dir: Path, split: dict[str, list[data.Topic]], part: str) -> list[data.Topic]:
@@ -68,7 +68,7 @@ def split_part_topics(run_dir: Path, split: dict[str, list[data.Topic]], part: s
     --split-file whose test list was empty has nothing to expand or score there."""
     if not split[part]:
         raise UserError(
-            f"the run {run_dir} has no {part} topics ({rundir.SPLIT_FILE} lists none), so there is nothing of "
+            f"the run {run_dir} has no {part} topics ({runfiles.SPLIT_FILE} lists none), so there is nothing of "
             f"its own to expand and score. Give the queries to expand with --query, --topics or "
             f"--test-datasets, or train a run whose split has {part} topics (e.g. --split 30 5 5)."
         )
@@ -103,9 +103,9 @@ def check_adapter(run_dir: Path, record: RunRecord) -> None:
     that every weight is finite."""
     from safetensors import SafetensorError, safe_open
 
-    config = rundir.read_run_file(run_dir, rundir.ADAPTER_CONFIG_FILE)
+    config = runfiles.read_run_file(run_dir, runfiles.ADAPTER_CONFIG_FILE)
     if not isinstance(config, dict) or not isinstance(config.get("r"), int) or config.get("peft_type") != "LORA":
-        raise damaged(run_dir, rundir.ADAPTER_CONFIG_FILE, "is not a LoRA adapter config (no integer 'r' or "
+        raise damaged(run_dir, runfiles.ADAPTER_CONFIG_FILE, "is not a LoRA adapter config (no integer 'r' or "
                       "peft_type LORA)")
     path = Path(run_dir) / ADAPTER_WEIGHTS_FILE
     try:
@@ -143,9 +143,9 @@ def check_tokenizer_files(run_dir: Path) -> None:
 def check_finished_run(run_dir: Path) -> tuple[RunRecord, dict[str, list[data.Topic]]]:
     """Validate every file a finished run must have; its record and its split (read once, here)."""
     record = read_record(run_dir)
-    finished = rundir.read_run_file(run_dir, rundir.FINISHED_FILE)
+    finished = runfiles.read_run_file(run_dir, runfiles.FINISHED_FILE)
     if not isinstance(finished, dict) or not isinstance(finished.get("finished_at"), str):
-        raise damaged(run_dir, rundir.FINISHED_FILE, "has no 'finished_at' time")
+        raise damaged(run_dir, runfiles.FINISHED_FILE, "has no 'finished_at' time")
     split = read_split(run_dir)
     check_tokenizer_files(run_dir)
     check_adapter(run_dir, record)

@@ -17,70 +17,27 @@ checkpoint, and finishes a run: the adapter, the loss log and plot, then finishe
 
 from __future__ import annotations
 
-import errno
 import fcntl
-import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from qexpand import runcheck
 from qexpand.errors import UserError
 
-CONFIG_FILE = "run_config.json"
-SPLIT_FILE = "split.json"
-FINISHED_FILE = "finished.json"
-LOSS_LOG_FILE = "loss_log.json"
-LOSS_PLOT_FILE = "loss_curve.png"
-TRAINER_DIR = "trainer_checkpoints"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+# The file names and the safe writing and reading of single files live in the leaf module runfiles
+# (which runcheck uses too); they are re-exported here, where the scripts have always found them.
+from qexpand.runfiles import (  # noqa: F401 - re-exported
+    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, CONFIG_FILE, FINISHED_FILE, LOSS_LOG_FILE, LOSS_PLOT_FILE,
+    ORDINARY_FILE_MODE, SPLIT_FILE, TRAINER_DIR, atomic_write_bytes, atomic_write_json, atomic_write_text,
+    create_temp_file, give_ordinary_mode, is_finished, is_run_dir, move_files_into, ordinary_mode, output_paths,
+    read_json, read_run_file, write_failed)
 
 log = logging.getLogger(__name__)
-
-
-def write_failed(path: Path, error: OSError) -> UserError:
-    full = " The disk is full: free some space and run again." if error.errno == errno.ENOSPC else ""
-    return UserError(f"could not write {path} ({error.strerror or error}); nothing was replaced, so any "
-                     f"earlier version of that file is intact.{full}")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file, and
-    a write that fails part-way (a full disk) leaves the earlier file as it was."""
-    path = Path(path)
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
-                                         encoding="utf-8")
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except OSError as error:
-        Path(handle.name).unlink(missing_ok=True)
-        raise write_failed(path, error) from None
-
-
-def atomic_write_json(path: Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def read_json(path: Path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def read_run_file(run_dir: Path, name: str):
-    """A JSON file of a run directory; a missing or damaged one is a user error, not a crash."""
-    try:
-        return read_json(Path(run_dir) / name)
-    except (OSError, ValueError) as error:
-        raise UserError(
-            f"the run directory {run_dir} is damaged: {name} could not be read ({error}). "
-            "Train the run again, or restore the file."
-        ) from None
 
 
 class RunLock:
@@ -112,39 +69,49 @@ class RunLock:
         self.handle.close()
 
 
-def output_paths(run_dir: Path, evaluation: str) -> dict[str, Path]:
-    """Where the test script writes its files for one evaluation (test, eval, adhoc, testsets-...)."""
-    suffix = "" if evaluation == "test" else f"-{evaluation}"  # the run's own test split keeps the plain names
-    return {kind: Path(run_dir) / f"{stem}{suffix}.{ext}" for kind, stem, ext in (
-        ("predictions", "predictions", "jsonl"), ("scores", "scores", "json"), ("table", "scores", "md"))}
+def finished_at(run_dir: Path) -> str | None:
+    """When the run finished, as its finished.json says; None (and a one-line warning on stderr naming
+    the file) when that file cannot be read or does not hold a 'finished_at' time."""
+    path = Path(run_dir) / FINISHED_FILE
+    try:
+        finished = read_json(path)
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8 or not JSON
+        problem = f"could not be read ({error})"
+    else:
+        if isinstance(finished, dict) and isinstance(finished.get("finished_at"), str):
+            return finished["finished_at"]
+        problem = "has no 'finished_at' time"
+    print(f"warning: skipping the run {run_dir}: {path} {problem}.", file=sys.stderr)
+    return None
 
 
-def move_files_into(source: Path, target: Path) -> None:
-    """Move every file of `source` into `target` by rename (atomic per file on one filesystem)."""
-    for item in Path(source).iterdir():
-        os.replace(item, Path(target) / item.name)
-
-
-def is_run_dir(path: Path) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file()
-
-
-def is_finished(path: Path) -> bool:
-    return (Path(path) / FINISHED_FILE).is_file()
+def scan_finished_runs(root: Path) -> tuple[list[Path], list[Path]]:
+    """The finished runs under `root`, oldest first by the time they finished, and apart those whose
+    finished.json is damaged (each named in a warning on stderr)."""
+    if not Path(root).is_dir():
+        return [], []
+    times = {p: finished_at(p) for p in sorted(Path(root).iterdir()) if p.is_dir() and is_finished(p)}
+    good = sorted((p for p, time in times.items() if time is not None), key=lambda p: (times[p], p.name))
+    return good, [p for p, time in times.items() if time is None]
 
 
 def finished_runs(root: Path) -> list[Path]:
-    """Finished runs under `root`, oldest first by the time they finished."""
-    if not Path(root).is_dir():
-        return []
-    runs = [p for p in Path(root).iterdir() if p.is_dir() and is_finished(p)]
-    return sorted(runs, key=lambda p: (read_json(p / FINISHED_FILE).get("finished_at", ""), p.name))
+    """The finished runs under `root`, oldest first by the time they finished; damaged ones left out."""
+    return scan_finished_runs(root)[0]
 
 
 def resolve_run(root: Path, run: str | None, resume_hint: str) -> Path:
     """The run directory named by --run (a path or a name under root), or the newest finished one."""
     if run is None:
-        runs = finished_runs(root)
+        runs, damaged = scan_finished_runs(root)
+        if damaged and not runs:
+            names = ", ".join(str(p / FINISHED_FILE) for p in damaged)
+            raise UserError(
+                f"no usable finished training run in {root}: the only finished "
+                f"{'run has' if len(damaged) == 1 else 'runs have'} a damaged {FINISHED_FILE} ({names}), which "
+                "does not say when it finished. Restore that file from a copy, train a run with "
+                "`python training.py`, or name another run directory with --run."
+            )
         if not runs:
             raise UserError(
                 f"no finished training run in {root}. Train one first with `python training.py`, "
@@ -189,8 +156,7 @@ def replace_run_dir(path: Path) -> None:
 def start_run_dir(run_dir: Path, config, split: dict, split_json: dict, model, tokenizer, processes: int):
     """Create a new run directory: the tokenizer (checked against the ids training uses), the split and
     the run's record (settings, base model, tokenizer check, processes, library versions)."""
-    # Imported here: runcheck reads run directories through this module.
-    from qexpand import modeling, runcheck
+    from qexpand import modeling
     from qexpand.data import training_target
     from qexpand.prompt import format_prompt
 
@@ -289,22 +255,28 @@ def write_loss_outputs(run_dir: Path, log_history: list[dict]) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with tempfile.NamedTemporaryFile(dir=run_dir, suffix=".png", delete=False) as handle:
-        fig.savefig(handle.name, dpi=120)
-    os.replace(handle.name, run_dir / LOSS_PLOT_FILE)
-    plt.close(fig)
+    # A file of the ordinary mode (savefig keeps it when it writes over it), renamed into place when complete.
+    descriptor, temp = create_temp_file(run_dir, prefix=f".{LOSS_PLOT_FILE}.", suffix=".png")
+    os.close(descriptor)
+    try:
+        fig.savefig(temp, dpi=120)
+        os.replace(temp, run_dir / LOSS_PLOT_FILE)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        raise write_failed(run_dir / LOSS_PLOT_FILE, error) from None
+    finally:
+        plt.close(fig)
 
 
 def save_final_adapter(model, run_dir: Path) -> None:
     """Write the adapter into a temp folder, then rename each file into the run dir."""
     from qexpand.modeling import no_progress_bars
-    from qexpand.runcheck import refuse_diverged_adapter
 
     try:
         with tempfile.TemporaryDirectory(dir=run_dir, prefix=".final-") as staging, no_progress_bars():
             model.save_pretrained(staging)
             # NaN or infinite weights (training diverged) never enter the run, which then stays unfinished.
-            refuse_diverged_adapter(Path(staging) / ADAPTER_WEIGHTS_FILE, run_dir)
+            runcheck.refuse_diverged_adapter(Path(staging) / ADAPTER_WEIGHTS_FILE, run_dir)
             move_files_into(Path(staging), run_dir)
     except OSError as error:
         raise write_failed(Path(run_dir) / ADAPTER_WEIGHTS_FILE, error) from None

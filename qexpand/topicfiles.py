@@ -24,12 +24,13 @@ from pathlib import Path
 
 from qexpand import data
 from qexpand.errors import UserError
-from qexpand.rundir import atomic_write_text
+from qexpand.runfiles import atomic_write_text
 
 STDIO = "-"
 OUTPUT_FORMATS = ("tsv", "trec", "jsonl")
-# "expansion": the expansion alone; "query+expansion": the query repeated k times, then the expansion (query2doc).
-QUERY_FORMS = ("query+expansion", "expansion")
+# "expansion": the expansion alone; "query+expansion": the query repeated k times, then the expansion (query2doc);
+# "feedback": the query and a feedback model over the sampled candidates, as a weighted bag of words (qexpand.feedback).
+QUERY_FORMS = ("query+expansion", "expansion", "feedback")
 TSV_HEADERS = {("qid", "query"), ("query_id", "query"), ("id", "query"), ("qid", "text"), ("query_id", "text")}
 SGML_TAG = re.compile(r"<(/?)(top|num|title|desc|narr)\b[^>]*>", re.IGNORECASE)
 # Labels that TREC topic files put after a tag (TREC-1 style "Topic:"); ir_datasets drops them too.
@@ -219,12 +220,19 @@ def query_repeats(query: str, expansion: str, query_weight: float) -> int:
     return max(1, round(ratio))
 
 
-def expanded_query(query: str, expansion: str, form: str, repeat: int = 1, query_weight: float = 0.0) -> str:
+def expanded_query(query: str, expansion: str, form: str, repeat: int = 1, query_weight: float = 0.0,
+                   candidates: list[str] | None = None, feedback_terms: int = 0) -> str:
     """The query a toolkit should run: the query `repeat` times (or as often as `query_weight` asks, when
-    above 0), then the expansion; an empty expansion falls back to the query itself."""
+    above 0), then the expansion; an empty expansion falls back to the query itself. The feedback form
+    weighs the `feedback_terms` strongest terms of the candidates (the expansion alone without them)
+    against the query, which keeps `query_weight` of the weight."""
     query, expansion = data.normalise_whitespace(query), data.normalise_whitespace(expansion)
     if not expansion:
         return query
+    if form == "feedback":
+        from qexpand.feedback import feedback_query
+
+        return feedback_query(query, candidates or [expansion], feedback_terms, query_weight)
     if form == "expansion":
         return expansion
     if query_weight:
@@ -237,6 +245,11 @@ def check_tsv_ids(query_ids: list[str]) -> None:
         if ":" in qid or qid.startswith("#"):
             raise UserError(f"the query id '{qid}' holds a colon or starts with '#': PyTerrier's singleline "
                             "reader would misread it. Rename the topic, or write --format trec or jsonl.")
+
+
+def candidate_texts(record: dict) -> list[str]:
+    """The sampled candidates of an expansion record (strings, or dicts with their text)."""
+    return [c["text"] if isinstance(c, dict) else c for c in record.get("candidates") or []]
 
 
 def tsv_text(rows: list[tuple[str, str]]) -> str:

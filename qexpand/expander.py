@@ -1,0 +1,294 @@
+"""Expand queries with a finished run from Python: the generation path of `testing_finetuned_model.py`.
+
+    from qexpand import Expander
+
+    expander = Expander.from_run("checkpoints/RUN", num_candidates=4)
+    expander.expand(["internet privacy"])     # the expanded queries, as `--topics ... --out x.tsv` writes them
+    expander.generate(["internet privacy"])   # the generated candidates of each query
+
+The run is loaded once, the way the test script loads it for `--topics`: its directory checked file by
+file, the tokenizer checked against the ids training used, the run's recipe deciding the expansion
+settings, the adapter merged into a bf16 base on CUDA where it fits, greedy steps as a CUDA graph.
+The script and `Expander` share the loading and generation code below, so they expand alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qexpand import data, generation, modeling, options, rundir, runcheck
+from qexpand.config import TestConfig, validate_testing
+from qexpand.errors import UserError, fail_if_problems
+from qexpand.generation import GenerationForm, generate_descriptions
+from qexpand.metrics import Scorer
+from qexpand.prompt import truncate_query
+from qexpand.recipes import settle_testing
+from qexpand.topicfiles import STDIO, candidate_texts, expanded_query
+
+MAX_QUERY_TOKENS = 64
+# The test script's logger, so that its warnings read as they did before this code moved here.
+log = logging.getLogger("testing")
+
+# The TestConfig fields Expander.from_run takes: decoding, query shaping and how the model is held. The
+# others say what the script expands, where it writes and what it scores.
+OPTIONS = ("num_candidates", "temperature", "select", "max_new_tokens", "no_repeat_ngram", "seed", "query_form",
+           "repeat_query", "query_weight", "feedback_terms", "device", "quantization", "precision", "merge",
+           "batch_size", "stock", "zero_shot")
+OPTIONS_HINT = "See `python testing_finetuned_model.py --help` (each option there is a keyword here)."
+
+
+def choose_base_model(config: TestConfig, record: runcheck.RunRecord) -> tuple[str, str | None]:
+    """The base model to load: the recorded one, or --model if it has the same architecture."""
+    trained = record.config
+    if not config.model:
+        return trained.model, trained.gguf_file
+    model, gguf_file = modeling.resolve_named_base(config.model, config.gguf_file)
+    if (model, gguf_file) == (trained.model, trained.gguf_file):
+        return trained.model, trained.gguf_file
+    wanted = record.base_model_signature
+    found = modeling.model_signature(modeling.load_config(model, gguf_file))
+    if wanted and found != wanted:
+        differ = ", ".join(f"{k} {wanted[k]} vs {found[k]}" for k in wanted if wanted[k] != found.get(k))
+        raise UserError(
+            f"the adapter in this run was trained on '{trained.model}', and --model "
+            f"'{config.model}' is a different model ({differ}). Leave --model out to use the recorded "
+            "base, or give a copy of that same model."
+        )
+    return model, gguf_file
+
+
+@dataclass(frozen=True)
+class OpenedRun:
+    """A finished run checked and its test settings settled: all that is known before a model loads."""
+
+    run_dir: Path
+    record: runcheck.RunRecord
+    split: dict
+    base: str
+    gguf: str | None
+    config: TestConfig  # settled: nothing left on "auto" or None that decides generation
+    form: GenerationForm
+
+    @property
+    def template(self) -> str:
+        return self.record.config.prompt_template
+
+
+def open_run(config: TestConfig) -> OpenedRun:
+    """Validate the options, find the run and check every file of it, choose the base and settle the
+    settings: every refusal comes here, before anything heavy loads."""
+    validate_testing(config)
+    run_dir = rundir.resolve_run(Path(config.output_dir), config.run, "python training.py --resume")
+    record, split = runcheck.check_finished_run(run_dir)  # every file, before any model is loaded
+    base, gguf = choose_base_model(config, record)
+    config, form = settle_testing(config, record.config, base, gguf)
+    return OpenedRun(run_dir, record, split, base, gguf, config, form)
+
+
+def prepare_queries(items: list[dict], tokenizer) -> list[str]:
+    queries = []
+    for item in items:
+        query, cut = truncate_query(tokenizer, data.normalise_whitespace(item["query"]), MAX_QUERY_TOKENS)
+        if cut:
+            log.warning("query cut to %d tokens: %r", MAX_QUERY_TOKENS, query)
+        queries.append(query)
+    return queries
+
+
+def cpu_autocast(config: TestConfig) -> bool:
+    """bf16 on the CPU means bf16 autocast over float32 weights: bfloat16 weights generated more
+    slowly there than float32 ones (bench/RESULTS.md)."""
+    return config.device == "cpu" and config.precision == "bf16"
+
+
+def load_model(base: str, gguf: str | None, run_dir: Path, config: TestConfig):
+    """The base model with the run's adapter attached; `finetuned_model` merges it where the form says so."""
+    precision = "fp32" if cpu_autocast(config) else config.precision
+    return generation.load_with_adapter(base, gguf, run_dir, config.device, config.quantization, precision)
+
+
+def pick_candidate(query: str, candidates: list[str], scorer: Scorer | None, select: str | None) -> int:
+    """Index of the candidate to keep among several sampled ones.
+
+    mbr (minimum Bayes risk): the one most similar on average to the other candidates, i.e. the
+    consensus. anchored: the same plus its similarity to the query, so a fluent candidate that
+    drifted away from the query's topic loses to one that stays on it.
+    """
+    if len(candidates) == 1 or scorer is None:
+        return 0
+    emb = scorer.embed(candidates)
+    similarity = emb @ emb.T
+    consensus = (similarity.sum(axis=1) - np.diag(similarity)) / (len(candidates) - 1)
+    if select == "anchored":
+        consensus = consensus + emb @ scorer.embed([query])[0]
+    return int(np.argmax(consensus))
+
+
+def greedy_decoding(config: TestConfig):
+    """A context manager that gives the greedy decoder to generate with: on CUDA the CUDA-graph one of
+    qexpand.accel, else (and with --stock) None, the library's generate."""
+    if config.stock or config.device != "cuda":
+        return contextlib.nullcontext(None)
+    from qexpand.accel.graphed_decoding import graphed_greedy_decoding
+
+    return graphed_greedy_decoding()
+
+
+def expand(model, tokenizer, template: str, queries: list[str], config: TestConfig, scorer, decoder,
+           progress: bool = True) -> tuple[list[dict], float]:
+    """One detail record per query (chosen text, EOS, candidates) and the generation time."""
+    import torch
+
+    started = time.perf_counter()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cpu_autocast(config) else contextlib.nullcontext()
+    with autocast:
+        generations = generate_descriptions(
+            model, tokenizer, template, queries, batch_size=config.batch_size,
+            max_new_tokens=config.max_new_tokens, num_candidates=config.num_candidates,
+            temperature=config.temperature, seed=config.seed, progress=progress, greedy_decoder=decoder,
+            no_repeat_ngram=config.no_repeat_ngram,
+        )
+    seconds = time.perf_counter() - started
+    details = []
+    for query, candidates in zip(queries, generations):
+        if config.select == "join":
+            generated = " ".join(g.text for g in candidates)
+            ended = all(g.ended_at_eos for g in candidates)
+        else:
+            chosen = candidates[pick_candidate(query, [g.text for g in candidates], scorer, config.select)]
+            generated, ended = chosen.text, chosen.ended_at_eos
+        details.append({"generated": generated, "ended_at_eos": ended,
+                        "candidates": [vars(g) for g in candidates] if len(candidates) > 1 else None})
+    return details, seconds
+
+
+def finetuned_model(model, form: GenerationForm):
+    """The model to generate with: on an unquantized base the adapter is merged into it (nothing is
+    lost and the merged model generates faster; bench/RESULTS.md), on a 4-bit base it stays beside it."""
+    return model.merge_and_unload() if form.merged else model
+
+
+def load_for_generation(config: TestConfig, record: runcheck.RunRecord, run_dir: Path, base: str, gguf: str | None,
+                        needs_scorer: bool):
+    """The run's tokenizer (checked against the ids training used), the model with its adapter, and
+    the SBERT scorer when scores or candidate selection need it."""
+    tokenizer = modeling.load_tokenizer(str(run_dir))
+    runcheck.verify_tokenizer(tokenizer, record.tokenizer_check, f"saved in {run_dir}")
+    modeling.keep_freed_memory(config.device)
+    model = load_model(base, gguf, run_dir, config)
+    picks = config.num_candidates > 1 and config.select != "join"
+    scorer = Scorer(config.sbert_model) if needs_scorer or picks else None
+    return model, tokenizer, scorer
+
+
+def topic_expansions(model, tokenizer, template: str, queries: list[str], config: TestConfig, scorer,
+                     decoder) -> list[tuple[str, list]]:
+    """(chosen expansion, candidates) for each query, as --topics records them: the candidates as dicts
+    (text, EOS, tokens) when several were sampled, else the chosen text alone."""
+    prepared = prepare_queries([{"query": q} for q in queries], tokenizer)
+    details, _ = expand(model, tokenizer, template, prepared, config, scorer, decoder, progress=False)
+    return [(d["generated"], d["candidates"] or [d["generated"]]) for d in details]
+
+
+def topic_query(query: str, expansion: str, candidates: list, config: TestConfig) -> str:
+    """The expanded query of one topic as --topics writes it in a TSV, in the settled query form."""
+    return data.normalise_whitespace(expanded_query(
+        query, expansion, config.query_form, config.repeat_query, config.query_weight,
+        candidate_texts({"candidates": candidates}), config.feedback_terms))
+
+
+def option_problems(given: dict) -> list[str]:
+    """Keywords that are no option of Expander.from_run, or whose value has the wrong type or is no choice.
+    The command line's parser checks types and choices; validate_testing assumes they were checked."""
+    unknown = [name for name in given if name not in OPTIONS]
+    if unknown:
+        return [f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; the options are "
+                f"{', '.join(OPTIONS)}"]
+    hints = typing.get_type_hints(TestConfig)
+    fields = {f.name: f for f in dataclasses.fields(TestConfig)}
+    problems = []
+    for name, value in given.items():
+        choices = fields[name].metadata["argparse"].get("choices")
+        if not options._type_ok(value, hints[name]):
+            problems.append(f"{name} should be {hints[name]}, got {value!r}")
+        elif choices and value is not None and value not in choices:
+            problems.append(f"{name} {value!r} is none of {', '.join(choices)}")
+    return problems
+
+
+def api_config(run_dir: str | Path | None, output_dir: str | Path, given: dict) -> TestConfig:
+    """The TestConfig of `testing_finetuned_model.py --run RUN --topics ...` with the given options.
+    topics and out are placeholders: they make the run's recipe decide the expansion (settle_testing)
+    and allow the query-shaping options (validate_testing), as on the command line with --topics."""
+    fail_if_problems(option_problems(given), OPTIONS_HINT)
+    return TestConfig(run=None if run_dir is None else str(run_dir), output_dir=str(output_dir), topics=STDIO,
+                      out=STDIO, **given)
+
+
+def checked_queries(queries) -> list[str]:
+    """The queries as a list; a UserError unless each is a string with a word in it."""
+    queries = None if isinstance(queries, str) else list(queries)  # a string would go letter by letter
+    if queries is None or not all(isinstance(q, str) for q in queries):
+        raise UserError("give the queries as a list of strings, e.g. expand(['internet privacy']).")
+    empty = [number for number, query in enumerate(queries, start=1) if not query.strip()]
+    if empty:
+        raise UserError(f"the queries at positions {', '.join(map(str, empty))} (of {len(queries)}) are empty or "
+                        "whitespace only; give the words to expand.")
+    return queries
+
+
+class Expander:
+    """A finished run loaded once, expanding queries as `testing_finetuned_model.py --topics` does.
+
+    run_dir: the run; config: the settled settings (query form, candidates, decoding, device); form: how
+    the model is held (merged or 4-bit, and why)."""
+
+    def __init__(self, run: OpenedRun, model, tokenizer, scorer):
+        self.run_dir, self.config, self.form, self.template = run.run_dir, run.config, run.form, run.template
+        self.model, self.tokenizer, self.scorer = model, tokenizer, scorer
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path | None = None, output_dir: str | Path = "checkpoints",
+                 **options) -> Expander:
+        """Load a run (a path, or a name under `output_dir`; None: the newest finished run) with the test
+        script's options for decoding and query shaping (num_candidates=4, query_weight=0.6, ...); a bad
+        option raises the script's UserError."""
+        run = open_run(api_config(run_dir, output_dir, options))
+        with greedy_decoding(run.config):
+            pass  # a decoder that refuses this library version says so before the model loads, as in the script
+        model, tokenizer, scorer = load_for_generation(run.config, run.record, run.run_dir, run.base, run.gguf,
+                                                       needs_scorer=False)
+        # With zero_shot the adapter is switched off while generating, so it must stay unmerged.
+        return cls(run, model if run.config.zero_shot else finetuned_model(model, run.form), tokenizer, scorer)
+
+    def generate(self, queries: list[str]) -> list[list[str]]:
+        """The generated candidates of each query (one for greedy decoding)."""
+        expansions = self._expansions(checked_queries(queries))
+        return [candidate_texts({"candidates": candidates}) for _, candidates in expansions]
+
+    def expand(self, queries: list[str]) -> list[str]:
+        """The expanded queries, exactly as `--topics ... --out FILE.tsv` writes them."""
+        queries = checked_queries(queries)
+        return [topic_query(query, expansion, candidates, self.config)
+                for query, (expansion, candidates) in zip(queries, self._expansions(queries))]
+
+    def _expansions(self, queries: list[str]) -> list[tuple[str, list]]:
+        size = self.config.batch_size
+        # In batches of batch_size, as --topics hands them to generation: sampling is seeded once per
+        # batch, so the same topics in the same order get the same candidates here and there.
+        batches = [queries[start:start + size] for start in range(0, len(queries), size)]
+        return [pair for batch in batches for pair in self._expand_batch(batch)]
+
+    def _expand_batch(self, queries: list[str]) -> list[tuple[str, list]]:
+        adapter_off = self.model.disable_adapter() if self.config.zero_shot else contextlib.nullcontext()
+        with greedy_decoding(self.config) as decoder, adapter_off:
+            return topic_expansions(self.model, self.tokenizer, self.template, queries, self.config, self.scorer,
+                                    decoder)
