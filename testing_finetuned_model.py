@@ -10,6 +10,7 @@ Other uses:
     python testing_finetuned_model.py --query "internet privacy" --query "hubble telescope"
     python testing_finetuned_model.py --test-datasets clueweb09/catb/trec-web-2010   # another topic set
     python testing_finetuned_model.py --topics topics.tsv --out expanded.tsv        # for pyserini / PyTerrier
+    accelerate launch --num_processes 4 testing_finetuned_model.py --topics big.tsv --out expanded.tsv  # 4 GPUs
 
 Everything about the run (base model, prompt, split, quantization, precision) is read from its run
 directory, which is checked file by file before any model is loaded. Per query it prints QUERY /
@@ -21,29 +22,32 @@ directory. From Python: `main(parse_config([...]))` returns the report; to expan
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
 from qexpand import data, modeling, options, quiet, rundir, runcheck
-from qexpand.config import TestConfig
-from qexpand.errors import UserError, run_cli
+from qexpand.config import RENAMED_TEST_OPTIONS, TestConfig
+from qexpand.errors import EXIT_USER_ERROR, UserError, fail_if_problems, run_cli
 # The loading and generation this script shares with qexpand.Expander (the Python API) live there.
-from qexpand.expander import (expand, finetuned_model, greedy_decoding, load_for_generation, open_run,
-                              prepare_queries, topic_expansions)
-from qexpand.expandtopics import expand_topics
+from qexpand.expander import (Processes, ReportedByMainProcess, expand, finetuned_model, greedy_decoding,
+                              load_for_generation, open_run, prepare_queries, topic_expansions)
+from qexpand.expandtopics import expand_shard, expand_topics, merge_shards, open_shard, sharding_problems
 from qexpand.generation import GenerationForm
 from qexpand.metrics import Scorer, report_markdown, score_rows
 from qexpand.topicfiles import QueryTopic, read_topics
 
 DESCRIPTION = "Expand test queries with a fine-tuned adapter and score them against the gold descriptions."
-OOM_HINT = "Lower --batch-size, or leave out --merge (the 4-bit base needs less memory)."
+OOM_HINT = "Lower --queries-per-batch, or add --generation-form nf4 (the 4-bit base needs less memory)."
 log = logging.getLogger("testing")
 
 
 def parse_config(argv: list[str] | None = None) -> TestConfig:
-    return options.parse_config(TestConfig, argv, DESCRIPTION)
+    return options.parse_config(TestConfig, argv, DESCRIPTION, renamed=RENAMED_TEST_OPTIONS)
 
 
 def topics_to_expand(config: TestConfig, split: dict, run_dir: Path) -> tuple[str, list[dict]]:
@@ -128,13 +132,67 @@ def expand_topic_file(config: TestConfig, topics: list[QueryTopic], model, token
     def expand_batch(queries: list[str]) -> list[tuple[str, list]]:
         return topic_expansions(model, tokenizer, template, queries, config, scorer, decoder)
 
-    settings = {"run": str(run_dir.resolve()), "zero_shot": config.zero_shot, "num_candidates": config.num_candidates, "seed": config.seed,
-                "temperature": config.temperature, "select": config.select, "max_new_tokens": config.max_new_tokens,
-                "no_repeat_ngram": config.no_repeat_ngram}
     records = expand_topics(topics, expand_batch, config.out, config.format, config.query_form,
-                            config.repeat_query, batch_size=config.batch_size, settings=settings,
+                            config.repeat_query, batch_size=config.queries_per_batch, settings=topic_settings(config, run_dir),
                             query_weight=config.query_weight, feedback_terms=config.feedback_terms)
     return {"run": str(run_dir), "evaluation": "topics", "out": config.out, "expansions": records}
+
+
+def topic_settings(config: TestConfig, run_dir: Path) -> dict:
+    """What made a topic file's expansions, recorded in its journal: a journal of other settings is refused."""
+    return {"run": str(run_dir.resolve()), "zero_shot": config.zero_shot, "num_candidates": config.num_candidates,
+            "seed": config.sampling_seed, "temperature": config.temperature, "select": config.select,
+            "max_new_tokens": config.max_new_tokens, "no_repeat_ngram": config.no_repeat_ngram}
+
+
+def expand_topic_file_sharded(config: TestConfig, processes: Processes) -> dict:
+    """--topics under `accelerate launch` / torchrun: each process expands its share of the batches into its
+    own journal; once all are done, the main process writes the output (qexpand.expandtopics). Every check
+    runs in every process before a model loads, and a problem is reported once, by the main process.
+    Returns the expansions in the main process, None in the others."""
+    processes.quiet_secondary()
+    with contextlib.ExitStack() as stack:
+        def start():
+            run = open_run(config)
+            c = run.config
+            fail_if_problems(sharding_problems(c.topics, c.out))  # before standard input is read
+            topics = read_topics(c.topics)
+            decoder = stack.enter_context(greedy_decoding(c))
+            job = open_shard(topics, c.out, processes.shard, c.queries_per_batch, topic_settings(c, run.run_dir), c.format,
+                             c.query_form, c.repeat_query, c.query_weight, c.feedback_terms)
+            return run, topics, decoder, job
+
+        run, topics, decoder, job = processes.together(start)
+        forms = processes.gather(run.form.quantization)
+        processes.together(lambda: one_generation_form(forms))
+        c = run.config
+        if processes.is_main:
+            warn_if_seen(topics, run.split)
+        model, tokenizer, scorer = load_for_generation(c, run.record, run.run_dir, run.base, run.gguf,
+                                                       needs_scorer=False)
+        processes.check_placement(model)
+        if c.zero_shot:
+            stack.enter_context(model.disable_adapter())
+        else:
+            model = finetuned_model(model, run.form)
+        expanded = expand_shard(job, lambda queries: topic_expansions(model, tokenizer, run.template, queries, c,
+                                                                      scorer, decoder))
+        expanded_now = sum(processes.gather(expanded))  # every process waits here until all shares are done
+        processes.close()
+    records = None
+    if processes.is_main:
+        records = merge_shards(topics, c.out, processes.shard.count, c.queries_per_batch, expanded_now, c.format,
+                               c.query_form, c.repeat_query, c.query_weight, c.feedback_terms, job.settings)
+    return {"run": str(run.run_dir), "evaluation": "topics", "out": c.out, "expansions": records}
+
+
+def one_generation_form(forms: list[str]) -> None:
+    """Processes that hold the model differently would expand their shares differently."""
+    if len(set(forms)) > 1:
+        held = ", ".join(f"process {i} {'merged bf16' if f == 'none' else f}" for i, f in enumerate(forms, start=1))
+        raise UserError(f"the processes would hold the model differently ({held}): the merged bf16 model fits "
+                        "the free memory of some GPUs but not of others, and their expansions would differ. "
+                        "Free GPU memory, or choose one form for all with --generation-form nf4 or merged.")
 
 
 def evaluate(config: TestConfig, run_dir: Path, split: dict, template: str, evaluation: str, items: list[dict],
@@ -169,9 +227,15 @@ def evaluate(config: TestConfig, run_dir: Path, split: dict, template: str, eval
     return report
 
 
+@quiet.libraries_silenced()
 def main(config: TestConfig) -> dict:
     """Expand and score (returns the report written to scores*.json; ad-hoc queries: the predictions),
     or with --topics expand a topic file (returns the expansions)."""
+    # Under a launcher with several processes (one a GPU), they share --topics; one process never starts
+    # the distributed state.
+    processes = Processes.start(config.device) if config.topics else None
+    if processes is not None:
+        return expand_topic_file_sharded(config, processes)
     run = open_run(config)  # options validated and every file of the run checked, before any model is loaded
     config, form, run_dir, record, split = run.config, run.form, run.run_dir, run.record, run.split
     base, gguf, template = run.base, run.gguf, run.template
@@ -193,7 +257,14 @@ def main(config: TestConfig) -> dict:
 
 
 def cli() -> int:
-    main(parse_config())
+    # Under a launcher every process parses the options; a mistake is said once, by the first.
+    secondary = int(os.environ.get("RANK") or 0) > 0
+    with contextlib.redirect_stderr(io.StringIO()) if secondary else contextlib.nullcontext():
+        config = parse_config()
+    try:
+        main(config)
+    except ReportedByMainProcess:  # the main process says what went wrong
+        return EXIT_USER_ERROR
     return 0
 
 

@@ -49,6 +49,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return options.parse_config(TrainConfig, argv, DESCRIPTION, epilog())
 
 
+@quiet.libraries_silenced()
 def main(config: TrainConfig) -> Path:
     """Train one run (or resume one) and return its run directory."""
     from accelerate import PartialState

@@ -201,7 +201,7 @@ def testing_argv(args, run_dir: Path, extra: str, baseline: bool) -> list[str]:
     argv = ["--run", str(run_dir), "--device", args.device] + shlex.split(extra)
     # The seed draws sampled candidates only: greedy decoding refuses it as an option that changes nothing.
     sampled = "--num-candidates" in argv and argv[argv.index("--num-candidates") + 1] != "1"
-    argv += ["--seed", str(args.seed)] * (sampled and "--seed" not in argv)
+    argv += ["--sampling-seed", str(args.seed)] * (sampled and "--sampling-seed" not in argv)
     return argv + ["--baseline"] * (baseline and "--baseline" not in argv)
 
 

@@ -17,6 +17,7 @@ MODEL, DATA, TRAINING, RUN = "model", "data", "training recipe (defaults from --
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
 QUANTIZATION_CHOICES = ("auto", "nf4", "none")
 PRECISION_CHOICES = ("auto", "bf16", "fp32")
+GENERATION_FORMS = ("auto", "merged", "nf4")
 OPTIMIZER_CHOICES = ("adamw", "paged_adamw_8bit")
 LORA_TARGET_CHOICES = ("all-linear", "all-linear+lm_head")
 SELECT_CHOICES = ("mbr", "anchored", "join")
@@ -190,14 +191,14 @@ class TestConfig:
     gguf_file: str | None = option(None, "GGUF file inside --model", MODEL)
     device: str = option("auto", "where to generate; auto = CUDA when PyTorch sees a GPU", MODEL,
                          choices=DEVICE_CHOICES)
-    quantization: str = option("auto", "auto = on CUDA the adapter merged into a bf16 base where the GPU has the "
-                               "memory, else as the run was trained", MODEL, choices=QUANTIZATION_CHOICES)
+    generation_form: str = option("auto", "how the model is held while it generates: merged (the base unquantized "
+                                  "with the adapter merged into it: faster) or nf4 (the 4-bit base with the adapter "
+                                  "beside it: less memory); auto = merged into bf16 on CUDA where the GPU has the "
+                                  "memory, else as the run was trained", MODEL, choices=GENERATION_FORMS)
     precision: str = option("auto", "bf16 or fp32 for an unquantized base (on the CPU bf16 means bf16 "
                             "autocast over float32 weights); auto = as the run was trained", MODEL,
                             choices=PRECISION_CHOICES)
-    merge: bool = option(False, "load the base unquantized and merge the adapter into it (faster generation; "
-                         "done anyway whenever the base is unquantized)", MODEL)
-    batch_size: int = option(64, "queries per generate() call", GENERATION)
+    queries_per_batch: int = option(64, "queries generated together (each with its candidates)", GENERATION)
     max_new_tokens: int | None = option(None, "cap on generated tokens (EOS stops earlier) (default: 96; with "
                                         "--topics, as the run's recipe says)", GENERATION)
     num_candidates: int | None = option(None, "sample N expansions per query (1 = greedy) and keep one or join "
@@ -211,8 +212,8 @@ class TestConfig:
                                 "anchored adds its closeness to the query; join keeps them all, one after the "
                                 "other (a pseudo-document for retrieval) (default: mbr)", GENERATION,
                                 choices=SELECT_CHOICES)
-    seed: int | None = option(None, "seed of the sampled candidates, with --num-candidates 2 or more (greedy "
-                              "decoding draws nothing) (default: 0)", GENERATION)
+    sampling_seed: int | None = option(None, "seed of the sampled candidates, with --num-candidates 2 or more "
+                                       "(greedy decoding draws nothing) (default: 0)", GENERATION)
     stock: bool = option(False, "generate on the stock path: the library's generate for greedy decoding too, "
                          "instead of the CUDA-graph decoder of qexpand.accel (the way back if it refuses a "
                          "library version or is in doubt)", GENERATION)
@@ -224,10 +225,23 @@ class TestConfig:
                                      "all-MiniLM-L6-v2)", SCORES)
 
 
+# Options of the test script that once had the name of a training.py option with another meaning: the old
+# name is refused with the new one, never read as something else.
+RENAMED_TEST_OPTIONS = {
+    "--seed": ("--sampling-seed", "it seeds the sampled candidates only; training.py's --seed seeds the split "
+                                  "and training"),
+    "--batch-size": ("--queries-per-batch", "it counts queries generated together; training.py's --batch-size "
+                                            "counts training examples"),
+    "--quantization": ("--generation-form", "merged or nf4 says how the model is held while it generates; "
+                                            "training.py's --quantization says how the base is loaded"),
+    "--merge": ("--generation-form merged", "one option now says how the model is held while it generates"),
+}
+
+
 def validate_testing(config: TestConfig) -> None:
     from qexpand.modeling import check_model_source
 
-    problems = numeric_problems(config, ("batch_size", "max_new_tokens", "num_candidates", "temperature",
+    problems = numeric_problems(config, ("queries_per_batch", "max_new_tokens", "num_candidates", "temperature",
                                          "repeat_query", "feedback_terms"), non_negative=("no_repeat_ngram",))
     if config.topics is not None:
         if config.out is None:
@@ -246,15 +260,14 @@ def validate_testing(config: TestConfig) -> None:
     if config.split_part and (config.query is not None or config.test_datasets):
         problems.append("--split-part picks a part of the run's split, so it cannot go with --query or "
                         "--test-datasets")
-    if config.num_candidates == 1 and (config.temperature is not None or config.select or config.seed is not None):
-        problems.append("--temperature, --select and --seed only apply when sampling, i.e. with --num-candidates 2 "
+    if config.num_candidates == 1 and (config.temperature is not None or config.select or config.sampling_seed is not None):
+        problems.append("--temperature, --select and --sampling-seed only apply when sampling, i.e. with "
+                        "--num-candidates 2 "
                         "or more")
     if config.query_weight is not None and not 0 <= config.query_weight < 1:
         problems.append(f"--query-weight must be in [0, 1) (got {config.query_weight})")
     if config.query_weight and config.repeat_query is not None:
         problems.append("--query-weight and --repeat-query both say how often the query is repeated; give one")
-    if config.merge and config.quantization == "nf4":
-        problems.append("--merge loads the base unquantized, so it cannot go with --quantization nf4")
     # The SBERT model scores expansions against gold descriptions and picks one of several sampled
     # candidates; ad-hoc queries and topic files have no gold, so unless it picks, it would load for nothing.
     # Without --num-candidates and --select, every recipe's expansion is greedy or joins its candidates.

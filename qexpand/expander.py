@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import logging
+import os
 import time
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,7 @@ import numpy as np
 from qexpand import data, generation, modeling, options, rundir, runcheck
 from qexpand.config import TestConfig, validate_testing
 from qexpand.errors import UserError, fail_if_problems
+from qexpand.expandtopics import Shard
 from qexpand.generation import GenerationForm, generate_descriptions
 from qexpand.metrics import Scorer
 from qexpand.prompt import truncate_query
@@ -39,9 +43,9 @@ log = logging.getLogger("testing")
 
 # The TestConfig fields Expander.from_run takes: decoding, query shaping and how the model is held. The
 # others say what the script expands, where it writes and what it scores.
-OPTIONS = ("num_candidates", "temperature", "select", "max_new_tokens", "no_repeat_ngram", "seed", "query_form",
-           "repeat_query", "query_weight", "feedback_terms", "device", "quantization", "precision", "merge",
-           "batch_size", "stock", "zero_shot")
+OPTIONS = ("num_candidates", "temperature", "select", "max_new_tokens", "no_repeat_ngram", "sampling_seed",
+           "query_form", "repeat_query", "query_weight", "feedback_terms", "device", "generation_form", "precision",
+           "queries_per_batch", "stock", "zero_shot")
 OPTIONS_HINT = "See `python testing_finetuned_model.py --help` (each option there is a keyword here)."
 
 
@@ -112,7 +116,8 @@ def cpu_autocast(config: TestConfig) -> bool:
 def load_model(base: str, gguf: str | None, run_dir: Path, config: TestConfig):
     """The base model with the run's adapter attached; `finetuned_model` merges it where the form says so."""
     precision = "fp32" if cpu_autocast(config) else config.precision
-    return generation.load_with_adapter(base, gguf, run_dir, config.device, config.quantization, precision)
+    return generation.load_with_adapter(base, gguf, run_dir, config.device,
+                                     generation.LOADED_AS[config.generation_form], precision)
 
 
 def pick_candidate(query: str, candidates: list[str], scorer: Scorer | None, select: str | None) -> int:
@@ -151,9 +156,9 @@ def expand(model, tokenizer, template: str, queries: list[str], config: TestConf
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cpu_autocast(config) else contextlib.nullcontext()
     with autocast:
         generations = generate_descriptions(
-            model, tokenizer, template, queries, batch_size=config.batch_size,
+            model, tokenizer, template, queries, batch_size=config.queries_per_batch,
             max_new_tokens=config.max_new_tokens, num_candidates=config.num_candidates,
-            temperature=config.temperature, seed=config.seed, progress=progress, greedy_decoder=decoder,
+            temperature=config.temperature, seed=config.sampling_seed, progress=progress, greedy_decoder=decoder,
             no_repeat_ngram=config.no_repeat_ngram,
         )
     seconds = time.perf_counter() - started
@@ -233,6 +238,82 @@ def api_config(run_dir: str | Path | None, output_dir: str | Path, given: dict) 
                       out=STDIO, **given)
 
 
+# How long a process that finished its share of --topics waits for the others: after a resume one process
+# may have hours of topics left while another has none (a collective operation's timeout).
+SHARD_WAIT = datetime.timedelta(days=7)
+
+
+class ReportedByMainProcess(Exception):
+    """A secondary process stops on a problem that the main process reports, once, for all of them."""
+
+
+class Processes:
+    """The processes of one `--topics` run under `accelerate launch` or torchrun, one per GPU (CPU
+    processes talking through gloo where there is none): this process's share, and the few points where
+    they meet. `Processes.start` gives None for one process, which never starts the distributed state."""
+
+    def __init__(self, state):
+        self.state = state
+        self.shard = Shard(state.process_index, state.num_processes)
+        self.is_main = state.is_main_process
+
+    @classmethod
+    def start(cls, device: str) -> Processes | None:
+        """The distributed state where a launcher started several processes (WORLD_SIZE above 1), else
+        None. On CUDA it makes this process's GPU the current one, before anything looks at its memory."""
+        if int(os.environ.get("WORLD_SIZE") or 1) <= 1:
+            return None
+        import torch
+        from accelerate import PartialState
+
+        return cls(PartialState(cpu=device == "cpu" or not torch.cuda.is_available(), timeout=SHARD_WAIT))
+
+    def gather(self, value) -> list:
+        """`value` of every process, in process order; every process waits here for all the others."""
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
+
+    def together(self, step: typing.Callable):
+        """step() in every process, which then meet: if it raised a UserError in any of them, all stop, the
+        main process raising the problem (each distinct one once), the others ReportedByMainProcess."""
+        try:
+            result, problem = step(), None
+        except UserError as error:
+            result, problem = None, str(error)
+        where: dict[str, list[str]] = {}
+        for index, text in enumerate(self.gather(problem), start=1):
+            if text:
+                where.setdefault(text, []).append(str(index))
+        if not where:
+            return result
+        if not self.is_main:
+            raise ReportedByMainProcess(problem or "")
+        if len(where) == 1:
+            raise UserError(next(iter(where)))
+        raise UserError(" ".join(f"In process {', '.join(ranks)} of {self.shard.count}: {text}"
+                                 for text, ranks in where.items()))
+
+    def check_placement(self, model) -> None:
+        """On CUDA each process generates on its own GPU, the current one since `start`."""
+        import torch
+
+        device = next(model.parameters()).device
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            raise RuntimeError(f"{self.shard} loaded its model on {device}, not on its own GPU "
+                               f"cuda:{torch.cuda.current_device()}")
+
+    def close(self) -> None:
+        """After the processes last meet: leave the process group (NCCL warns at exit otherwise)."""
+        self.state.destroy_process_group()
+
+    def quiet_secondary(self) -> None:
+        """Outside the main process, nothing but the progress bar: no warnings or log messages."""
+        if not self.is_main:
+            logging.disable(logging.WARNING)
+            warnings.simplefilter("ignore")
+
+
 def checked_queries(queries) -> list[str]:
     """The queries as a list; a UserError unless each is a string with a word in it."""
     queries = None if isinstance(queries, str) else list(queries)  # a string would go letter by letter
@@ -281,7 +362,7 @@ class Expander:
                 for query, (expansion, candidates) in zip(queries, self._expansions(queries))]
 
     def _expansions(self, queries: list[str]) -> list[tuple[str, list]]:
-        size = self.config.batch_size
+        size = self.config.queries_per_batch
         # In batches of batch_size, as --topics hands them to generation: sampling is seeded once per
         # batch, so the same topics in the same order get the same candidates here and there.
         batches = [queries[start:start + size] for start in range(0, len(queries), size)]

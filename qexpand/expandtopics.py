@@ -6,13 +6,25 @@ last line; the next run with the same output drops that line, skips every topic 
 journal and generates only the rest. The outputs are written at the end, atomically. The journal
 stays beside the output (expanded.journal.jsonl for expanded.tsv): writing the same expansions in
 another format (expanded.trec) or query form costs no generation; delete it to generate afresh.
+
+Under a launcher (`accelerate launch` / torchrun) N processes share the work without talking: the topics
+are cut, in input order, into the batches of `batch_size` one process would generate, and batch b goes to
+process b mod N (`Shard`). Each process journals its own batches (expanded.journal.shard-K-of-N.jsonl,
+K from 1); once all are done, the main process reads every shard journal and writes the one output as
+one process would. A batch is generated whole or not at all, as in one process, so each topic meets
+the same batch neighbours, the same padding and the same sampling seed (seeded per batch): the output
+of N processes is the output of one, byte for byte. After a kill, a batch that its journal holds only in
+part (a torn write) is generated again whole and its missing topics taken from it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -35,8 +47,51 @@ def journal_path(out: str) -> Path | None:
     return None if out == STDIO else Path(out).with_suffix(".journal.jsonl")
 
 
-def _read_journal(path: Path, settings: dict) -> dict[str, dict]:
-    """Records of a journal, by query id; a torn last line is cut off the file."""
+@dataclass(frozen=True)
+class Shard:
+    """Process `index` (from 0) of `count`: it expands the batches b of the topic list with b % count == index."""
+
+    index: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"process {self.index + 1} of {self.count}"
+
+
+def shard_journal_path(out: str, shard: Shard) -> Path:
+    """The journal of one process's share, beside the output: expanded.journal.shard-1-of-2.jsonl."""
+    return Path(out).with_suffix(f".journal.shard-{shard.index + 1}-of-{shard.count}.jsonl")
+
+
+def topic_batches(topics: list[QueryTopic], batch_size: int) -> list[list[QueryTopic]]:
+    """The batches one process generates in a fresh run, in input order; sharding hands out whole ones."""
+    return [topics[start : start + batch_size] for start in range(0, len(topics), batch_size)]
+
+
+def shard_batches(topics: list[QueryTopic], batch_size: int, shard: Shard) -> list[list[QueryTopic]]:
+    return topic_batches(topics, batch_size)[shard.index :: shard.count]
+
+
+def _split_record(topics: list[QueryTopic], batch_size: int, shard: Shard) -> dict:
+    """What a shard journal's header says of the split it belongs to: which process, how many, the batch
+    size and the topic list (its length and a digest of its ids and queries)."""
+    listed = json.dumps([[t.query_id, t.query] for t in topics], ensure_ascii=False).encode("utf-8")
+    return {"process": shard.index + 1, "processes": shard.count, "batch_size": batch_size,
+            "topics": len(topics), "topics_sha256": hashlib.sha256(listed).hexdigest()[:16]}
+
+
+def _describe_split(split: dict | None, other: dict | None) -> str:
+    if not split:
+        return "none: one process"
+    moved = other and (split.get("process"), split.get("processes")) != (other.get("process"), other.get("processes"))
+    who = f"process {split.get('process')} of {split.get('processes')}, " if moved else ""
+    return (f"{who}batches of {split.get('batch_size')} of {split.get('topics')} topics with digest "
+            f"{split.get('topics_sha256')}")
+
+
+def _read_journal(path: Path, settings: dict, split: dict | None = None) -> dict[str, dict]:
+    """Records of a journal, by query id; a torn last line is cut off the file. `split`: the split a
+    shard journal must have been written for (None for the journal of one process)."""
     if not path.exists():
         return {}
     raw = path.read_bytes()
@@ -55,10 +110,21 @@ def _read_journal(path: Path, settings: dict) -> dict[str, dict]:
         if key is None:
             if record.get("journal") != JOURNAL_KIND:
                 raise UserError(f"{path} is not a journal of expansions; move it away or choose another output.")
+            # Shard journals are named together: every process finds the same problem, and it is said once.
+            journals = path.parent / re.sub(r"\.shard-\d+-of-", ".shard-*-of-", path.name)
             if record.get("settings") != settings:
+                which = f"the journal {path} was" if split is None else f"the shard journals {journals} were"
                 raise UserError(
-                    f"the journal {path} was written with other settings ({record.get('settings')}, now "
-                    f"{settings}). Delete it to expand with the new settings, or choose another output."
+                    f"{which} written with other settings ({record.get('settings')}, now {settings}). Delete "
+                    f"{'it' if split is None else 'them'} to expand with the new settings, or choose another output."
+                )
+            if record.get("split") != split:
+                old = record.get("split")
+                raise UserError(
+                    f"the shard journals {journals} were written for another split of the topics among processes "
+                    f"({_describe_split(old, split)}; now {_describe_split(split, old)}), so the batches they hold "
+                    "are not those each process expands now. Delete them to expand afresh, or run again with the "
+                    "topics and --queries-per-batch they were written with."
                 )
         else:
             records[key] = record
@@ -156,13 +222,117 @@ def expand_topics(
             handle.close()
     finished = [done[t.query_id] for t in topics]
     write_output(render(finished, output_format, query_form, repeat_query, query_weight, feedback_terms), out)
-    if output_format == "trec" and not all(t.query_id.isdigit() for t in topics):
-        print("note: some query ids are not integers; Anserini's TREC topic reader (pyserini) needs integers, "
-              "PyTerrier's does not. For pyserini, write --format tsv.", file=sys.stderr)
+    _note_integer_ids(topics, output_format)
     reused = f", {len(topics) - len(todo)} taken from {journal}" if len(todo) < len(topics) else ""
     print(f"{len(topics)} topics: {len(todo)} expanded now{reused}; wrote {out if out != STDIO else 'stdout'} "
           f"({output_format}).", file=sys.stderr)
     return finished
+
+
+@dataclass
+class ShardJob:
+    """One process's share of a sharded expansion, checked and its journal read (`open_shard`)."""
+
+    topics: list[QueryTopic]  # all of them, in input order
+    shard: Shard
+    batch_size: int
+    settings: dict
+    journal: Path
+    done: dict[str, dict]  # the journal's records by query id
+
+    @property
+    def batches(self) -> list[list[QueryTopic]]:
+        return shard_batches(self.topics, self.batch_size, self.shard)
+
+
+def sharding_problems(topics_source: str, out: str) -> list[str]:
+    """Why a topic file cannot be expanded by several processes: each reads the topics itself, and they
+    meet in journals beside the output."""
+    return [f"{flag} - (standard {stream}) cannot be shared by several processes; give a file"
+            for flag, stream, value in (("--topics", "input", topics_source), ("--out", "output", out))
+            if value == STDIO]
+
+
+def open_shard(topics: list[QueryTopic], out: str, shard: Shard, batch_size: int, settings: dict | None = None,
+               output_format: str = "tsv", query_form: str = "query+expansion", repeat_query: int = 1,
+               query_weight: float = 0.0, feedback_terms: int = 0) -> ShardJob:
+    """Check the output and read this process's journal, before any model loads (every process checks
+    the output alike; each reads its own journal, cutting a torn last line off it)."""
+    if out == STDIO:
+        raise UserError("cannot write the expanded topics: " + sharding_problems("", out)[0] + ".")
+    _check_output(out, output_format, query_form, repeat_query, query_weight, feedback_terms)
+    if output_format == "tsv":
+        check_tsv_ids([t.query_id for t in topics])
+    settings = json.loads(json.dumps(settings or {}))
+    journal = shard_journal_path(out, shard)
+    done = _read_journal(journal, settings, _split_record(topics, batch_size, shard))
+    _check_reused(done, topics, journal)
+    return ShardJob(topics, shard, batch_size, settings, journal, done)
+
+
+def expand_shard(job: ShardJob, expand_batch: ExpandBatch) -> int:
+    """Expand this process's batches that its journal lacks; returns how many topics were expanded now.
+
+    A batch is always generated whole, as one process generates it, so that its topics come out as
+    there; of a batch the journal holds in part (a write torn by a kill), only the missing topics are
+    recorded."""
+    mine = [topic for batch in job.batches for topic in batch]
+    already = sum(topic.query_id in job.done for topic in mine)
+    expanded = 0
+    with open(job.journal, "a", encoding="utf-8") as handle:
+        if handle.tell() == 0:
+            split = _split_record(job.topics, job.batch_size, job.shard)
+            _append(handle, [{"journal": JOURNAL_KIND, "settings": job.settings, "split": split}])
+        with tqdm(total=len(mine), initial=already, desc=f"expanding ({job.shard})", unit="topic",
+                  file=sys.stderr, disable=already == len(mine)) as bar:
+            for batch in job.batches:
+                if all(topic.query_id in job.done for topic in batch):
+                    continue
+                results = expand_batch([t.query for t in batch])
+                if len(results) != len(batch):
+                    raise ValueError(f"expand_batch returned {len(results)} results for {len(batch)} queries")
+                records = [_record(t, chosen, candidates) for t, (chosen, candidates) in zip(batch, results)
+                           if t.query_id not in job.done]
+                _append(handle, records)
+                job.done.update((r["query_id"], r) for r in records)
+                expanded += len(records)
+                bar.update(len(records))
+    return expanded
+
+
+def merge_shards(topics: list[QueryTopic], out: str, processes: int, batch_size: int, expanded_now: int,
+                 output_format: str = "tsv", query_form: str = "query+expansion", repeat_query: int = 1,
+                 query_weight: float = 0.0, feedback_terms: int = 0, settings: dict | None = None) -> list[dict]:
+    """The main process, once every process has finished its share: read all shard journals and write
+    `out` exactly as one process would. `expanded_now`: topics expanded in this run, all processes together.
+    Returns the records in input order."""
+    settings = json.loads(json.dumps(settings or {}))
+    done: dict[str, dict] = {}
+    for index in range(processes):
+        shard = Shard(index, processes)
+        journal = shard_journal_path(out, shard)
+        records = _read_journal(journal, settings, _split_record(topics, batch_size, shard))
+        _check_reused(records, topics, journal)
+        done.update(records)
+    missing = [t.query_id for t in topics if t.query_id not in done]
+    if missing:
+        raise UserError(f"the shard journals beside {out} lack {len(missing)} of {len(topics)} topics (the first: "
+                        f"'{missing[0]}') although every process finished; run the same command again.")
+    finished = [done[t.query_id] for t in topics]
+    write_output(render(finished, output_format, query_form, repeat_query, query_weight, feedback_terms), out)
+    _note_integer_ids(topics, output_format)
+    pattern = Path(out).with_suffix(f".journal.shard-*-of-{processes}.jsonl")
+    reused = len(topics) - expanded_now
+    taken = f", {reused} taken from the shard journals {pattern}" if reused else ""
+    print(f"{len(topics)} topics in {processes} processes: {expanded_now} expanded now{taken}; wrote {out} "
+          f"({output_format}).", file=sys.stderr)
+    return finished
+
+
+def _note_integer_ids(topics: list[QueryTopic], output_format: str) -> None:
+    if output_format == "trec" and not all(t.query_id.isdigit() for t in topics):
+        print("note: some query ids are not integers; Anserini's TREC topic reader (pyserini) needs integers, "
+              "PyTerrier's does not. For pyserini, write --format tsv.", file=sys.stderr)
 
 
 def _record(topic: QueryTopic, chosen: str, candidates: list) -> dict:

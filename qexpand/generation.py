@@ -186,9 +186,13 @@ def bf16_weight_bytes(base_model: str, gguf_file: str | None) -> int:
     return 2 * sum(p.numel() for p in skeleton.parameters())
 
 
+# --generation-form as the base is loaded: "none" is unquantized (the adapter then merged into it).
+LOADED_AS = {"merged": "none", "nf4": "nf4"}
+
+
 def choose_generation_form(device: str, requested: str, trained: str, base_model: str,
                            gguf_file: str | None) -> GenerationForm:
-    """How to hold the model for generation: `requested` ("auto", "nf4" or "none"; --merge is "none"),
+    """How to hold the model for generation: `requested` ("auto", "nf4" or "none": unquantized, merged),
     else on CUDA the adapter merged into a bf16 base wherever that fits, else as it was `trained`.
 
     On CUDA a merged bf16 model decodes faster than the 4-bit base with LoRA layers beside it, though
@@ -196,7 +200,8 @@ def choose_generation_form(device: str, requested: str, trained: str, base_model
     step and runs the LoRA kernels on the side (bench/RESULTS.md has the measurements).
     """
     if requested != "auto":
-        return GenerationForm(requested, f"--quantization {requested} (or --merge) was asked for")
+        shown = "merged" if requested == "none" else requested
+        return GenerationForm(requested, f"--generation-form {shown} was asked for")
     if device != "cuda" or trained != "nf4":
         return GenerationForm(trained, f"as the run was trained ({trained})")
     needed = bf16_weight_bytes(base_model, gguf_file) + GENERATION_HEADROOM
@@ -218,8 +223,8 @@ def load_with_adapter(base_model: str, gguf_file: str | None, adapter_dir, devic
     if device == "cuda" and quantization == "nf4":
         # LoRA weights load in float32; in bf16 they skip two casts per LoRA layer and token, which
         # halved generation time on an H100 (bench/RESULTS.md).
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.data = parameter.data.to(torch.bfloat16)
+        for name, module in model.named_modules():
+            if name.endswith((".lora_A", ".lora_B")):
+                module.to(torch.bfloat16)
     model.config.use_cache = True
     return model

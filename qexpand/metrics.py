@@ -42,7 +42,10 @@ class Scorer:
         from rouge_score import rouge_scorer
         from sentence_transformers import SentenceTransformer
 
-        self.sbert = SentenceTransformer(sbert_model or default_sbert_model(), device=device)
+        from qexpand.modeling import no_progress_bars
+
+        with no_progress_bars():  # the library's "Loading weights" bar for a model that loads in a second
+            self.sbert = SentenceTransformer(sbert_model or default_sbert_model(), device=device)
         self.rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
     def embed(self, texts: list[str]) -> np.ndarray:

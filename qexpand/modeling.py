@@ -172,7 +172,7 @@ def load_base_model(model: str, gguf_file: str | None, quantization: str, device
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     try:
-        with no_progress_bars(bool(gguf_file)):
+        with no_progress_bars():  # "Loading weights": a few seconds, noise beside the scripts' own bars
             loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
     except (OSError, ValueError) as error:
         raise _load_error(model, error) from None

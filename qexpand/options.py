@@ -61,7 +61,18 @@ def build_parser(cls, description: str, epilog: str = "") -> argparse.ArgumentPa
     return parser
 
 
-def parse_config(cls: type[Config], argv: list[str] | None, description: str, epilog: str = "") -> Config:
+def parse_config(cls: type[Config], argv: list[str] | None, description: str, epilog: str = "",
+                 renamed: dict[str, tuple[str, str]] | None = None) -> Config:
+    """The options of `argv` (the command line's when None); an old name in `renamed` ({old flag: (new flag,
+    why)}) is a UserError that names the new one."""
+    import sys
+
+    from qexpand.errors import fail_if_problems
+
+    given = sys.argv[1:] if argv is None else argv
+    fail_if_problems([f"{old} is now {new} in this script ({why})" for old, (new, why) in (renamed or {}).items()
+                      if any(a == old or a.startswith(old + "=") for a in given)],
+                     "Run the command again with the new names.")
     namespace = build_parser(cls, description, epilog).parse_args(argv)
     return cls(**vars(namespace))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
@@ -14,21 +15,42 @@ SILENCED_WARNINGS = (r"Could not find a config file in .* will assume that the v
 
 
 def setup_logging() -> None:
+    """The scripts' log format, for the command line (a caller from Python keeps its own)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in SILENCED_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for pattern in SILENCED_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+
+
+@contextlib.contextmanager
+def libraries_silenced():
+    """While a script's main runs, from the command line or called from Python, the library messages above
+    are hidden; the caller's logger levels and warning filters are as they were afterwards. Used as a
+    decorator of each main."""
+    loggers = [logging.getLogger(name) for name in SILENCED_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for pattern in SILENCED_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 def hide_eval_progress_bar(trainer) -> None:
-    """Keep the Trainer's progress bar for training steps but drop its bar for each eval pass: that
-    pass is a batch or two, and its bar cuts the training bar's line at every epoch."""
+    """Keep the Trainer's progress bar for training steps but drop its bar for each eval pass (a batch or
+    two, whose bar cuts the training bar's line at every epoch) and its printed dict of every step's loss."""
     from transformers.trainer_callback import ProgressCallback
 
     class TrainingStepsProgress(ProgressCallback):
         def on_prediction_step(self, args, state, control, **kwargs):
             pass
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # One line per eval pass, not a dict per optimizer step: loss_log.json keeps every step.
+            if logs and "eval_loss" in logs:
+                super().on_log(args, state, control, logs=logs, **kwargs)
 
     if trainer.pop_callback(ProgressCallback):  # None where progress bars are off (--disable_tqdm)
         trainer.add_callback(TrainingStepsProgress)

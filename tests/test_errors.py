@@ -92,8 +92,16 @@ def test_settling_reports_every_problem_at_once(world, tiny_model):
     assert "needs CUDA" in message and "cut short by the original recipe's cap" in message
 
 
+def test_the_7b_default_on_a_cpu_is_refused_before_any_download(world):
+    message = expect_error(world, "training.py", *SPLIT, match="the default base mistralai/Mistral-7B-v0.1 would be")
+    assert "--model smollm2-135m" in message and "add --device cpu" in message
+
+
 def test_gguf_file_needs_a_model_folder(world):
-    expect_error(world, "training.py", *SPLIT, "--gguf-file", "x.gguf", match="needs --model")
+    message = expect_error(world, "training.py", *SPLIT, "--gguf-file", "x.gguf", match="needs --model")
+    # Refused while the options are checked, before the base model is even considered.
+    assert "--gguf-file names a file inside --model" in message and "python training.py --help" in message
+    assert "Mistral-7B" not in message
 
 
 def test_unknown_model_offline(world):
@@ -103,7 +111,9 @@ def test_unknown_model_offline(world):
 
 
 def test_missing_local_model_folder(world):
-    expect_error(world, "training.py", "--model", "./no/such/folder", *SPLIT, match="is not a folder")
+    message = expect_error(world, "training.py", "--model", "./no/such/folder", *SPLIT, match="is not a folder")
+    # The path as given, taken for a local folder rather than looked up on the Hub.
+    assert "--model ./no/such/folder looks like a local path" in message and "HF_HUB_OFFLINE" not in message
 
 
 def test_topic_file_that_cannot_be_downloaded(world, tiny_model, tmp_path):
@@ -125,13 +135,18 @@ def test_topic_file_that_cannot_be_downloaded(world, tiny_model, tmp_path):
     (("--run", "cut"), "has not finished training"),
     (("--run", "done", "--query", "   "), "empty or whitespace-only query"),
     (("--run", "done", "--device", "cuda"), "PyTorch sees no CUDA GPU"),
-    (("--run", "done", "--batch-size", "0"), "--batch-size must be positive"),
+    (("--run", "done", "--queries-per-batch", "0"), "--queries-per-batch must be positive"),
     (("--run", "done", "--test-datasets", "clueweb09/catb/trec-web-2009"), "has a query this run was trained"),
     (("--run", "done", "--gguf-file", "x.gguf"), "needs --model"),
     (("--run", "done", "--query", "jazz", "--split-part", "eval"), "cannot go with --query or --test-datasets"),
     (("--run", "done", "--temperature", "0.5"), "only apply when sampling"),
-    (("--run", "done", "--seed", "7"), "--seed only apply when sampling"),
-    (("--run", "done", "--quantization", "nf4", "--precision", "fp32"), "always computes in bf16"),
+    (("--run", "done", "--sampling-seed", "7"), "--sampling-seed only apply when sampling"),
+    (("--run", "done", "--generation-form", "nf4", "--precision", "fp32"), "always computes in bf16"),
+    # Old names that training.py uses with another meaning: refused, naming the new one.
+    (("--run", "done", "--seed", "7"), "--seed is now --sampling-seed in this script"),
+    (("--run", "done", "--batch-size=8"), "--batch-size is now --queries-per-batch"),
+    (("--run", "done", "--quantization", "none"), "--quantization is now --generation-form"),
+    (("--run", "done", "--merge"), "--merge is now --generation-form merged"),
     (("--run", "done", "--query", "jazz", "--sbert-model", "all-MiniLM-L6-v2"), "--sbert-model is unused with --query"),
     (("--run", "done", "--topics", "topics.tsv", "--out", "expanded.tsv", "--sbert-model", "all-MiniLM-L6-v2"),
      "--sbert-model is unused with --topics"),
@@ -153,17 +168,25 @@ def test_testing_bad_input(world, args, match):
         assert "python training.py --resume" in message
 
 
-@pytest.mark.parametrize("flags", [
-    {"query": ["jazz"], "num_candidates": 2},  # it picks one of the sampled candidates
-    {"topics": "topics.tsv", "out": "expanded.tsv", "num_candidates": 3, "select": "anchored"},
-    {"topics": "topics.tsv", "out": "expanded.tsv", "select": "mbr"},  # the run's recipe says how many
-    {},  # the run's test split: it scores the expansions
-    {"test_datasets": ["clueweb09/catb/trec-web-2010"]},
+@pytest.mark.parametrize("flags, unused_with", [
+    # each accepted set of flags, and the same request where the model would neither score nor pick
+    ({"query": ["jazz"], "num_candidates": 2}, {"query": ["jazz"]}),  # it picks one of the sampled candidates
+    ({"topics": "topics.tsv", "out": "expanded.tsv", "num_candidates": 3, "select": "anchored"},
+     {"topics": "topics.tsv", "out": "expanded.tsv", "num_candidates": 3, "select": "join"}),
+    ({"topics": "topics.tsv", "out": "expanded.tsv", "select": "mbr"},  # the run's recipe says how many
+     {"topics": "topics.tsv", "out": "expanded.tsv"}),
+    ({}, {"query": ["jazz"]}),  # the run's test split: it scores the expansions
+    ({"test_datasets": ["clueweb09/catb/trec-web-2010"]}, {"query": ["jazz"]}),
 ])
-def test_sbert_model_is_accepted_where_it_scores_or_picks(flags):
+def test_sbert_model_is_accepted_where_it_scores_or_picks(flags, unused_with):
     from qexpand.config import TestConfig, validate_testing
+    from qexpand.errors import UserError
 
-    validate_testing(TestConfig(sbert_model="all-MiniLM-L6-v2", **flags))
+    assert validate_testing(TestConfig(sbert_model="all-MiniLM-L6-v2", **flags)) is None
+    validate_testing(TestConfig(**unused_with))  # fine without the model
+    # Accepted because it scores or picks there: the same request with nothing to score or pick is refused.
+    with pytest.raises(UserError, match="--sbert-model is unused with --(query|topics)"):
+        validate_testing(TestConfig(sbert_model="all-MiniLM-L6-v2", **unused_with))
 
 
 def test_sbert_model_is_refused_where_the_candidates_are_joined():
@@ -186,16 +209,22 @@ def test_a_split_without_the_part_to_expand_says_what_to_do(world, part, args):
 def test_no_finished_run_at_all(tmp_path):
     (tmp_path / "runs").mkdir()
     (tmp_path / "irds").mkdir()
-    expect_error(tmp_path, "testing_finetuned_model.py", match="no finished training run")
+    message = expect_error(tmp_path, "testing_finetuned_model.py", match="no finished training run")
+    # Names the folder it looked in, and the two ways on.
+    assert f"no finished training run in {tmp_path / 'runs'}." in message
+    assert "python training.py" in message and "--run" in message
 
 
-def test_adapter_on_a_different_base_model(world, tmp_path):
+def test_adapter_on_a_different_base_model(world, tiny_model, tmp_path):
     other = tiny_mistral_folder(tmp_path / "other")
     config = json.loads((other / "config.json").read_text())
     config["hidden_size"], config["intermediate_size"] = 32, 64
     (other / "config.json").write_text(json.dumps(config))
-    expect_error(world, "testing_finetuned_model.py", "--run", "done", "--model", other,
-                 match="is a different model (hidden_size 64 vs 32)")
+    message = expect_error(world, "testing_finetuned_model.py", "--run", "done", "--model", other,
+                           match="is a different model (hidden_size 64 vs 32)")
+    # Both models named, and the way on.
+    assert f"trained on '{tiny_model}'" in message and f"--model '{other}'" in message
+    assert "Leave --model out" in message
 
 
 def test_out_of_memory_becomes_a_hint(capsys):
@@ -281,12 +310,20 @@ def test_a_pad_to_shorter_than_an_example_is_refused_before_training(world, tiny
 def test_second_training_process_on_the_same_run_name_refuses(world, tiny_model):
     from qexpand import rundir
 
+    from qexpand.errors import UserError
+
     lock = rundir.RunLock(world / "runs" / "busy")  # as a first training process holds it
     try:
-        expect_error(world, "training.py", "--model", tiny_model, *SPLIT, "--run-name", "busy",
-                     match="another training process is already writing the run")
+        message = expect_error(world, "training.py", "--model", tiny_model, *SPLIT, "--run-name", "busy",
+                               match="another training process is already writing the run")
+        assert str(world / "runs" / "busy") in message and "another --run-name" in message
+        # The refused process left the first one's lock as it was: still held.
+        with pytest.raises(UserError, match="already writing"):
+            rundir.RunLock(world / "runs" / "busy")
+        assert not (world / "runs" / "busy").exists()
     finally:
         lock.release()
+    rundir.RunLock(world / "runs" / "busy").release()  # free once the first process lets go
 
 
 def test_a_write_that_fails_part_way_keeps_the_earlier_file(tmp_path, monkeypatch):
@@ -333,11 +370,17 @@ def test_adapter_with_non_finite_weights_is_refused_as_diverged(tmp_path):
     from safetensors.torch import save_file
 
     from qexpand.errors import UserError
-    from qexpand.runcheck import refuse_diverged_adapter
+    from qexpand.runcheck import non_finite_summary, refuse_diverged_adapter
 
     finite = {"a.lora_A.weight": torch.randn(4, 8), "a.lora_B.weight": torch.zeros(8, 4)}
     save_file(finite, tmp_path / "finite.safetensors")
-    refuse_diverged_adapter(tmp_path / "finite.safetensors", tmp_path)  # trained normally: accepted
+    # Trained normally: accepted, and so is a weight at float32's largest finite value (large is not diverged).
+    assert non_finite_summary(tmp_path / "finite.safetensors") is None
+    assert refuse_diverged_adapter(tmp_path / "finite.safetensors", tmp_path) is None
+    largest = {name: tensor.clone() for name, tensor in finite.items()}
+    largest["a.lora_B.weight"][0, 0] = torch.finfo(torch.float32).max
+    save_file(largest, tmp_path / "largest.safetensors")
+    assert refuse_diverged_adapter(tmp_path / "largest.safetensors", tmp_path) is None
     for bad in (float("nan"), float("inf"), float("-inf")):
         weights = {name: tensor.clone() for name, tensor in finite.items()}
         weights["a.lora_B.weight"][3, 1] = bad

@@ -83,7 +83,7 @@ def test_the_retrieval_recipe_expands_with_its_feedback_form(runs):
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"colour": "red", "seed": 1}, "unknown option colour; the options are num_candidates"),
+    ({"colour": "red", "sampling_seed": 1}, "unknown option colour; the options are num_candidates"),
     ({"device": "gpu"}, "device 'gpu' is none of auto, cuda, cpu"),
     ({"max_new_tokens": "8"}, "max_new_tokens should be int | None, got '8'"),
     ({"num_candidates": 0}, "--num-candidates must be positive"),

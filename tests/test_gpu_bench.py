@@ -9,21 +9,78 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+TIMED_FORMS = ("today", "nf4_graphed", "default", "default_again", "default_without_graphs")
+
+
 def test_tiny_generation_stage_times_every_form(tmp_path, topics_home):
+    from bench.gpu_generate import agreement
+
     out = tmp_path / "gpu.json"
+    prompts, cap = 6, 4
     command = [sys.executable, str(REPO / "bench" / "gpu_bench.py"), "--tiny", "--stages", "generate",
                "--topics-home", str(topics_home), "--work-dir", str(tmp_path / "work"), "--out", str(out),
-               "--test-queries", "6", "--gen-new-tokens", "4"]
+               "--test-queries", str(prompts), "--gen-new-tokens", str(cap)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert set(report["generate_35_s"]) >= {"today", "default", "default_without_graphs", "nf4_graphed"}
-    # Compared row by row (token identity is tested in float32 in test_graphed_generation.py; the
-    # NF4 path computes in bf16, where a random model's near-tied logits can flip).
-    assert report["generation_agreement"]["nf4_graphed_vs_today"]["rows"] == 6
+    assert report["errors"] == {}
+    on_gpu = report["stages"]["build"]["device"] == "cuda"
+    generate = report["stages"]["generate"]
+    assert (generate["prompts"], generate["new_tokens_cap"]) == (prompts, cap)
+    assert set(report["generate_35_s"]) == {*TIMED_FORMS, "original"}
+    for form in TIMED_FORMS:
+        timing = generate[form]
+        seconds, tokens = timing["seconds"], timing["new_tokens"]
+        assert isinstance(seconds, float) and seconds > 0, form
+        assert report["generate_35_s"][form] == seconds  # the headline is the stage's figure
+        assert timing["prompts"] == prompts and 0 <= timing["ended_at_eos"] <= prompts, form
+        # Every row makes at least one token and at most the cap (random weights rarely stop early).
+        assert prompts <= tokens <= prompts * cap, form
+        assert len(timing["texts"]) == prompts and all(isinstance(t, str) for t in timing["texts"]), form
+        # tokens_per_s is tokens over the unrounded seconds (rounded to 0.1); seconds is rounded to 1 ms.
+        assert tokens / (seconds + 5e-4) - 0.05 <= timing["tokens_per_s"] <= tokens / max(seconds - 5e-4, 1e-9) + 0.05
+    for form in ("today", "default"):
+        assert isinstance(generate[form]["load_s"], float) and generate[form]["load_s"] >= 0
+    original = generate["original"]
+    measured = original["measured_prompts"]
+    assert measured == min(report["options"]["original_gen_prompts"], prompts) and original["prompts"] == prompts
+    # Scaled from the measured prompts to all of them (each figure rounded to 1 ms).
+    assert original["seconds"] == pytest.approx(original["measured_seconds"] * prompts / measured,
+                                                abs=1e-3 * (1 + prompts / measured))
+    assert report["generate_35_s"]["original"] == original["seconds"]
+    gen = report["generate_35_s"]
+    assert report["ratios"] == {f"generate_{slow}_over_default_s": round(gen[slow] / gen["default"], 2)
+                                for slow in ("today", "original", "default_without_graphs")}
+    # The form the test script would pick: as trained (4-bit) on the CPU; merged in bf16 where a GPU has room.
+    form = generate["form"]
+    assert report["generation_form"] == form and isinstance(form["reason"], str) and form["reason"]
+    assert ("merge_s" in generate) == form["merged"]
+    if on_gpu:
+        assert form["quantization"] in ("nf4", "none") and form["merged"] == (form["quantization"] == "none")
+        assert isinstance(generate["peak_gb"], float) and generate["peak_gb"] > 0
+    else:
+        assert (form["quantization"], form["merged"]) == ("nf4", False) and generate["peak_gb"] is None
+    # Agreement figures are those of the texts reported, and in range.
+    pairs = {"default_vs_today": ("default", "today"), "nf4_graphed_vs_today": ("nf4_graphed", "today"),
+             "default_vs_default_without_graphs": ("default", "default_without_graphs")}
+    assert report["generation_agreement"] == generate["agreement"] and set(generate["agreement"]) == set(pairs)
+    for name, (a, b) in pairs.items():
+        figures = generate["agreement"][name]
+        assert figures == agreement(generate[a], generate[b]), name
+        assert figures["rows"] == prompts and 0 <= figures["identical_rows"] <= prompts, name
+        assert 0 <= figures["mean_shared_prefix"] <= 1, name
+        assert (figures["identical_rows"] == prompts) <= (figures["mean_shared_prefix"] == 1.0), name
+    # One model, the same greedy decoding twice: the same texts.
+    assert generate["default_again"]["texts"] == generate["default"]["texts"]
+    if not on_gpu:  # no CUDA graphs on the CPU: "default" decodes as "default_without_graphs" does
+        assert generate["agreement"]["default_vs_default_without_graphs"]["identical_rows"] == prompts
+    # Token identity of the graphed decoder is tested in float32 in test_graphed_generation.py; the NF4
+    # path computes in bf16, where a random model's near-tied logits can flip, so it is compared row by row.
 
 
 def fake_training_runs(monkeypatch, seconds: dict) -> list:

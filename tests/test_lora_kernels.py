@@ -34,9 +34,11 @@ def four_bit_model(folder):
     return model
 
 
-def four_bit_lora_model(folder, dropout: float):
+def four_bit_lora_model(folder, dropout: float, keep_layout: bool = True):
     """The tiny model, 4-bit, with float32 compute so that the two paths can be compared closely; its
-    4-bit weights kept in the layout that trains, as training.py keeps them."""
+    4-bit weights kept in the layout that trains, as training.py keeps them (`keep_layout`; without it,
+    as bitsandbytes leaves them: repacked for its CPU inference kernel by an eval pass on a CPU with
+    AVX512-BF16)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -47,7 +49,8 @@ def four_bit_lora_model(folder, dropout: float):
                                       bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=torch.float32,
                                                  device_map="cpu")
-    keep_four_bit_layout_for_training(model)
+    if keep_layout:
+        keep_four_bit_layout_for_training(model)
     model.enable_input_require_grads()
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear",
@@ -233,29 +236,74 @@ def test_the_fused_layers_hand_bitsandbytes_plain_tensors(tiny_model, monkeypatc
     assert seen == []
 
 
-def test_a_training_step_after_an_eval_pass_is_peft_s(tiny_model):
-    """On a CPU with AVX512-BF16 bitsandbytes would repack 4-bit weights in an eval pass for a kernel
-    without a gradient formula (pytest.ini makes a backward pass through one an error); the weights
-    of a model that trains stay as they are, and the next training steps are peft's."""
+def requires_avx512_bf16():
+    """Skip, saying so, where bitsandbytes finds no AVX512-BF16 on this CPU: it repacks 4-bit weights in
+    an eval pass only where it does (`Linear4bit.support_avx512bf16_for_cpu`, from this same check)."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16 (bitsandbytes.functional.has_avx512bf16() is False), so "
+                    "bitsandbytes never repacks 4-bit weights here: the guard against the repacking "
+                    "(modeling.keep_four_bit_layout_for_training) is untested on this machine")
+
+
+def eval_pass_then_training(model, ids):
+    """An eval pass (as the Trainer's), then the model back in training mode; its 4-bit quant states."""
     import torch
     from bitsandbytes.nn import Linear4bit
 
-    from qexpand.accel.lora_kernels import fuse_lora_layers
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    return [m.weight.quant_state for m in model.modules() if isinstance(m, Linear4bit)]
 
+
+def test_on_a_cpu_with_avx512_bf16_an_eval_pass_repacks_unguarded_weights_and_training_loses_gradients(tiny_model):
+    """What the guard prevents, shown on a model without it: the eval pass repacks every 4-bit weight,
+    the next training step runs bitsandbytes' gemv_4bit, which has no gradient formula, and the
+    gradients of the LoRA weights before the last repacked layer are lost (with only a warning)."""
+    import torch
+
+    requires_avx512_bf16()
     ids = torch.randint(3, 500, (2, 7), generator=torch.Generator().manual_seed(3))
-    fused, plain = (four_bit_lora_model(tiny_model, 0.0) for _ in range(2))
+    unguarded, guarded = four_bit_lora_model(tiny_model, 0.0, keep_layout=False), four_bit_lora_model(tiny_model, 0.0)
+    states = eval_pass_then_training(unguarded, ids)
+    assert len(states) == 14 and all(getattr(s, "packing_format_for_cpu", False) for s in states)
+    with pytest.warns(UserWarning, match="gemv_4bit: an autograd kernel was not registered"):
+        _, lost = loss_and_lora_grads(unguarded, checkpointing=False)
+    _, reference = loss_and_lora_grads(guarded, checkpointing=False)
+    wrong = [name for name, grad in lost.items()
+             if (grad - reference[name]).abs().max().item() > 1e-3 * reference[name].abs().max().item()]
+    assert len(wrong) >= 14, wrong  # at least half of the 28 LoRA gradients
+
+
+def test_a_training_step_after_an_eval_pass_is_peft_s(tiny_model):
+    """On a CPU with AVX512-BF16 bitsandbytes would repack 4-bit weights in an eval pass for a kernel
+    without a gradient formula (previous test; pytest.ini makes a backward pass through one an error);
+    the weights of a model that trains stay as they are, and the next training step is the step of a
+    model that had no eval pass, through the fused layers as through peft's."""
+    import torch
+
+    from qexpand.accel.lora_kernels import fuse_lora_layers
+    from qexpand.modeling import keep_four_bit_layout_for_training
+
+    requires_avx512_bf16()
+    ids = torch.randint(3, 500, (2, 7), generator=torch.Generator().manual_seed(3))
+    fused, plain, fresh = (four_bit_lora_model(tiny_model, 0.0) for _ in range(3))
+    assert keep_four_bit_layout_for_training(four_bit_lora_model(tiny_model, 0.0, keep_layout=False)) == 14
+    assert keep_four_bit_layout_for_training(fresh) == 0  # guarded already: no layer would repack
     fuse_lora_layers(fused)
     for model in (fused, plain):
-        model.eval()
-        with torch.no_grad():
-            model(input_ids=ids)
-        model.train()
-        states = [m.weight.quant_state for m in model.modules() if isinstance(m, Linear4bit)]
+        states = eval_pass_then_training(model, ids)
         assert len(states) == 14 and not any(getattr(s, "packing_format_for_cpu", False) for s in states)
-    (loss, grads), (reference_loss, reference) = (loss_and_lora_grads(m, checkpointing=False) for m in (fused, plain))
-    assert loss == pytest.approx(reference_loss, rel=1e-6)
-    for name, grad in grads.items():
-        assert (grad - reference[name]).abs().max().item() <= 1e-5 * reference[name].abs().max().item(), name
+    reference_loss, reference = loss_and_lora_grads(fresh, checkpointing=False)
+    assert len(reference) == 28 and all(grad.abs().max().item() > 0 for grad in reference.values())
+    for loss, grads in (loss_and_lora_grads(m, checkpointing=False) for m in (fused, plain)):
+        assert loss == pytest.approx(reference_loss, rel=1e-6)
+        assert grads.keys() == reference.keys()
+        for name, grad in grads.items():
+            assert (grad - reference[name]).abs().max().item() <= 1e-5 * reference[name].abs().max().item(), name
 
 
 def test_outside_training_and_with_the_adapter_off_the_layers_are_peft_s(tiny_model):

@@ -16,6 +16,24 @@ def test_tokenizer_is_the_real_mistral_one(mistral_tokenizer):
     assert mistral_tokenizer.pad_token_id == 0
 
 
+def test_a_test_that_changed_the_session_tokenizer_would_be_caught(mistral_tokenizer, own_mistral_tokenizer):
+    """conftest's check after each test compares the session tokenizer's state with its state as built:
+    a change to an attribute or to the backend shows, a call (which sets truncation and padding on the
+    backend for itself) does not, and the copy a test may change is not the session's."""
+    from tests.conftest import tokenizer_state
+
+    built = tokenizer_state(mistral_tokenizer)
+    assert own_mistral_tokenizer is not mistral_tokenizer and tokenizer_state(own_mistral_tokenizer) == built
+    mistral_tokenizer(["internet privacy", "jazz"], truncation=True, max_length=2, padding=True)
+    assert tokenizer_state(mistral_tokenizer) == built
+    own_mistral_tokenizer.padding_side = "right"
+    changed = tokenizer_state(own_mistral_tokenizer)
+    assert changed != built and changed["attributes"]["padding_side"] == "'right'"
+    own_mistral_tokenizer.add_tokens(["<query>"])
+    assert tokenizer_state(own_mistral_tokenizer)["backend"] != built["backend"]
+    assert tokenizer_state(mistral_tokenizer) == built and mistral_tokenizer.padding_side == "left"
+
+
 def test_labels_mask_the_prompt_and_keep_description_and_eos(mistral_tokenizer):
     example = tokenize_example(mistral_tokenizer, PROMPT_TEMPLATE, QUERY, DESCRIPTION, max_length=256)
     prompt = mistral_tokenizer(format_prompt(PROMPT_TEMPLATE, QUERY))["input_ids"]
@@ -34,11 +52,11 @@ def test_truncated_target_still_ends_with_eos(mistral_tokenizer):
     assert example["labels"][-1] == 2 and example["labels"][-4:-1] == [1824, 460, 5645]
 
 
-def test_collator_pads_labels_with_ignore_index(mistral_tokenizer):
-    short = tokenize_example(mistral_tokenizer, PROMPT_TEMPLATE, "jazz", "Jazz history?", 256)
-    long = tokenize_example(mistral_tokenizer, PROMPT_TEMPLATE, QUERY, DESCRIPTION, 256)
-    mistral_tokenizer.padding_side = "right"  # as training.py sets it
-    collator = DataCollatorForSeq2Seq(mistral_tokenizer, padding=True, pad_to_multiple_of=8)
+def test_collator_pads_labels_with_ignore_index(own_mistral_tokenizer):
+    short = tokenize_example(own_mistral_tokenizer, PROMPT_TEMPLATE, "jazz", "Jazz history?", 256)
+    long = tokenize_example(own_mistral_tokenizer, PROMPT_TEMPLATE, QUERY, DESCRIPTION, 256)
+    own_mistral_tokenizer.padding_side = "right"  # as training.py sets it (a copy: see conftest)
+    collator = DataCollatorForSeq2Seq(own_mistral_tokenizer, padding=True, pad_to_multiple_of=8)
     batch = collator([short, long])
     width = batch["input_ids"].shape[1]
     assert width % 8 == 0 and width >= len(long["input_ids"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, run_script
+from tests.conftest import REPO, run_script, snapshot
 from tests.fixtures import write_topic_files
 
 # 4-bit NF4 on the CPU: a resumed run must load the base as it was recorded, not by the device default.
@@ -43,7 +44,10 @@ def kill_after_first_checkpoint(command, env, run_dir, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model):
+def built_runs(tmp_path_factory, tiny_model):
+    """The runs every test of this module reads (built once): "straight", trained without a break, and
+    "killed", killed after its first checkpoint and resumed. Tests read them through `runs`; a test that
+    writes to a run works on its own copy (`own_copy`)."""
     root = tmp_path_factory.mktemp("resume")
     write_topic_files(root / "irds")
     env = {**os.environ, "IR_DATASETS_HOME": str(root / "irds"), "HF_HUB_OFFLINE": "1", "HF_TOKEN": FAKE_TOKEN}
@@ -65,7 +69,25 @@ def runs(tmp_path_factory, tiny_model):
         [sys.executable, str(REPO / "training.py"), "--output-dir", str(out), "--resume", "killed"],
         env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    return {"root": root, "out": out, "resumed": resumed, "split_before": split_before, "conflicting": conflicting}
+    return {"root": root, "out": out, "resumed": resumed, "split_before": split_before, "conflicting": conflicting,
+            "files": snapshot(out)}
+
+
+@pytest.fixture()
+def runs(built_runs):
+    """The module's runs, checked after each test to be as they were built: a test that wrote to them
+    would make the tests after it depend on the order they run in (only the test that wrote fails here)."""
+    yield built_runs
+    before, now = built_runs["files"], snapshot(built_runs["out"])
+    built_runs["files"] = now
+    assert now == before, "a test changed the module's shared runs; it must work on its own copy (own_copy)"
+
+
+def own_copy(runs, name, tmp_path):
+    """A copy of the module's run `name` in an output folder of the test's own; that folder."""
+    out = tmp_path / "runs"
+    shutil.copytree(runs["out"] / name, out / name)
+    return out
 
 
 def eval_losses(run_dir):
@@ -107,10 +129,14 @@ def test_resume_reuses_the_split(runs):
     assert (runs["out"] / "killed" / "split.json").read_bytes() == runs["split_before"]
 
 
-def test_resumed_run_is_testable(runs):
-    result = run_script("testing_finetuned_model.py", "--output-dir", runs["out"], "--run", "killed",
-                        "--max-new-tokens", "4", home=runs["root"] / "irds", cwd=runs["root"])
+def test_resumed_run_is_testable(runs, tmp_path):
+    out = own_copy(runs, "killed", tmp_path)  # the test script writes its predictions and scores there
+    result = run_script("testing_finetuned_model.py", "--output-dir", out, "--run", "killed",
+                        "--max-new-tokens", "4", home=runs["root"] / "irds", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads((out / "killed" / "scores.json").read_text())
+    assert scores["loaded"]["quantization"] == "nf4"  # as the run was trained
+    assert len((out / "killed" / "predictions.jsonl").read_text().splitlines()) == 5  # the 5 test topics
 
 
 def test_token_never_lands_in_a_run_directory(runs):
@@ -120,15 +146,15 @@ def test_token_never_lands_in_a_run_directory(runs):
     assert FAKE_TOKEN not in runs["resumed"].stdout + runs["resumed"].stderr
 
 
-def test_existing_run_is_kept_without_overwrite_and_replaced_with_it(runs, tiny_model):
-    out, home = runs["out"], runs["root"] / "irds"
-    before = (out / "straight" / "finished.json").read_bytes()
+def test_existing_run_is_kept_without_overwrite_and_replaced_with_it(runs, tiny_model, tmp_path):
+    out, home = own_copy(runs, "straight", tmp_path), runs["root"] / "irds"  # it replaces the run
+    before = snapshot(out)
     refused = run_script("training.py", "--model", tiny_model, *TRAIN_ARGS, "--output-dir", out,
-                         "--run-name", "straight", home=home, cwd=runs["root"])
+                         "--run-name", "straight", home=home, cwd=tmp_path)
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
-    assert (out / "straight" / "finished.json").read_bytes() == before
+    assert snapshot(out) == before
     replaced = run_script("training.py", "--model", tiny_model, "--split", "30", "5", "5", "--epochs", "1",
-                          "--output-dir", out, "--run-name", "straight", "--overwrite", home=home, cwd=runs["root"])
+                          "--output-dir", out, "--run-name", "straight", "--overwrite", home=home, cwd=tmp_path)
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert json.loads((out / "straight" / "run_config.json").read_text())["config"]["epochs"] == 1
 

@@ -21,6 +21,7 @@ CHECKED_ON = {
     "peft": ("0.21.",),
     "bitsandbytes": ("0.50.2",),
     "accelerate": ("1.15.0",),
+    "ir_datasets": ("0.6.3",),
 }
 
 
@@ -71,6 +72,19 @@ PRIVATE_APIS = {
                    "after the capture's warm-up"),
         PrivateUse("transformers", "a decoder model's forward with a 4-D boolean attention_mask, "
                    "position_ids, a static cache and logits_to_keep", "one decoding step on fixed buffers"),
+    ),
+    # Outside the speed machinery, on every path (the stock one too), so listed here for the record and checked
+    # by the tests (tests/test_accel.py), not refused: there is no path without them.
+    "loading": (
+        PrivateUse("transformers", "the GGUF reader's module-level tqdm (transformers.modeling_gguf_pytorch_utils."
+                   "tqdm), swapped for the library's switchable tqdm while a model loads (modeling.no_progress_bars)",
+                   "no de-quantizing bar"),
+        PrivateUse("transformers", "PreTrainedModel.hf_quantizer.remove_quantization_config, on a model "
+                   "de-quantized from GGUF (modeling.load_base_model)", "the Trainer training a GGUF base"),
+        PrivateUse("bitsandbytes", "Linear4bit.support_avx512bf16_for_cpu, set False "
+                   "(modeling.keep_four_bit_layout_for_training)", "no gradient lost to the CPU inference kernel"),
+        PrivateUse("ir_datasets", "the _cache_path and mirrors attributes of the Download objects inside a "
+                   "queries handler (data._wanted_files)", "naming the file a failed offline load needs"),
     ),
 }
 
