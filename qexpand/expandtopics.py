@@ -174,6 +174,20 @@ def render(records: list[dict], output_format: str, query_form: str, repeat_quer
     return jsonl_text([{**r, "expanded_query": q} for r, q in zip(records, queries)])
 
 
+def _checked_journal(topics: list[QueryTopic], out: str, journal: Path | None, settings: dict | None,
+                     split: dict | None, output_format: str, query_form: str, repeat_query: int, query_weight: float,
+                     feedback_terms: int) -> tuple[dict, dict[str, dict]]:
+    """Before any generation: the output checked, then the journal (None: none) read and checked to hold
+    these topics. Returns the settings as the journal gives them back (tuples as lists) and its records."""
+    _check_output(out, output_format, query_form, repeat_query, query_weight, feedback_terms)
+    if output_format == "tsv":
+        check_tsv_ids([t.query_id for t in topics])  # before hours of generation, not after
+    settings = json.loads(json.dumps(settings or {}))
+    done = _read_journal(journal, settings, split) if journal else {}
+    _check_reused(done, topics, journal)
+    return settings, done
+
+
 def expand_topics(
     topics: list[QueryTopic],
     expand_batch: ExpandBatch,
@@ -193,13 +207,9 @@ def expand_topics(
     settings: what made the expansions (run, decoding); a journal written with other settings is refused.
     Returns the records in the order of `topics`; progress and messages go to stderr only.
     """
-    _check_output(out, output_format, query_form, repeat_query, query_weight, feedback_terms)
-    if output_format == "tsv":
-        check_tsv_ids([t.query_id for t in topics])  # before hours of generation, not after
     journal = Path(journal) if journal is not None else journal_path(out)
-    settings = json.loads(json.dumps(settings or {}))  # as the journal will give it back (tuples as lists)
-    done = _read_journal(journal, settings) if journal else {}
-    _check_reused(done, topics, journal)
+    settings, done = _checked_journal(topics, out, journal, settings, None, output_format, query_form, repeat_query,
+                                      query_weight, feedback_terms)
     todo = [t for t in topics if t.query_id not in done]
     handle = open(journal, "a", encoding="utf-8") if journal else None
     try:
@@ -260,13 +270,9 @@ def open_shard(topics: list[QueryTopic], out: str, shard: Shard, batch_size: int
     the output alike; each reads its own journal, cutting a torn last line off it)."""
     if out == STDIO:
         raise UserError("cannot write the expanded topics: " + sharding_problems("", out)[0] + ".")
-    _check_output(out, output_format, query_form, repeat_query, query_weight, feedback_terms)
-    if output_format == "tsv":
-        check_tsv_ids([t.query_id for t in topics])
-    settings = json.loads(json.dumps(settings or {}))
     journal = shard_journal_path(out, shard)
-    done = _read_journal(journal, settings, _split_record(topics, batch_size, shard))
-    _check_reused(done, topics, journal)
+    settings, done = _checked_journal(topics, out, journal, settings, _split_record(topics, batch_size, shard),
+                                      output_format, query_form, repeat_query, query_weight, feedback_terms)
     return ShardJob(topics, shard, batch_size, settings, journal, done)
 
 

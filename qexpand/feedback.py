@@ -65,10 +65,14 @@ def query_weights(query: str) -> dict[str, float]:
 
 def weighted_query(query: str, samples: list[str], terms: int, query_weight: float) -> dict[str, float]:
     """query_weight x the query's words + (1 - query_weight) x the samples' feedback terms."""
+    return _interpolated(query, feedback_weights(samples, terms), query_weight)
+
+
+def _interpolated(query: str, feedback: dict[str, float], query_weight: float) -> dict[str, float]:
     combined: dict[str, float] = defaultdict(float)
     for word, w in query_weights(query).items():
         combined[word] += query_weight * w
-    for word, w in feedback_weights(samples, terms).items():
+    for word, w in feedback.items():
         combined[word] += (1 - query_weight) * w
     return dict(combined)
 
@@ -83,7 +87,6 @@ def bag_of_words(weights: dict[str, float], units: int = WEIGHT_UNITS) -> str:
 def feedback_query(query: str, samples: list[str], terms: int, query_weight: float) -> str:
     """The query and its samples' feedback model as one bag-of-words query text; the query alone when
     the samples hold no content word."""
-    if not any(content_words(s) for s in samples):
-        return query
-    return bag_of_words(weighted_query(query, samples, terms, query_weight))
+    feedback = feedback_weights(samples, terms)  # empty exactly when no sample has a content word
+    return bag_of_words(_interpolated(query, feedback, query_weight)) if feedback else query
 
