@@ -238,6 +238,14 @@ RENAMED_TEST_OPTIONS = {
 }
 
 
+def sampling_only_problems(config: TestConfig, sampling: bool) -> list[str]:
+    """The options that only sampling reads, given to a greedy expansion."""
+    if sampling or (config.temperature is None and not config.select and config.sampling_seed is None):
+        return []
+    return ["--temperature, --select and --sampling-seed only apply when sampling, i.e. with --num-candidates 2 "
+            "or more"]
+
+
 def validate_testing(config: TestConfig) -> None:
     from qexpand.modeling import check_model_source
 
@@ -260,10 +268,8 @@ def validate_testing(config: TestConfig) -> None:
     if config.split_part and (config.query is not None or config.test_datasets):
         problems.append("--split-part picks a part of the run's split, so it cannot go with --query or "
                         "--test-datasets")
-    if config.num_candidates == 1 and (config.temperature is not None or config.select or config.sampling_seed is not None):
-        problems.append("--temperature, --select and --sampling-seed only apply when sampling, i.e. with "
-                        "--num-candidates 2 "
-                        "or more")
+    # Greedy by the options themselves; settle_testing asks again once the run's recipe has said.
+    problems += sampling_only_problems(config, sampling=config.num_candidates != 1)
     if config.query_weight is not None and not 0 <= config.query_weight < 1:
         problems.append(f"--query-weight must be in [0, 1) (got {config.query_weight})")
     if config.query_weight and config.repeat_query is not None:

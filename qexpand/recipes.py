@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 from qexpand import data
-from qexpand.config import INVOCATION_FIELDS, TestConfig, TrainConfig
+from qexpand.config import INVOCATION_FIELDS, TestConfig, TrainConfig, sampling_only_problems
 from qexpand.errors import UserError, fail_if_problems
 from qexpand.modeling import DEFAULT_MODEL, resolve_named_base
 from qexpand.options import flag_name, given_fields
@@ -226,9 +226,7 @@ def settle_testing(config: TestConfig, trained: TrainConfig, base_model: str, gg
     if form.quantization == "nf4" and config.precision == "fp32":
         problems.append("--precision fp32 cannot go with a 4-bit NF4 base, which always computes in bf16; add "
                         "--generation-form merged to generate with float32 weights")
-    if not sampling and (config.temperature is not None or config.select or config.sampling_seed is not None):
-        problems.append("--temperature, --select and --sampling-seed only apply when sampling, i.e. with "
-                        "--num-candidates 2 or more")
+    problems += sampling_only_problems(config, sampling)
     fail_if_problems(problems, "See `python testing_finetuned_model.py --help`.")
     settled = dataclasses.replace(
         config, device=device, generation_form="merged" if form.merged else "nf4", precision=precision,
