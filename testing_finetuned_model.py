@@ -152,6 +152,10 @@ def expand_topic_file_sharded(config: TestConfig, processes: Processes) -> dict:
     Returns the expansions in the main process, None in the others."""
     processes.quiet_secondary()
     with contextlib.ExitStack() as stack:
+        # The process group is left on every way out, a refusal included: a process that exits inside it
+        # can abort at interpreter exit (SIGABRT), which the launcher then reports instead of the error.
+        stack.callback(processes.close)
+
         def start():
             run = open_run(config)
             c = run.config
@@ -178,7 +182,6 @@ def expand_topic_file_sharded(config: TestConfig, processes: Processes) -> dict:
         expanded = expand_shard(job, lambda queries: topic_expansions(model, tokenizer, run.template, queries, c,
                                                                       scorer, decoder))
         expanded_now = sum(processes.gather(expanded))  # every process waits here until all shares are done
-        processes.close()
     records = None
     if processes.is_main:
         records = merge_shards(topics, c.out, processes.shard.count, c.queries_per_batch, expanded_now, c.format,

@@ -27,7 +27,8 @@ INVOCATION_FIELDS = ("output_dir", "run_name", "overwrite", "resume")
 
 @dataclass
 class TrainConfig:
-    model: str | None = option(None, "base model: hub id or local folder (default: mistralai/Mistral-7B-v0.1)", MODEL)
+    model: str | None = option(None, "base model: hub id, local folder, or a small offline base by name: "
+                               "smollm2-135m, gemma3-270m (default: mistralai/Mistral-7B-v0.1)", MODEL)
     gguf_file: str | None = option(None, "GGUF file inside --model to load instead of safetensors", MODEL)
     quantization: str = option("auto", "nf4 = 4-bit NF4 + double quantization + bf16 compute; auto = nf4 on "
                                "CUDA, none on the CPU", MODEL, choices=QUANTIZATION_CHOICES)
@@ -91,7 +92,7 @@ class TrainConfig:
                                "(which also leaves out the other speed-ups)",
                                TRAINING, choices=("auto", "peft", "fused"))
     stock: bool = option(False, "train on the stock path: peft's LoRA layers, the library's RMSNorm and rotary "
-                         "embedding, the stock Trainer with its own batches for several processes: none of the "
+                         "embedding, the stock Trainer with its own loss (logits at every position) and batches: none of the "
                          "speed-ups of qexpand.accel (implies --lora-kernels peft; the way back if a speed-up "
                          "refuses a library version or is in doubt)", TRAINING)
     save_every: int | None = option(None, "save a resumable checkpoint and compute the eval loss every N "

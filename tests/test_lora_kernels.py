@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.fixtures import trainable_lora
+
 
 # Operators that launch no kernel of their own on a GPU (views, allocations, no-op casts).
 NO_KERNEL = ("aten::view", "aten::as_strided", "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::t",
@@ -55,11 +57,7 @@ def four_bit_lora_model(folder, dropout: float, keep_layout: bool = True):
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero; non-zero values make every path count
-            torch.nn.init.normal_(parameter, std=0.02, generator=torch.Generator().manual_seed(len(name)))
-    model.train()
-    return model
+    return trainable_lora(model)
 
 
 def loss_and_lora_grads(model, checkpointing: bool, autocast: bool = False, reentrant: bool = False):

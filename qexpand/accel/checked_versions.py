@@ -66,6 +66,14 @@ PRIVATE_APIS = {
         PrivateUse("transformers", "Trainer.floating_point_ops, replaced on the Trainer instance",
                    "counting the parameters once for the operation tally"),
     ),
+    "labelled_loss": (
+        PrivateUse("transformers", "a causal LM's forward without labels returns get_output_embeddings() of "
+                   "its final hidden states as logits, softcapped when config.final_logit_softcapping is set; "
+                   "the output layer's forward replaced per instance", "the final hidden states handed to the "
+                   "loss, which runs the output layer itself"),
+        PrivateUse("transformers", "Trainer.compute_loss_func, set on the Trainer instance after construction, "
+                   "and Trainer.label_smoother", "the loss at labelled positions"),
+    ),
     "graphed_decoding": (
         PrivateUse("transformers", "transformers.cache_utils.Cache(layers=...), StaticLayer(max_cache_len) "
                    "and StaticLayer.cumulative_length", "a KV cache in fixed buffers, its lengths restored "
@@ -92,6 +100,7 @@ PRIVATE_APIS = {
 STOCK_SWITCH = {
     "fused_layers": "`python training.py --stock` (peft's LoRA layers, the stock Trainer)",
     "trainer_hooks": "`python training.py --stock` (peft's LoRA layers, the stock Trainer)",
+    "labelled_loss": "`python training.py --stock` (peft's LoRA layers, the stock Trainer)",
     "graphed_decoding": "`python testing_finetuned_model.py --stock` (the library's generate)",
 }
 
