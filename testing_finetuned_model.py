@@ -39,7 +39,7 @@ from qexpand.expander import (Processes, ReportedByMainProcess, expand, finetune
 from qexpand.expandtopics import expand_shard, expand_topics, merge_shards, open_shard, sharding_problems
 from qexpand.generation import GenerationForm
 from qexpand.metrics import Scorer, report_markdown, score_rows
-from qexpand.topicfiles import QueryTopic, read_topics
+from qexpand.topicfiles import QueryShape, QueryTopic, read_topics
 
 DESCRIPTION = "Expand test queries with a fine-tuned adapter and score them against the gold descriptions."
 OOM_HINT = "Lower --queries-per-batch, or add --generation-form nf4 (the 4-bit base needs less memory)."
@@ -132,9 +132,8 @@ def expand_topic_file(config: TestConfig, topics: list[QueryTopic], model, token
     def expand_batch(queries: list[str]) -> list[tuple[str, list]]:
         return topic_expansions(model, tokenizer, template, queries, config, scorer, decoder)
 
-    records = expand_topics(topics, expand_batch, config.out, config.format, config.query_form,
-                            config.repeat_query, batch_size=config.queries_per_batch, settings=topic_settings(config, run_dir),
-                            query_weight=config.query_weight, feedback_terms=config.feedback_terms)
+    records = expand_topics(topics, expand_batch, config.out, config.format, QueryShape.of(config),
+                            batch_size=config.queries_per_batch, settings=topic_settings(config, run_dir))
     return {"run": str(run_dir), "evaluation": "topics", "out": config.out, "expansions": records}
 
 
@@ -163,7 +162,7 @@ def expand_topic_file_sharded(config: TestConfig, processes: Processes) -> dict:
             topics = read_topics(c.topics)
             decoder = stack.enter_context(greedy_decoding(c))
             job = open_shard(topics, c.out, processes.shard, c.queries_per_batch, topic_settings(c, run.run_dir), c.format,
-                             c.query_form, c.repeat_query, c.query_weight, c.feedback_terms)
+                             QueryShape.of(c))
             return run, topics, decoder, job
 
         run, topics, decoder, job = processes.together(start)
@@ -185,7 +184,7 @@ def expand_topic_file_sharded(config: TestConfig, processes: Processes) -> dict:
     records = None
     if processes.is_main:
         records = merge_shards(topics, c.out, processes.shard.count, c.queries_per_batch, expanded_now, c.format,
-                               c.query_form, c.repeat_query, c.query_weight, c.feedback_terms, job.settings)
+                               QueryShape.of(c), job.settings)
     return {"run": str(run.run_dir), "evaluation": "topics", "out": c.out, "expansions": records}
 
 

@@ -45,7 +45,7 @@ from qexpand.metrics import TEMPLATE_BASELINE  # noqa: E402
 from qexpand.recipes import DEFAULT_FEEDBACK_TERMS, expansion_defaults  # noqa: E402
 from qexpand.runcheck import read_record  # noqa: E402
 from qexpand.rundir import atomic_write_json, atomic_write_text  # noqa: E402
-from qexpand.topicfiles import QUERY_FORMS, candidate_texts, expanded_query  # noqa: E402
+from qexpand.topicfiles import QUERY_FORMS, QueryShape, candidate_texts  # noqa: E402
 
 FORMS = ("title", "template", "zero_shot", "finetuned", "rm3", "finetuned_rm3")
 PAIRS = (("finetuned", "title"), ("finetuned", "template"), ("finetuned", "zero_shot"), ("finetuned", "rm3"),
@@ -129,27 +129,24 @@ def run_measured(command: list[str]) -> float:
     return round(usage.ru_maxrss / 1024**2, 2)  # KiB on Linux
 
 
-def query_shape(args, recipe: dict) -> dict:
-    """How title and text make one query (topicfiles.expanded_query's arguments): as given, else as the
-    run's recipe says."""
+def query_shape(args, recipe: dict) -> QueryShape:
+    """How title and text make one query: as given, else as the run's recipe says."""
     form = args.query_form or recipe["query_form"]
-    if form == "feedback":
-        return {"form": form, "repeat": 1, "query_weight": recipe["query_weight"] if args.query_weight is None
-                else args.query_weight, "feedback_terms": args.feedback_terms or recipe["feedback_terms"]
-                or DEFAULT_FEEDBACK_TERMS}
-    if args.repeat_query is not None:
-        return {"form": form, "repeat": args.repeat_query, "query_weight": 0.0, "feedback_terms": 0}
     weight = recipe["query_weight"] if args.query_weight is None else args.query_weight
-    return {"form": form, "repeat": recipe["repeat_query"], "query_weight": weight, "feedback_terms": 0}
+    if form == "feedback":
+        return QueryShape(form, 1, weight, args.feedback_terms or recipe["feedback_terms"] or DEFAULT_FEEDBACK_TERMS)
+    if args.repeat_query is not None:
+        return QueryShape(form, args.repeat_query)
+    return QueryShape(form, recipe["repeat_query"], weight)
 
 
-def describe_shape(shape: dict) -> str:
-    if shape["form"] == "feedback":
-        return (f"the title's words with {shape['query_weight']:.0%} of the weight and the {shape['feedback_terms']} "
+def describe_shape(shape: QueryShape) -> str:
+    if shape.form == "feedback":
+        return (f"the title's words with {shape.query_weight:.0%} of the weight and the {shape.feedback_terms} "
                 "strongest terms of the sampled candidates with the rest (a weighted bag of words)")
-    if shape["query_weight"]:
-        return f"the title repeated until its words are about {shape['query_weight']:.0%} of the query's, then the text"
-    return f"the title {shape['repeat']} time(s), then the text"
+    if shape.query_weight:
+        return f"the title repeated until its words are about {shape.query_weight:.0%} of the query's, then the text"
+    return f"the title {shape.repeat} time(s), then the text"
 
 
 def decoding(expansions: Path) -> dict:
@@ -158,20 +155,16 @@ def decoding(expansions: Path) -> dict:
     return {k: v for k, v in header["settings"].items() if k not in ("run", "zero_shot")}
 
 
-def form_queries(topics: dict[str, str], expansions: dict, name: str, shape: dict) -> dict[str, dict[str, str]]:
+def form_queries(topics: dict[str, str], expansions: dict, name: str, shape: QueryShape) -> dict[str, dict[str, str]]:
     """{form: {qid: query text}} for the BM25 forms; the RM3 forms reuse title and finetuned. The template is
     one candidate of its own."""
-    def shaped(query: str, text: str, candidates: list[str]) -> str:
-        return expanded_query(query, text, shape["form"], shape["repeat"], shape["query_weight"], candidates,
-                              shape["feedback_terms"])
-
     def expanded(kind: str, qid: str) -> str:
         record = expansions[kind][f"{name}{QID_JOIN}{qid}"]
-        return shaped(topics[qid], record["generated"], candidate_texts(record))
+        return shape.query(topics[qid], record["generated"], candidate_texts(record))
 
     def template(query: str) -> str:
         text = TEMPLATE_BASELINE.format(query=query)
-        return shaped(query, text, [text])
+        return shape.query(query, text, [text])
 
     return {"title": dict(topics),
             "template": {q: template(t) for q, t in topics.items()},
@@ -180,7 +173,7 @@ def form_queries(topics: dict[str, str], expansions: dict, name: str, shape: dic
 
 
 def score_collection(collection: retrieval.Collection, topics: dict[str, str], expansions: dict, work: Path,
-                     shape: dict) -> dict[str, dict[str, np.ndarray]]:
+                     shape: QueryShape) -> dict[str, dict[str, np.ndarray]]:
     """{form: {measure: per-query values in topic order}}."""
     searcher = retrieval.Searcher(retrieval.build_index(collection, work / "indexes"))
     queries = form_queries(topics, expansions, collection.name, shape)
@@ -241,10 +234,10 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     run_dir = trained_run(args, work)
     shape = query_shape(args, expansion_defaults(run_dir))
-    if shape["form"] == "feedback" and args.repeat_query is not None:
+    if shape.form == "feedback" and args.repeat_query is not None:
         raise UserError("--repeat-query pastes the text after the title; the feedback form weighs terms instead. "
                         "Leave it out, or add --query-form query+expansion.")
-    if shape["form"] != "feedback" and args.feedback_terms is not None:
+    if shape.form != "feedback" and args.feedback_terms is not None:
         raise UserError("--feedback-terms applies to the feedback form only; add --query-form feedback or leave it out.")
     expansions, expansion_peak = expand_all(run_dir, topics, work, args)
     scores = {c.name: score_collection(c, topics[c.name], expansions, work, shape) for c in collections}

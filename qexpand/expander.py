@@ -35,7 +35,7 @@ from qexpand.generation import GenerationForm, generate_descriptions
 from qexpand.metrics import Scorer
 from qexpand.prompt import truncate_query
 from qexpand.recipes import settle_testing
-from qexpand.topicfiles import STDIO, candidate_texts, expanded_query
+from qexpand.topicfiles import STDIO, QueryShape, candidate_texts
 
 MAX_QUERY_TOKENS = 64
 # The test script's logger, so that its warnings read as they did before this code moved here.
@@ -205,9 +205,8 @@ def topic_expansions(model, tokenizer, template: str, queries: list[str], config
 
 def topic_query(query: str, expansion: str, candidates: list, config: TestConfig) -> str:
     """The expanded query of one topic as --topics writes it in a TSV, in the settled query form."""
-    return data.normalise_whitespace(expanded_query(
-        query, expansion, config.query_form, config.repeat_query, config.query_weight,
-        candidate_texts({"candidates": candidates}), config.feedback_terms))
+    return data.normalise_whitespace(QueryShape.of(config).query(query, expansion,
+                                                                 candidate_texts({"candidates": candidates})))
 
 
 def option_problems(given: dict) -> list[str]:

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from qexpand.errors import UserError
 from qexpand.runfiles import write_failed
-from qexpand.topicfiles import (OUTPUT_FORMATS, QUERY_FORMS, STDIO, QueryTopic, candidate_texts, check_tsv_ids,
-                                expanded_query, jsonl_text, trec_text, tsv_text, write_output)
+from qexpand.topicfiles import (OUTPUT_FORMATS, STDIO, QueryShape, QueryTopic, candidate_texts, check_tsv_ids,
+                                jsonl_text, trec_text, tsv_text, write_output)
 
 # expand_batch(queries) -> one (chosen expansion, candidates) pair a query, in order; candidates
 # are JSON-serialisable (strings, or dicts such as vars(Generation)).
@@ -141,19 +141,11 @@ def _check_reused(records: dict[str, dict], topics: list[QueryTopic], path: Path
             )
 
 
-def _check_output(out: str, output_format: str, query_form: str, repeat_query: int, query_weight: float,
-                  feedback_terms: int) -> None:
+def _check_output(out: str, output_format: str, shape: QueryShape) -> None:
     problems = []
     if output_format not in OUTPUT_FORMATS:
         problems.append(f"the format '{output_format}' is none of {', '.join(OUTPUT_FORMATS)}")
-    if query_form not in QUERY_FORMS:
-        problems.append(f"the query form '{query_form}' is none of {', '.join(QUERY_FORMS)}")
-    if query_form == "feedback" and feedback_terms < 1:
-        problems.append(f"the feedback form needs at least one feedback term (got {feedback_terms})")
-    if repeat_query < 0:
-        problems.append(f"the query repetition {repeat_query} is negative")
-    if not 0 <= query_weight < 1:
-        problems.append(f"the query weight {query_weight} is outside [0, 1)")
+    problems += shape.problems()
     if out != STDIO and not Path(out).parent.is_dir():
         problems.append(f"the output folder {Path(out).parent} does not exist")
     if out != STDIO and Path(out).is_dir():
@@ -162,11 +154,9 @@ def _check_output(out: str, output_format: str, query_form: str, repeat_query: i
         raise UserError("cannot write the expanded topics: " + "; ".join(problems) + ".")
 
 
-def render(records: list[dict], output_format: str, query_form: str, repeat_query: int, query_weight: float = 0.0,
-           feedback_terms: int = 0) -> str:
-    """The output text of finished records (input order) in one format and query form."""
-    queries = [expanded_query(r["query"], r["generated"], query_form, repeat_query, query_weight, candidate_texts(r),
-                              feedback_terms) for r in records]
+def render(records: list[dict], output_format: str, shape: QueryShape) -> str:
+    """The output text of finished records (input order) in one format and query shape."""
+    queries = [shape.query(r["query"], r["generated"], candidate_texts(r)) for r in records]
     if output_format == "tsv":
         return tsv_text([(r["query_id"], q) for r, q in zip(records, queries)])
     if output_format == "trec":
@@ -175,11 +165,10 @@ def render(records: list[dict], output_format: str, query_form: str, repeat_quer
 
 
 def _checked_journal(topics: list[QueryTopic], out: str, journal: Path | None, settings: dict | None,
-                     split: dict | None, output_format: str, query_form: str, repeat_query: int, query_weight: float,
-                     feedback_terms: int) -> tuple[dict, dict[str, dict]]:
+                     split: dict | None, output_format: str, shape: QueryShape) -> tuple[dict, dict[str, dict]]:
     """Before any generation: the output checked, then the journal (None: none) read and checked to hold
     these topics. Returns the settings as the journal gives them back (tuples as lists) and its records."""
-    _check_output(out, output_format, query_form, repeat_query, query_weight, feedback_terms)
+    _check_output(out, output_format, shape)
     if output_format == "tsv":
         check_tsv_ids([t.query_id for t in topics])  # before hours of generation, not after
     settings = json.loads(json.dumps(settings or {}))
@@ -193,11 +182,8 @@ def expand_topics(
     expand_batch: ExpandBatch,
     out: str,
     output_format: str = "tsv",
-    query_form: str = "query+expansion",
-    repeat_query: int = 1,
+    shape: QueryShape = QueryShape(),
     batch_size: int = 32,
-    query_weight: float = 0.0,
-    feedback_terms: int = 0,
     journal: Path | None = None,
     settings: dict | None = None,
 ) -> list[dict]:
@@ -208,8 +194,7 @@ def expand_topics(
     Returns the records in the order of `topics`; progress and messages go to stderr only.
     """
     journal = Path(journal) if journal is not None else journal_path(out)
-    settings, done = _checked_journal(topics, out, journal, settings, None, output_format, query_form, repeat_query,
-                                      query_weight, feedback_terms)
+    settings, done = _checked_journal(topics, out, journal, settings, None, output_format, shape)
     todo = [t for t in topics if t.query_id not in done]
     handle = open(journal, "a", encoding="utf-8") if journal else None
     try:
@@ -231,7 +216,7 @@ def expand_topics(
         if handle:
             handle.close()
     finished = [done[t.query_id] for t in topics]
-    write_output(render(finished, output_format, query_form, repeat_query, query_weight, feedback_terms), out)
+    write_output(render(finished, output_format, shape), out)
     _note_integer_ids(topics, output_format)
     reused = f", {len(topics) - len(todo)} taken from {journal}" if len(todo) < len(topics) else ""
     print(f"{len(topics)} topics: {len(todo)} expanded now{reused}; wrote {out if out != STDIO else 'stdout'} "
@@ -264,15 +249,14 @@ def sharding_problems(topics_source: str, out: str) -> list[str]:
 
 
 def open_shard(topics: list[QueryTopic], out: str, shard: Shard, batch_size: int, settings: dict | None = None,
-               output_format: str = "tsv", query_form: str = "query+expansion", repeat_query: int = 1,
-               query_weight: float = 0.0, feedback_terms: int = 0) -> ShardJob:
+               output_format: str = "tsv", shape: QueryShape = QueryShape()) -> ShardJob:
     """Check the output and read this process's journal, before any model loads (every process checks
     the output alike; each reads its own journal, cutting a torn last line off it)."""
     if out == STDIO:
         raise UserError("cannot write the expanded topics: " + sharding_problems("", out)[0] + ".")
     journal = shard_journal_path(out, shard)
     settings, done = _checked_journal(topics, out, journal, settings, _split_record(topics, batch_size, shard),
-                                      output_format, query_form, repeat_query, query_weight, feedback_terms)
+                                      output_format, shape)
     return ShardJob(topics, shard, batch_size, settings, journal, done)
 
 
@@ -307,8 +291,8 @@ def expand_shard(job: ShardJob, expand_batch: ExpandBatch) -> int:
 
 
 def merge_shards(topics: list[QueryTopic], out: str, processes: int, batch_size: int, expanded_now: int,
-                 output_format: str = "tsv", query_form: str = "query+expansion", repeat_query: int = 1,
-                 query_weight: float = 0.0, feedback_terms: int = 0, settings: dict | None = None) -> list[dict]:
+                 output_format: str = "tsv", shape: QueryShape = QueryShape(),
+                 settings: dict | None = None) -> list[dict]:
     """The main process, once every process has finished its share: read all shard journals and write
     `out` exactly as one process would. `expanded_now`: topics expanded in this run, all processes together.
     Returns the records in input order."""
@@ -325,7 +309,7 @@ def merge_shards(topics: list[QueryTopic], out: str, processes: int, batch_size:
         raise UserError(f"the shard journals beside {out} lack {len(missing)} of {len(topics)} topics (the first: "
                         f"'{missing[0]}') although every process finished; run the same command again.")
     finished = [done[t.query_id] for t in topics]
-    write_output(render(finished, output_format, query_form, repeat_query, query_weight, feedback_terms), out)
+    write_output(render(finished, output_format, shape), out)
     _note_integer_ids(topics, output_format)
     pattern = Path(out).with_suffix(f".journal.shard-*-of-{processes}.jsonl")
     reused = len(topics) - expanded_now

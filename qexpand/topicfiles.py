@@ -220,24 +220,49 @@ def query_repeats(query: str, expansion: str, query_weight: float) -> int:
     return max(1, round(ratio))
 
 
-def expanded_query(query: str, expansion: str, form: str, repeat: int = 1, query_weight: float = 0.0,
-                   candidates: list[str] | None = None, feedback_terms: int = 0) -> str:
-    """The query a toolkit should run: the query `repeat` times (or as often as `query_weight` asks, when
-    above 0), then the expansion; an empty expansion falls back to the query itself. The feedback form
-    weighs the `feedback_terms` strongest terms of the candidates (the expansion alone without them)
-    against the query, which keeps `query_weight` of the weight."""
-    query, expansion = data.normalise_whitespace(query), data.normalise_whitespace(expansion)
-    if not expansion:
-        return query
-    if form == "feedback":
-        from qexpand.feedback import feedback_query
+@dataclass(frozen=True)
+class QueryShape:
+    """How a query and its expansion become the one query a toolkit runs: the test script's --query-form,
+    --repeat-query, --query-weight and --feedback-terms, decided once and passed on together."""
 
-        return feedback_query(query, candidates or [expansion], feedback_terms, query_weight)
-    if form == "expansion":
-        return expansion
-    if query_weight:
-        repeat = query_repeats(query, expansion, query_weight)
-    return " ".join([query] * repeat + [expansion])
+    form: str = "query+expansion"  # one of QUERY_FORMS
+    repeat: int = 1  # times the query precedes a pasted expansion
+    query_weight: float = 0.0  # the query's share of the words pasted (above 0: instead of repeat) or of the weights
+    feedback_terms: int = 0  # the candidates' strongest terms in the feedback form
+
+    @classmethod
+    def of(cls, config) -> QueryShape:
+        """The shape a (settled) TestConfig asks for."""
+        return cls(config.query_form, config.repeat_query, config.query_weight, config.feedback_terms)
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.form not in QUERY_FORMS:
+            problems.append(f"the query form '{self.form}' is none of {', '.join(QUERY_FORMS)}")
+        if self.form == "feedback" and self.feedback_terms < 1:
+            problems.append(f"the feedback form needs at least one feedback term (got {self.feedback_terms})")
+        if self.repeat < 0:
+            problems.append(f"the query repetition {self.repeat} is negative")
+        if not 0 <= self.query_weight < 1:
+            problems.append(f"the query weight {self.query_weight} is outside [0, 1)")
+        return problems
+
+    def query(self, query: str, expansion: str, candidates: list[str] | None = None) -> str:
+        """The query a toolkit should run: the query `repeat` times (or as often as `query_weight` asks,
+        when above 0), then the expansion; an empty expansion falls back to the query itself. The feedback
+        form weighs the `feedback_terms` strongest terms of the candidates (the expansion alone without
+        them) against the query, which keeps `query_weight` of the weight."""
+        query, expansion = data.normalise_whitespace(query), data.normalise_whitespace(expansion)
+        if not expansion:
+            return query
+        if self.form == "feedback":
+            from qexpand.feedback import feedback_query
+
+            return feedback_query(query, candidates or [expansion], self.feedback_terms, self.query_weight)
+        if self.form == "expansion":
+            return expansion
+        repeat = query_repeats(query, expansion, self.query_weight) if self.query_weight else self.repeat
+        return " ".join([query] * repeat + [expansion])
 
 
 def check_tsv_ids(query_ids: list[str]) -> None:

@@ -15,7 +15,7 @@ import pytest
 from qexpand import Expander, data, retrieval
 from qexpand.errors import UserError
 from qexpand.pyterrier import QueryExpander
-from qexpand.topicfiles import expanded_query, parse_tsv
+from qexpand.topicfiles import QueryShape, parse_tsv
 from tests.conftest import run_script
 from tests.fixtures import SUBJECTS, finished_run
 from tests.test_retrieval_bench import write_collection
@@ -77,8 +77,8 @@ def test_the_retrieval_recipe_expands_with_its_feedback_form(runs):
     candidates = expander.generate(QUERIES)
     assert [len(c) for c in candidates] == [8, 8]
     expanded = expander.expand(QUERIES)  # sampling is seeded: the same candidates again
-    assert expanded == [expanded_query(q, " ".join(c), "feedback", 1, settled.query_weight, c, settled.feedback_terms)
-                        for q, c in zip(QUERIES, candidates)]
+    shape = QueryShape("feedback", 1, settled.query_weight, settled.feedback_terms)
+    assert expanded == [shape.query(q, " ".join(c), c) for q, c in zip(QUERIES, candidates)]
     assert all(set(q.split()) <= set(e.split()) for q, e in zip(QUERIES, expanded))
 
 

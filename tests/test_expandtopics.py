@@ -15,7 +15,7 @@ import pytest
 
 from qexpand.errors import UserError
 from qexpand.expandtopics import expand_topics, journal_path
-from qexpand.topicfiles import QueryTopic
+from qexpand.topicfiles import QueryShape, QueryTopic
 
 REPO = Path(__file__).resolve().parent.parent
 TOPICS = [QueryTopic(str(300 + i), f"subject {i}") for i in range(10)]
@@ -90,7 +90,7 @@ def test_torn_last_line_is_dropped_and_regenerated(tmp_path):
 def test_rewriting_another_format_costs_no_generation(tmp_path):
     expand_topics(TOPICS[:3], Recorder(), str(tmp_path / "x.tsv"))
     again = Recorder()
-    expand_topics(TOPICS[:3], again, str(tmp_path / "x.tsv"), query_form="expansion")
+    expand_topics(TOPICS[:3], again, str(tmp_path / "x.tsv"), shape=QueryShape("expansion"))
     expand_topics(TOPICS[:3], again, str(tmp_path / "x.trec"), output_format="trec")
     assert again.asked == [] and (tmp_path / "x.tsv").read_text().startswith("300\tabout subject 0\n")
     assert (tmp_path / "x.trec").read_text().startswith("<top>\n<num> Number: 300\n")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from qexpand import feedback, retrieval
-from qexpand.topicfiles import expanded_query
+from qexpand.topicfiles import QueryShape
 from tests.test_retrieval_bench import small_collection  # noqa: F401 (a fixture)
 
 SAMPLES = ["Habitat, species and habitat.", "The habitat."]
@@ -30,7 +30,7 @@ def test_the_query_keeps_its_share_whatever_the_samples_say():
     assert text.split().count("jaguar") == 60 and text.split().count("habitat") == 33 and text.split().count("species") == 7
     # No content word in any sample: the query as it is.
     assert feedback.feedback_query("the jaguar", ["", "The and of."], 5, 0.6) == "the jaguar"
-    assert expanded_query("jaguar", "joined text", "feedback", 1, 0.6, SAMPLES, 5) == text
+    assert QueryShape("feedback", 1, 0.6, 5).query("jaguar", "joined text", SAMPLES) == text
 
 
 def test_stock_phrasing_and_stopwords_are_no_feedback_terms():

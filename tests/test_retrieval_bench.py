@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from qexpand import data, retrieval
-from qexpand.topicfiles import expanded_query
+from qexpand.topicfiles import QueryShape
 from tests.conftest import run_script
 from tests.fixtures import write_topic_files
 
@@ -53,13 +53,13 @@ def test_lucene_index_and_search_round_trip(small_collection, tmp_path):
     title = searcher.search(topics)
     assert set(title) == set(topics)
     assert max(title["1"], key=title["1"].get).startswith("d0-")  # "jaguar" twice beats "jaguar" once
-    expanded = searcher.search({q: expanded_query(t, "habitat species", "query+expansion", 1) for q, t in topics.items()})
+    expanded = searcher.search({q: QueryShape("query+expansion", 1).query(t, "habitat species") for q, t in topics.items()})
     assert max(expanded["1"], key=expanded["1"].get).startswith("r0-")
     ap_title = retrieval.per_query(title, qrels, list(topics))["AP"]
     ap_expanded = retrieval.per_query(expanded, qrels, list(topics))["AP"]
     assert ap_title.mean() < 0.6 and ap_expanded.mean() > 0.95
     # Repeating the title weighs it up: with it 5 times the distractors win again.
-    heavy = searcher.search({q: expanded_query(t, "habitat species", "query+expansion", 5) for q, t in topics.items()})
+    heavy = searcher.search({q: QueryShape("query+expansion", 5).query(t, "habitat species") for q, t in topics.items()})
     assert retrieval.per_query(heavy, qrels, list(topics))["AP"].mean() < ap_expanded.mean()
     rm3 = searcher.search(topics, rm3=True)
     assert set(rm3) == set(topics) and all(rm3[q] for q in topics)

@@ -12,7 +12,7 @@ import pytest
 
 from qexpand.errors import UserError
 from qexpand.expandtopics import render
-from qexpand.topicfiles import QueryTopic, parse_trec_sgml, read_topics
+from qexpand.topicfiles import QueryShape, QueryTopic, parse_trec_sgml, read_topics
 
 ROBUST_STYLE = """<top>
 <num> Number: 301
@@ -125,7 +125,7 @@ def write_bytes(path, raw: bytes):
 def test_tsv_output_read_by_pyterrier_and_in_anserini_form(tmp_path):
     import pyterrier as pt
 
-    text = render(RECORDS, "tsv", "query+expansion", 2)
+    text = render(RECORDS, "tsv", QueryShape("query+expansion", 2))
     (tmp_path / "out.tsv").write_text(text)
     frame = pt.io.read_topics(str(tmp_path / "out.tsv"), format="singleline")
     expected = ["covid: vaccine covid: vaccine Which vaccines <b> work against covid?", "hubble telescope"]
@@ -141,7 +141,7 @@ def test_trec_output_read_by_pyterrier_ir_datasets_and_ourselves(tmp_path):
     from ir_datasets.util import LocalDownload
 
     path = tmp_path / "out.trec"
-    path.write_text(render(RECORDS, "trec", "expansion", 1))
+    path.write_text(render(RECORDS, "trec", QueryShape("expansion")))
     desc = "Which vaccines b work against covid?"  # '<' and '>' would read as tags: dropped
     frame = pt.io.read_topics(str(path), format="trec", whitelist=["title", "desc"])
     assert frame.to_dict("records") == [{"qid": "301", "query": f"covid: vaccine {desc}"},
@@ -155,14 +155,14 @@ def test_trec_output_read_by_pyterrier_ir_datasets_and_ourselves(tmp_path):
 def test_trec_output_in_anserini_line_form():
     """Anserini's TrecTopicReader: id after the first ':' of the <num> line, title after the first ':' of
     the <title> line, description = the lines between the <desc> line and the line starting <narr>."""
-    lines = render(RECORDS[:1], "trec", "expansion", 1).split("\n")
+    lines = render(RECORDS[:1], "trec", QueryShape("expansion")).split("\n")
     assert lines[:10] == ["<top>", "<num> Number: 301", "<title> Topic: covid: vaccine", "", "<desc> Description:",
                           "Which vaccines b work against covid?", "", "<narr> Narrative:", "", "</top>"]
     assert lines[2].split(":", 1)[1].strip() == "covid: vaccine"
 
 
 def test_jsonl_output_keeps_every_candidate():
-    records = [json.loads(line) for line in render(RECORDS, "jsonl", "expansion", 1).splitlines()]
+    records = [json.loads(line) for line in render(RECORDS, "jsonl", QueryShape("expansion")).splitlines()]
     assert records[0]["candidates"] == RECORDS[0]["candidates"] and records[0]["description"] == "gold"
     assert records[0]["expanded_query"] == "Which vaccines <b> work against covid?"
     assert records[1]["expanded_query"] == "hubble telescope"  # an empty expansion falls back to the query
@@ -170,15 +170,15 @@ def test_jsonl_output_keeps_every_candidate():
 
 def test_tsv_refuses_ids_pyterrier_would_misread():
     with pytest.raises(UserError, match="'a:1' holds a colon"):
-        render([{**RECORDS[1], "query_id": "a:1"}], "tsv", "expansion", 1)
+        render([{**RECORDS[1], "query_id": "a:1"}], "tsv", QueryShape("expansion"))
 
 
 def test_query_weight_repeats_the_query_for_its_share_of_the_words():
-    from qexpand.topicfiles import expanded_query, query_repeats, term_count
+    from qexpand.topicfiles import query_repeats, term_count
 
     query, expansion = "dam removal", "Which dams were removed from rivers with fish?"
     assert (term_count(query), term_count(expansion)) == (2, 4)  # stopwords and one-letter words do not count
     assert query_repeats(query, expansion, 0.5) == 2 and query_repeats(query, expansion, 0.75) == 6
     assert query_repeats(query, "fish", 0.5) == 1  # never fewer than once
-    assert expanded_query(query, expansion, "query+expansion", 1, 0.5) == f"{query} {query} {expansion}"
-    assert expanded_query(query, expansion, "query+expansion", 3) == f"{query} {query} {query} {expansion}"
+    assert QueryShape("query+expansion", 1, 0.5).query(query, expansion) == f"{query} {query} {expansion}"
+    assert QueryShape("query+expansion", 3).query(query, expansion) == f"{query} {query} {query} {expansion}"
