@@ -93,8 +93,8 @@ class TrainConfig:
                                TRAINING, choices=("auto", "peft", "fused"))
     stock: bool = option(False, "train on the stock path: peft's LoRA layers, the library's RMSNorm and rotary "
                          "embedding, the stock Trainer with its own loss (logits at every position) and "
-                         "batches: none of the speed-ups of qexpand.accel (implies --lora-kernels peft; the way back if a speed-up "
-                         "refuses a library version or is in doubt)", TRAINING)
+                         "batches: none of the speed-ups of qexpand.accel (implies --lora-kernels peft; the "
+                         "way back if a speed-up refuses a library version or is in doubt)", TRAINING)
     save_every: int | None = option(None, "save a resumable checkpoint and compute the eval loss every N "
                                     "optimizer steps (0 = once per epoch)", TRAINING)
     logging_steps: int | None = option(None, "log the training loss every N steps", TRAINING)
