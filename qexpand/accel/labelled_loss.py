@@ -31,8 +31,7 @@ def chunked_token_loss(hidden: torch.Tensor, labels: torch.Tensor, head, softcap
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
     states, targets = hidden[:, :-1][scored], targets[scored]
-    # A batch with nothing to score still gives a loss inside the graph (0, with zero gradients).
-    total = hidden.sum().float() * 0 if not len(targets) else hidden.new_zeros((), dtype=torch.float32)
+    total = states[:0].float().sum()  # 0, inside the graph: a batch with nothing to score has zero gradients
     for start in range(0, len(targets), chunk):
         total = total + checkpoint(_summed_loss, states[start:start + chunk], targets[start:start + chunk],
                                    head, softcap, dtype, use_reentrant=False)
