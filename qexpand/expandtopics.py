@@ -204,10 +204,7 @@ def expand_topics(
                   file=sys.stderr, disable=not todo) as bar:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
-                results = expand_batch([t.query for t in batch])
-                if len(results) != len(batch):
-                    raise ValueError(f"expand_batch returned {len(results)} results for {len(batch)} queries")
-                records = [_record(t, chosen, candidates) for t, (chosen, candidates) in zip(batch, results)]
+                records = _expanded_records(batch, expand_batch)
                 if handle:
                     _append(handle, records)
                 done.update((r["query_id"], r) for r in records)
@@ -278,11 +275,7 @@ def expand_shard(job: ShardJob, expand_batch: ExpandBatch) -> int:
             for batch in job.batches:
                 if all(topic.query_id in job.done for topic in batch):
                     continue
-                results = expand_batch([t.query for t in batch])
-                if len(results) != len(batch):
-                    raise ValueError(f"expand_batch returned {len(results)} results for {len(batch)} queries")
-                records = [_record(t, chosen, candidates) for t, (chosen, candidates) in zip(batch, results)
-                           if t.query_id not in job.done]
+                records = [r for r in _expanded_records(batch, expand_batch) if r["query_id"] not in job.done]
                 _append(handle, records)
                 job.done.update((r["query_id"], r) for r in records)
                 expanded += len(records)
@@ -323,6 +316,14 @@ def _note_integer_ids(topics: list[QueryTopic], output_format: str) -> None:
     if output_format == "trec" and not all(t.query_id.isdigit() for t in topics):
         print("note: some query ids are not integers; Anserini's TREC topic reader (pyserini) needs integers, "
               "PyTerrier's does not. For pyserini, write --format tsv.", file=sys.stderr)
+
+
+def _expanded_records(batch: list[QueryTopic], expand_batch: ExpandBatch) -> list[dict]:
+    """The journal records of one batch, expanded whole."""
+    results = expand_batch([t.query for t in batch])
+    if len(results) != len(batch):
+        raise ValueError(f"expand_batch returned {len(results)} results for {len(batch)} queries")
+    return [_record(t, chosen, candidates) for t, (chosen, candidates) in zip(batch, results)]
 
 
 def _record(topic: QueryTopic, chosen: str, candidates: list) -> dict:
