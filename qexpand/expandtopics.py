@@ -198,8 +198,8 @@ def expand_topics(
     todo = [t for t in topics if t.query_id not in done]
     handle = open(journal, "a", encoding="utf-8") if journal else None
     try:
-        if handle and handle.tell() == 0:
-            _append(handle, [{"journal": JOURNAL_KIND, "settings": settings}])
+        if handle:
+            _start_journal(handle, settings)
         with tqdm(total=len(topics), initial=len(topics) - len(todo), desc="expanding", unit="topic",
                   file=sys.stderr, disable=not todo) as bar:
             for start in range(0, len(todo), batch_size):
@@ -267,9 +267,7 @@ def expand_shard(job: ShardJob, expand_batch: ExpandBatch) -> int:
     already = sum(topic.query_id in job.done for topic in mine)
     expanded = 0
     with open(job.journal, "a", encoding="utf-8") as handle:
-        if handle.tell() == 0:
-            split = _split_record(job.topics, job.batch_size, job.shard)
-            _append(handle, [{"journal": JOURNAL_KIND, "settings": job.settings, "split": split}])
+        _start_journal(handle, job.settings, _split_record(job.topics, job.batch_size, job.shard))
         with tqdm(total=len(mine), initial=already, desc=f"expanding ({job.shard})", unit="topic",
                   file=sys.stderr, disable=already == len(mine)) as bar:
             for batch in job.batches:
@@ -331,6 +329,12 @@ def _record(topic: QueryTopic, chosen: str, candidates: list) -> dict:
     if topic.description:
         record["description"] = topic.description
     return record
+
+
+def _start_journal(handle, settings: dict, split: dict | None = None) -> None:
+    """A new (empty) journal opens with what made its expansions and, a shard's, the split it belongs to."""
+    if handle.tell() == 0:
+        _append(handle, [{"journal": JOURNAL_KIND, "settings": settings, **({"split": split} if split else {})}])
 
 
 def _append(handle, records: list[dict]) -> None:
