@@ -42,7 +42,7 @@ from qexpand import retrieval  # noqa: E402
 from qexpand.errors import UserError, run_cli  # noqa: E402
 from qexpand.expandtopics import journal_path  # noqa: E402
 from qexpand.metrics import TEMPLATE_BASELINE  # noqa: E402
-from qexpand.recipes import DEFAULT_FEEDBACK_TERMS, expansion_defaults  # noqa: E402
+from qexpand.recipes import expansion_defaults, expansion_shape  # noqa: E402
 from qexpand.runcheck import read_record  # noqa: E402
 from qexpand.rundir import atomic_write_json, atomic_write_text  # noqa: E402
 from qexpand.topicfiles import QUERY_FORMS, QueryShape, candidate_texts  # noqa: E402
@@ -127,17 +127,6 @@ def run_measured(command: list[str]) -> float:
         raise UserError(f"{shlex.join(command[1:3])} ... stopped with exit code {process.returncode} (its message "
                         "is above).")
     return round(usage.ru_maxrss / 1024**2, 2)  # KiB on Linux
-
-
-def query_shape(args, recipe: dict) -> QueryShape:
-    """How title and text make one query: as given, else as the run's recipe says."""
-    form = args.query_form or recipe["query_form"]
-    weight = recipe["query_weight"] if args.query_weight is None else args.query_weight
-    if form == "feedback":
-        return QueryShape(form, 1, weight, args.feedback_terms or recipe["feedback_terms"] or DEFAULT_FEEDBACK_TERMS)
-    if args.repeat_query is not None:
-        return QueryShape(form, args.repeat_query)
-    return QueryShape(form, recipe["repeat_query"], weight)
 
 
 def describe_shape(shape: QueryShape) -> str:
@@ -233,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     run_dir = trained_run(args, work)
-    shape = query_shape(args, expansion_defaults(run_dir))
+    shape = expansion_shape(expansion_defaults(run_dir), args.query_form, args.repeat_query, args.query_weight,
+                            args.feedback_terms)
     if shape.form == "feedback" and args.repeat_query is not None:
         raise UserError("--repeat-query pastes the text after the title; the feedback form weighs terms instead. "
                         "Leave it out, or add --query-form query+expansion.")

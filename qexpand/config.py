@@ -182,10 +182,11 @@ class TestConfig:
     query_weight: float | None = option(None, "the query's share of the expanded query: with query+expansion the "
                                         "query is repeated until its words make up about this share of the "
                                         "words (instead of a fixed --repeat-query; 0 = off); with feedback, the "
-                                        "query's share of the term weights (default: as the run's recipe says)",
-                                        RETRIEVAL)
+                                        "query's share of the term weights (default: as the run's recipe says; "
+                                        "feedback on a run whose recipe pastes: 0.6)", RETRIEVAL)
     feedback_terms: int | None = option(None, "with --query-form feedback: how many of the candidates' strongest "
-                                        "terms join the query (default: as the run's recipe says)", RETRIEVAL,
+                                        "terms join the query (default: as the run's recipe says; 20 on a run "
+                                        "whose recipe pastes)", RETRIEVAL,
                                         metavar="N")
     model: str | None = option(None, "a local copy of the run's base model (hub id or folder); default: the "
                                "one recorded in the run", MODEL)

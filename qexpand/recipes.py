@@ -20,6 +20,7 @@ from qexpand.modeling import DEFAULT_MODEL, resolve_named_base
 from qexpand.options import flag_name, given_fields
 from qexpand.prompt import PROMPT_TEMPLATE
 from qexpand.runcheck import RunRecord, read_record
+from qexpand.topicfiles import QueryShape
 
 COMMON = {
     "model": DEFAULT_MODEL, "datasets": list(data.DEFAULT_DATASETS), "split": list(data.DEFAULT_SPLIT),
@@ -76,12 +77,29 @@ EXPANSION = {
 }
 
 
-DEFAULT_FEEDBACK_TERMS = 20  # --query-form feedback on a run whose recipe pastes its expansions
+# --query-form feedback on a run whose recipe pastes its expansions: 20 terms (a greedy run has one candidate),
+# and the query keeps the retrieval recipe's share; the pasting recipes' query_weight of 0 means "repeat the
+# query K times" there, and in a feedback query it would drop the query's words.
+DEFAULT_FEEDBACK_TERMS = 20
+DEFAULT_FEEDBACK_QUERY_WEIGHT = EXPANSION["retrieval"]["query_weight"]
 
 
 def expansion_defaults(run_dir) -> dict:
     """The EXPANSION settings of the recipe a run was trained with (read from its run_config.json)."""
     return EXPANSION[read_record(Path(run_dir)).config.recipe or "default"]
+
+
+def expansion_shape(recipe: dict, query_form: str | None = None, repeat_query: int | None = None,
+                    query_weight: float | None = None, feedback_terms: int | None = None) -> QueryShape:
+    """How query and expansion make one query: each option given (not None), else the recipe's. A given
+    --repeat-query sets the query's share aside (query_weight 0), and only the feedback form keeps terms."""
+    form = query_form or recipe["query_form"]
+    if query_weight is None and form == "feedback" and recipe["query_form"] != "feedback":
+        query_weight = DEFAULT_FEEDBACK_QUERY_WEIGHT
+    elif query_weight is None:
+        query_weight = recipe["query_weight"] if repeat_query is None else 0.0
+    terms = (feedback_terms or recipe["feedback_terms"] or DEFAULT_FEEDBACK_TERMS) if form == "feedback" else 0
+    return QueryShape(form, repeat_query or recipe["repeat_query"], query_weight, terms)
 
 
 # Compiling the transformer blocks cost each training.py process 42 s (64 s the first time on a machine) on
@@ -221,8 +239,8 @@ def settle_testing(config: TestConfig, trained: TrainConfig, base_model: str, gg
     recipe = EXPANSION[trained.recipe or "default"] if config.topics else EXPANSION["default"]
     candidates = config.num_candidates or recipe["num_candidates"]
     sampling = candidates > 1
-    query_form = config.query_form or recipe["query_form"]
-    problems = expansion_form_problems(config, query_form)
+    shape = expansion_shape(recipe, config.query_form, config.repeat_query, config.query_weight, config.feedback_terms)
+    problems = expansion_form_problems(config, shape.form)
     if form.quantization == "nf4" and config.precision == "fp32":
         problems.append("--precision fp32 cannot go with a 4-bit NF4 base, which always computes in bf16; add "
                         "--generation-form merged to generate with float32 weights")
@@ -235,12 +253,8 @@ def settle_testing(config: TestConfig, trained: TrainConfig, base_model: str, gg
         no_repeat_ngram=recipe["no_repeat_ngram"] if config.no_repeat_ngram is None else config.no_repeat_ngram,
         temperature=(config.temperature or recipe["temperature"] or 0.7) if sampling else None,
         select=(config.select or recipe["select"] or "mbr") if sampling else None,
-        format=config.format or "tsv", query_form=query_form,
-        repeat_query=config.repeat_query or recipe["repeat_query"],
-        query_weight=(recipe["query_weight"] if config.repeat_query is None else 0.0) if config.query_weight is None
-        else config.query_weight,
-        feedback_terms=(config.feedback_terms or recipe["feedback_terms"] or DEFAULT_FEEDBACK_TERMS)
-        if query_form == "feedback" else 0,
+        format=config.format or "tsv", query_form=shape.form, repeat_query=shape.repeat,
+        query_weight=shape.query_weight, feedback_terms=shape.feedback_terms,
     )
     return settled, form
 

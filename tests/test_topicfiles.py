@@ -182,3 +182,18 @@ def test_query_weight_repeats_the_query_for_its_share_of_the_words():
     assert query_repeats(query, "fish", 0.5) == 1  # never fewer than once
     assert QueryShape("query+expansion", 1, 0.5).query(query, expansion) == f"{query} {query} {expansion}"
     assert QueryShape("query+expansion", 3).query(query, expansion) == f"{query} {query} {query} {expansion}"
+
+
+def test_the_shape_in_force_takes_each_given_option_else_the_recipes():
+    from qexpand.recipes import DEFAULT_FEEDBACK_TERMS, EXPANSION, expansion_shape
+
+    retrieval, default = EXPANSION["retrieval"], EXPANSION["default"]
+    assert expansion_shape(retrieval) == QueryShape("feedback", 1, 0.6, 50)
+    assert expansion_shape(retrieval, feedback_terms=10, query_weight=0.3) == QueryShape("feedback", 1, 0.3, 10)
+    # a repetition given sets the recipe's share aside; a pasting form keeps no feedback terms
+    assert expansion_shape(retrieval, "query+expansion", repeat_query=3) == QueryShape("query+expansion", 3, 0.0, 0)
+    assert expansion_shape(retrieval, "query+expansion") == QueryShape("query+expansion", 1, 0.6, 0)
+    assert expansion_shape(default) == QueryShape("query+expansion", 1, 0.0, 0)
+    # feedback asked of a run that pastes: the query keeps the retrieval recipe's share, not the pasting 0
+    assert expansion_shape(default, "feedback") == QueryShape("feedback", 1, 0.6, DEFAULT_FEEDBACK_TERMS)
+    assert expansion_shape(default, "feedback", query_weight=0.2) == QueryShape("feedback", 1, 0.2, DEFAULT_FEEDBACK_TERMS)
