@@ -161,8 +161,8 @@ def expand_topic_file_sharded(config: TestConfig, processes: Processes) -> dict:
             fail_if_problems(sharding_problems(c.topics, c.out))  # before standard input is read
             topics = read_topics(c.topics)
             decoder = stack.enter_context(greedy_decoding(c))
-            job = open_shard(topics, c.out, processes.shard, c.queries_per_batch, topic_settings(c, run.run_dir), c.format,
-                             QueryShape.of(c))
+            job = open_shard(topics, c.out, processes.shard, c.queries_per_batch, topic_settings(c, run.run_dir),
+                             c.format, QueryShape.of(c))
             return run, topics, decoder, job
 
         run, topics, decoder, job = processes.together(start)

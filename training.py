@@ -318,11 +318,12 @@ def print_plan(plan: Plan, model, n_train: int, n_eval: int, processes: int, ste
     recomputation = "" if c.gradient_checkpointing != "on" else (
         " (re-entrant)" if reentrant_recomputation(c) else " (not re-entrant, for the compiled blocks)")
     print(f"run directory: {plan.run_dir}\nbase model: {c.model} ({c.quantization}, {c.device}); precision "
-          f"{c.precision}; recipe {c.recipe}; topics: {n_train} train / {n_eval} eval / {len(plan.split['test'])} test; "
-          f"{model.get_nb_trainable_parameters()[0]:,} trainable parameters; gradient checkpointing "
-          f"{c.gradient_checkpointing}{recomputation}; compiled blocks {c.compile}; LoRA layers {c.lora_kernels}\n{processes} process(es) x batch "
-          f"{c.batch_size} x accumulation {c.grad_accum} = effective batch "
-          f"{processes * c.batch_size * c.grad_accum}; learning rate {c.learning_rate:g}; {steps_per_epoch} steps per epoch"
+          f"{c.precision}; recipe {c.recipe}; topics: {n_train} train / {n_eval} eval / "
+          f"{len(plan.split['test'])} test; {model.get_nb_trainable_parameters()[0]:,} trainable parameters; "
+          f"gradient checkpointing {c.gradient_checkpointing}{recomputation}; compiled blocks {c.compile}; "
+          f"LoRA layers {c.lora_kernels}\n{processes} process(es) x batch {c.batch_size} x accumulation "
+          f"{c.grad_accum} = effective batch {processes * c.batch_size * c.grad_accum}; learning rate "
+          f"{c.learning_rate:g}; {steps_per_epoch} steps per epoch"
           + (f"; at most {c.max_steps} steps" if c.max_steps else "")
           + ("\neach step's examples cut into batches of equal padded size, one per process"
              if processes > 1 and not c.stock else "")

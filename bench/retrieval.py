@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError("--repeat-query pastes the text after the title; the feedback form weighs terms instead. "
                         "Leave it out, or add --query-form query+expansion.")
     if shape.form != "feedback" and args.feedback_terms is not None:
-        raise UserError("--feedback-terms applies to the feedback form only; add --query-form feedback or leave it out.")
+        raise UserError("--feedback-terms applies to the feedback form only; add --query-form feedback or leave "
+                        "it out.")
     expansions, expansion_peak = expand_all(run_dir, topics, work, args)
     scores = {c.name: score_collection(c, topics[c.name], expansions, work, shape) for c in collections}
     pooled = {form: {m: np.concatenate([scores[c][form][m] for c in scores]) for m in retrieval.MEASURES}

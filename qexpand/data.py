@@ -71,7 +71,8 @@ def positive_narrative(narrative: str) -> str:
     kept = []
     for sentence in SENTENCE_END.split(narrative):
         if sentence.strip() and not EXCLUDING.search(sentence):
-            text = re.sub(r"\s+([.,;:?!)])", r"\1", normalise_whitespace(STOCK_FRAMING.sub(" ", sentence))).strip(" ,:;")
+            unframed = normalise_whitespace(STOCK_FRAMING.sub(" ", sentence))
+            text = re.sub(r"\s+([.,;:?!)])", r"\1", unframed).strip(" ,:;")
             if len(text.split()) >= 2:
                 kept.append(text[0].upper() + text[1:])
     return " ".join(kept)

@@ -87,7 +87,8 @@ def _decode_row(tokenizer, row: list[int]) -> Generation:
     return Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), ended, len(kept) + int(ended))
 
 
-def _generate_rows(model, tokenizer, prompts: list[list[int]], copies: int, budget: int, sampling: dict) -> list[list[int]]:
+def _generate_rows(model, tokenizer, prompts: list[list[int]], copies: int, budget: int,
+                   sampling: dict) -> list[list[int]]:
     """New token ids for `copies` rows per prompt (prompt-major), each ending at EOS or after `budget` tokens."""
     device = next(model.parameters()).device
     padded = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(device)
@@ -104,9 +105,8 @@ def _generate_rows(model, tokenizer, prompts: list[list[int]], copies: int, budg
     stragglers = [i for i, row in enumerate(rows) if eos not in row and len(row) < budget]
     if stragglers:
         # Each straggler goes on from its own prompt plus the tokens it has so far.
-        tails = _generate_rows(
-            model, tokenizer, [prompts[i // copies] + rows[i] for i in stragglers], 1, budget - len(rows[stragglers[0]]), sampling
-        )
+        tails = _generate_rows(model, tokenizer, [prompts[i // copies] + rows[i] for i in stragglers], 1,
+                               budget - len(rows[stragglers[0]]), sampling)
         for i, tail in zip(stragglers, tails):
             rows[i] = rows[i] + tail
     return rows

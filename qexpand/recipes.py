@@ -177,7 +177,8 @@ def settle_training(config: TrainConfig) -> TrainConfig:
                         "recipe) needs CUDA. On the CPU pass --optimizer adamw")
     if config.epochs is not None and settled.max_steps and config.max_steps is None:
         problems.append(f"--epochs {config.epochs:g} would be cut short by the {recipe_name} recipe's cap of "
-                        f"{settled.max_steps} optimizer steps: add --max-steps 0 to train by epochs, or leave --epochs out")
+                        f"{settled.max_steps} optimizer steps: add --max-steps 0 to train by epochs, or leave "
+                        "--epochs out")
     fail_if_problems(problems, "See `python training.py --help`.")
     return settled
 

@@ -145,7 +145,8 @@ class Searcher:
         else:
             self.searcher.unset_rm3()
         qids = list(queries)
-        found = self.searcher.batch_search([queries[q] for q in qids], qids, k=hits, threads=min(4, os.cpu_count() or 1))
+        found = self.searcher.batch_search([queries[q] for q in qids], qids, k=hits,
+                                           threads=min(4, os.cpu_count() or 1))
         return {q: {hit.docid: float(hit.score) for hit in found.get(q, [])} for q in qids}
 
 

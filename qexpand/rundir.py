@@ -222,7 +222,8 @@ def latest_complete_checkpoint(run_dir: Path) -> Path | None:
     """
     needed = ("trainer_state.json", "optimizer.pt", "scheduler.pt", ADAPTER_CONFIG_FILE)
     folder = Path(run_dir) / TRAINER_DIR
-    candidates = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if folder.is_dir() else []
+    candidates = (sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+                  if folder.is_dir() else [])
     complete = None
     for checkpoint in reversed(candidates):
         if complete is None and all((checkpoint / name).is_file() for name in needed):

@@ -78,7 +78,8 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8-sig")  # a byte-order mark would otherwise stick to the first query id
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
-        raise UserError(f"{path}, line {line}: the file is not UTF-8 text ({error.reason}); save it as UTF-8.") from None
+        raise UserError(f"{path}, line {line}: the file is not UTF-8 text ({error.reason}); "
+                        "save it as UTF-8.") from None
 
 
 def parse_topic_text(text: str, name: str) -> list[QueryTopic]:

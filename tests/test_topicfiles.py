@@ -196,4 +196,5 @@ def test_the_shape_in_force_takes_each_given_option_else_the_recipes():
     assert expansion_shape(default) == QueryShape("query+expansion", 1, 0.0, 0)
     # feedback asked of a run that pastes: the query keeps the retrieval recipe's share, not the pasting 0
     assert expansion_shape(default, "feedback") == QueryShape("feedback", 1, 0.6, DEFAULT_FEEDBACK_TERMS)
-    assert expansion_shape(default, "feedback", query_weight=0.2) == QueryShape("feedback", 1, 0.2, DEFAULT_FEEDBACK_TERMS)
+    given = QueryShape("feedback", 1, 0.2, DEFAULT_FEEDBACK_TERMS)
+    assert expansion_shape(default, "feedback", query_weight=0.2) == given
