@@ -39,10 +39,11 @@ if str(REPO) not in sys.path:
 
 import training  # noqa: E402
 from qexpand import retrieval  # noqa: E402
-from qexpand.errors import UserError, run_cli  # noqa: E402
+from qexpand.config import TestConfig  # noqa: E402
+from qexpand.errors import UserError, fail_if_problems, run_cli  # noqa: E402
 from qexpand.expandtopics import journal_path  # noqa: E402
 from qexpand.metrics import TEMPLATE_BASELINE  # noqa: E402
-from qexpand.recipes import expansion_defaults, expansion_shape  # noqa: E402
+from qexpand.recipes import expansion_defaults, expansion_form_problems, expansion_shape  # noqa: E402
 from qexpand.runcheck import read_record  # noqa: E402
 from qexpand.rundir import atomic_write_json, atomic_write_text  # noqa: E402
 from qexpand.topicfiles import QUERY_FORMS, QueryShape, candidate_texts  # noqa: E402
@@ -129,6 +130,15 @@ def run_measured(command: list[str]) -> float:
     return round(usage.ru_maxrss / 1024**2, 2)  # KiB on Linux
 
 
+def checked_shape(args, recipe: dict) -> QueryShape:
+    """The query shape the bench's options and the run's recipe make, refused as the test script refuses it."""
+    asked = TestConfig(query_form=args.query_form, repeat_query=args.repeat_query, query_weight=args.query_weight,
+                       feedback_terms=args.feedback_terms)
+    shape = expansion_shape(recipe, asked.query_form, asked.repeat_query, asked.query_weight, asked.feedback_terms)
+    fail_if_problems(expansion_form_problems(asked, shape.form), "See `python bench/retrieval.py --help`.")
+    return shape
+
+
 def describe_shape(shape: QueryShape) -> str:
     if shape.form == "feedback":
         return (f"the title's words with {shape.query_weight:.0%} of the weight and the {shape.feedback_terms} "
@@ -209,12 +219,6 @@ def main(argv: list[str] | None = None) -> dict:
     collections = [retrieval.find_collection(c) for c in args.collections]
     if len({c.name for c in collections}) != len(collections):
         raise UserError("two collections have the same folder name; give each collection once.")
-    if args.repeat_query is not None and args.repeat_query < 1:
-        raise UserError(f"--repeat-query must be at least 1 (got {args.repeat_query}).")
-    if args.query_weight is not None and not (0 < args.query_weight < 1) or None not in (args.query_weight, args.repeat_query):
-        raise UserError("--query-weight must lie between 0 and 1, and goes without --repeat-query.")
-    if args.feedback_terms is not None and args.feedback_terms < 1:
-        raise UserError(f"--feedback-terms must be at least 1 (got {args.feedback_terms}).")
     topics = {c.name: c.judged_topics() for c in collections}
     for name, judged in topics.items():
         if not judged:
@@ -222,14 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     run_dir = trained_run(args, work)
-    shape = expansion_shape(expansion_defaults(run_dir), args.query_form, args.repeat_query, args.query_weight,
-                            args.feedback_terms)
-    if shape.form == "feedback" and args.repeat_query is not None:
-        raise UserError("--repeat-query pastes the text after the title; the feedback form weighs terms instead. "
-                        "Leave it out, or add --query-form query+expansion.")
-    if shape.form != "feedback" and args.feedback_terms is not None:
-        raise UserError("--feedback-terms applies to the feedback form only; add --query-form feedback or leave "
-                        "it out.")
+    shape = checked_shape(args, expansion_defaults(run_dir))
     expansions, expansion_peak = expand_all(run_dir, topics, work, args)
     scores = {c.name: score_collection(c, topics[c.name], expansions, work, shape) for c in collections}
     pooled = {form: {m: np.concatenate([scores[c][form][m] for c in scores]) for m in retrieval.MEASURES}

@@ -251,8 +251,9 @@ def sampling_only_problems(config: TestConfig, sampling: bool) -> list[str]:
 def validate_testing(config: TestConfig) -> None:
     from qexpand.modeling import check_model_source
 
-    problems = numeric_problems(config, ("queries_per_batch", "max_new_tokens", "num_candidates", "temperature",
-                                         "repeat_query", "feedback_terms"), non_negative=("no_repeat_ngram",))
+    # The query-shaping options are checked with the run's recipe (recipes.expansion_form_problems).
+    problems = numeric_problems(config, ("queries_per_batch", "max_new_tokens", "num_candidates", "temperature"),
+                                non_negative=("no_repeat_ngram",))
     if config.topics is not None:
         if config.out is None:
             problems.append("--topics needs --out, the file to write (- for standard output)")
@@ -272,10 +273,6 @@ def validate_testing(config: TestConfig) -> None:
                         "--test-datasets")
     # Greedy by the options themselves; settle_testing asks again once the run's recipe has said.
     problems += sampling_only_problems(config, sampling=config.num_candidates != 1)
-    if config.query_weight is not None and not 0 <= config.query_weight < 1:
-        problems.append(f"--query-weight must be in [0, 1) (got {config.query_weight})")
-    if config.query_weight and config.repeat_query is not None:
-        problems.append("--query-weight and --repeat-query both say how often the query is repeated; give one")
     # The SBERT model scores expansions against gold descriptions and picks one of several sampled
     # candidates; ad-hoc queries and topic files have no gold, so unless it picks, it would load for nothing.
     # Without --num-candidates and --select, every recipe's expansion is greedy or joins its candidates.

@@ -14,7 +14,8 @@ import textwrap
 from pathlib import Path
 
 from qexpand import data
-from qexpand.config import INVOCATION_FIELDS, TestConfig, TrainConfig, sampling_only_problems
+from qexpand.config import (INVOCATION_FIELDS, TestConfig, TrainConfig, numeric_problems,
+                            sampling_only_problems)
 from qexpand.errors import UserError, fail_if_problems
 from qexpand.modeling import DEFAULT_MODEL, resolve_named_base
 from qexpand.options import flag_name, given_fields
@@ -261,7 +262,17 @@ def settle_testing(config: TestConfig, trained: TrainConfig, base_model: str, gg
 
 
 def expansion_form_problems(config: TestConfig, query_form: str) -> list[str]:
-    """Options that cannot apply to the query form in force (given, or the run's recipe's)."""
+    """Query-shaping options out of range, or that cannot apply to the query form in force (given, or the
+    run's recipe's). The retrieval bench asks the same of its own shaping options."""
+    problems = numeric_problems(config, ("repeat_query", "feedback_terms"))
+    if config.query_weight is not None and not 0 <= config.query_weight < 1:
+        problems.append(f"--query-weight must be in [0, 1) (got {config.query_weight})")
+    if config.query_weight and config.repeat_query is not None:
+        problems.append("--query-weight and --repeat-query both say how often the query is repeated; give one")
+    return problems or _form_problems(config, query_form)
+
+
+def _form_problems(config: TestConfig, query_form: str) -> list[str]:
     came_from = "" if config.query_form else f" (the run's recipe expands topics with --query-form {query_form})"
     shaping = [flag_name(n) for n in ("query_form", "repeat_query", "query_weight", "feedback_terms")
                if getattr(config, n) is not None]

@@ -8,6 +8,7 @@ that adds those words must rank the relevant documents higher than the title alo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,25 @@ def test_the_whole_pipeline_on_a_tiny_model(tmp_path, tiny_model):
         assert pair["ci"][0] <= pair["diff"] <= pair["ci"][1] and 0 <= pair["p"] <= 1
     assert report["pooled"]["rows"] == report["collections"]["animals"]["rows"]  # one collection: pooled is it
     assert "## pooled" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({"query_form": "query+expansion", "feedback_terms": 5},
+     "--feedback-terms only applies with --query-form feedback"),
+    ({"repeat_query": 2}, "--repeat-query repeats the query before a pasted expansion"),  # the recipe's feedback form
+    ({"query_weight": 1.0}, "--query-weight must be in [0, 1)"),
+    ({"query_form": "query+expansion", "repeat_query": 0}, "--repeat-query must be positive"),
+])
+def test_the_bench_refuses_query_options_as_the_test_script_does(options, expected):
+    import argparse
+
+    from bench.retrieval import checked_shape
+    from qexpand.errors import UserError
+    from qexpand.recipes import EXPANSION
+
+    args = argparse.Namespace(**{"query_form": None, "repeat_query": None, "query_weight": None,
+                                 "feedback_terms": None, **options})
+    with pytest.raises(UserError, match=re.escape(expected)):
+        checked_shape(args, EXPANSION["retrieval"])
+    assert checked_shape(argparse.Namespace(query_form=None, repeat_query=None, query_weight=0.3, feedback_terms=10),
+                         EXPANSION["retrieval"]) == QueryShape("feedback", 1, 0.3, 10)
