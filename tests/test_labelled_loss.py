@@ -4,6 +4,7 @@ chunked or not, with an output layer that has LoRA and with Gemma's logit softca
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -156,3 +157,16 @@ def test_it_refuses_a_trainer_with_a_loss_of_its_own_and_unchecked_versions(tiny
     with pytest.raises(UserError, match="transformers 1.0.0.*training.py --stock"):
         with loss_at_labelled_positions(SimpleNamespace(compute_loss_func=None, label_smoother=None), model):
             pass
+
+
+def test_the_chunk_bench_times_the_real_loss_and_checks_it_first(tmp_path):
+    from bench.labelled_loss_chunks import main
+
+    out = tmp_path / "chunks.json"
+    report = main(["--heads", "smollm2-135m", "--batch", "2", "--positions", "12", "--chunks", "17", "19",
+                   "--repeats", "1", "--device", "cpu", "--out", str(out)])
+    head = report["heads"]["smollm2-135m"]
+    assert head["loss_difference_to_stock"] < 1e-4  # the chunked loss, measured, is the stock loss
+    assert head["rows"]["2^17"]["positions_per_chunk"] == 2 and head["rows"]["2^19"]["positions_per_chunk"] == 10
+    assert set(head["rows"]) == {"stock", "2^17", "2^19"} and all(r["ms"] > 0 for r in head["rows"].values())
+    assert json.loads(out.read_text()) == report
