@@ -8,8 +8,8 @@ float32 logits kept for the backward pass) for the output layers of the bases th
     python bench/labelled_loss_chunks.py --out bench/results/labelled_loss_chunks.json
 
 Random weights and states of each base's shape (speed and memory depend on shapes only), in bf16 on a
-GPU and float32 on the CPU, as the bases train there; the head is
-frozen and the states take the gradient, as in LoRA training without the output layer in the adapter.
+GPU and float32 on the CPU, as the bases train there; the head is frozen and the states take the
+gradient, as in LoRA training without the output layer in the adapter. Memory is measured on CUDA only.
 Times are the median of --repeats CUDA-synchronised loss + backward passes after two warm-up passes;
 memory is the peak allocated during one pass, above what was held before it.
 """
