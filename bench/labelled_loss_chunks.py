@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     report = {"command": " ".join(["python", "bench/labelled_loss_chunks.py", *(argv or sys.argv[1:])]),
               "device": device_name, "torch": torch.__version__,
-              "default_chunk": f"2^{CHUNK_LOGITS.bit_length() - 1}",
+              "default_chunk": f"2^{CHUNK_LOGITS['cpu' if args.device == 'cpu' else 'cuda'].bit_length() - 1}",
               "batch": args.batch, "positions": args.positions, "labelled": args.labelled,
               "heads": {name: measure_head(name, args) for name in args.heads}}
     out = Path(args.out)

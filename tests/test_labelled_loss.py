@@ -170,3 +170,11 @@ def test_the_chunk_bench_times_the_real_loss_and_checks_it_first(tmp_path):
     assert head["rows"]["2^17"]["positions_per_chunk"] == 2 and head["rows"]["2^19"]["positions_per_chunk"] == 10
     assert set(head["rows"]) == {"stock", "2^17", "2^19"} and all(r["ms"] > 0 for r in head["rows"].values())
     assert json.loads(out.read_text()) == report
+
+
+def test_the_default_chunk_is_larger_on_a_gpu_and_never_empty():
+    from qexpand.accel.labelled_loss import default_chunk
+
+    assert default_chunk("cuda", 262_144) == 256 and default_chunk("cpu", 262_144) == 64  # Gemma 3's vocabulary
+    assert default_chunk("xpu", 32_000) == default_chunk("cuda", 32_000) == 2_097
+    assert default_chunk("cpu", 2**30) == 1

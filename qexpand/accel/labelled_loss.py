@@ -21,7 +21,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # the label of a position that is not scored (prompt, padding)
-CHUNK_LOGITS = 2**24  # float32 logits (64 MiB) that exist at once: positions x vocabulary
+# Float32 logits (positions x vocabulary) that exist at once, by the device the output layer is on. On an
+# H100 chunks of 2^26 (256 MiB) made the loss + backward faster than the stock loss for Gemma, SmolLM2 and
+# Mistral shapes (2^24: up to 1.8x slower than stock) at under 0.9 GB; on the CPU, where memory is what
+# is short, 2^24 is already faster than the stock loss and 2^26 saved at most 16% more
+# (bench/labelled_loss_chunks.py, bench/RESULTS.md).
+CHUNK_LOGITS = {"cuda": 2**26, "cpu": 2**24}
 
 
 def chunked_token_loss(hidden: torch.Tensor, labels: torch.Tensor, head, softcap: float | None, chunk: int,
@@ -38,6 +43,11 @@ def chunked_token_loss(hidden: torch.Tensor, labels: torch.Tensor, head, softcap
     return total, scored.sum()
 
 
+def default_chunk(device_type: str, vocabulary: int) -> int:
+    """Positions a chunk takes on this kind of device (CHUNK_LOGITS; other accelerators as CUDA)."""
+    return max(1, CHUNK_LOGITS["cpu" if device_type == "cpu" else "cuda"] // vocabulary)
+
+
 def _summed_loss(states, targets, head, softcap, dtype):
     # In mixed precision the output layer ran inside the model's autocast, which accelerate leaves before
     # handing the outputs back in float32: the states go to the layer in its own dtype, as autocast sent them.
@@ -51,15 +61,15 @@ def _summed_loss(states, targets, head, softcap, dtype):
 def loss_at_labelled_positions(trainer, model, chunk: int | None = None):
     """While inside, `model` (the causal LM the Trainer trains, peft-wrapped or not) returns its final
     hidden states as `logits`, and `trainer` scores them with `chunked_token_loss`, `chunk` positions at a
-    time (default: as many as make CHUNK_LOGITS logits). On leaving, the output layer and the Trainer's
-    loss are the stock ones again."""
+    time (default: as many as make CHUNK_LOGITS logits on the output layer's device). On leaving, the output
+    layer and the Trainer's loss are the stock ones again."""
     from qexpand.accel import checked_versions
 
     checked_versions.require("labelled_loss")
     head = model.get_output_embeddings()
     config = model.config
     softcap = getattr(config, "final_logit_softcapping", None)
-    chunk = chunk or max(1, CHUNK_LOGITS // head.weight.shape[0])
+    chunk = chunk or default_chunk(head.weight.device.type, head.weight.shape[0])
     stock_forward = head.forward
 
     def loss(outputs, labels, num_items_in_batch=None):
