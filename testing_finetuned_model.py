@@ -272,4 +272,5 @@ def cli() -> int:
 
 if __name__ == "__main__":
     quiet.setup_logging()
-    run_cli(cli, OOM_HINT)
+    with Processes.exiting_without_teardown() if Processes.launched() else contextlib.nullcontext():
+        run_cli(cli, OOM_HINT)

@@ -115,3 +115,18 @@ def test_a_cut_shard_journal_resumes_to_the_same_output(world, expanded):
     assert "now batches of 3 of 10 topics" in message
     assert "exitcode  : 2" in refused.stderr
     assert second.read_bytes() == before_second
+
+
+@pytest.mark.parametrize("leave, code, printed", [("sys.exit(3)", 3, ""), ("sys.exit()", 0, ""),
+                                                  ("sys.exit('stopped')", 1, "stopped")])
+def test_a_launched_process_leaves_with_its_code_and_without_the_teardown(leave, code, printed):
+    script = ("import atexit, sys\n"
+              "from qexpand.expander import Processes\n"
+              "atexit.register(lambda: print('teardown ran'))\n"
+              "with Processes.exiting_without_teardown():\n"
+              "    print('done', flush=False)\n"
+              f"    {leave}\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == code
+    assert result.stdout == "done\n"  # flushed before leaving; the atexit handler never ran
+    assert result.stderr.strip() == printed
