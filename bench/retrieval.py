@@ -43,7 +43,7 @@ from qexpand.config import TestConfig  # noqa: E402
 from qexpand.errors import UserError, fail_if_problems, run_cli  # noqa: E402
 from qexpand.expandtopics import journal_path  # noqa: E402
 from qexpand.metrics import TEMPLATE_BASELINE  # noqa: E402
-from qexpand.recipes import expansion_defaults, expansion_form_problems, expansion_shape  # noqa: E402
+from qexpand.recipes import EXPANSION, expansion_defaults, expansion_form_problems, expansion_shape  # noqa: E402
 from qexpand.runcheck import read_record  # noqa: E402
 from qexpand.rundir import atomic_write_json, atomic_write_text  # noqa: E402
 from qexpand.topicfiles import QUERY_FORMS, QueryShape, candidate_texts  # noqa: E402
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", help="a finished run directory to use instead of training one")
     parser.add_argument("--model", help="base model to train on (training.py --model)")
     parser.add_argument("--gguf-file", help="GGUF file inside --model")
-    parser.add_argument("--recipe", default="retrieval", help="training recipe (training.py --recipe)")
+    parser.add_argument("--recipe", default="retrieval", choices=list(EXPANSION),
+                        help="training recipe (training.py --recipe)")
     parser.add_argument("--train-args", default="", help="more training.py options, as one quoted string")
     parser.add_argument("--expand-args", default="", help="more testing_finetuned_model.py options for the expansions")
     parser.add_argument("--query-form", choices=QUERY_FORMS, help="how title and text make one query "
@@ -134,7 +135,7 @@ def checked_shape(args, recipe: dict) -> QueryShape:
     """The query shape the bench's options and the run's recipe make, refused as the test script refuses it."""
     asked = TestConfig(query_form=args.query_form, repeat_query=args.repeat_query, query_weight=args.query_weight,
                        feedback_terms=args.feedback_terms)
-    shape = expansion_shape(recipe, asked.query_form, asked.repeat_query, asked.query_weight, asked.feedback_terms)
+    shape = expansion_shape(recipe, asked)
     fail_if_problems(expansion_form_problems(asked, shape.form), "See `python bench/retrieval.py --help`.")
     return shape
 
@@ -225,8 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
             raise UserError(f"no topic of {name} has a relevant document in its qrels.txt: do the query ids match?")
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    # The query options are checked against the recipe before any training, so a mistake costs no training.
+    shape = checked_shape(args, expansion_defaults(args.run) if args.run else EXPANSION[args.recipe])
     run_dir = trained_run(args, work)
-    shape = checked_shape(args, expansion_defaults(run_dir))
     expansions, expansion_peak = expand_all(run_dir, topics, work, args)
     scores = {c.name: score_collection(c, topics[c.name], expansions, work, shape) for c in collections}
     pooled = {form: {m: np.concatenate([scores[c][form][m] for c in scores]) for m in retrieval.MEASURES}

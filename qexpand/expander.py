@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import sys
 import time
 import typing
 import warnings
@@ -321,8 +322,6 @@ class Processes:
         "terminate called without an active exception", twice in about ten test-suite runs on a loaded
         2-core machine), and the launcher then reported a finished run as failed. By then every file the
         process wrote is closed; only the standard streams and logging are flushed here."""
-        import sys
-
         try:
             yield
         except SystemExit as leaving:

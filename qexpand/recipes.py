@@ -90,17 +90,18 @@ def expansion_defaults(run_dir) -> dict:
     return EXPANSION[read_record(Path(run_dir)).config.recipe or "default"]
 
 
-def expansion_shape(recipe: dict, query_form: str | None = None, repeat_query: int | None = None,
-                    query_weight: float | None = None, feedback_terms: int | None = None) -> QueryShape:
-    """How query and expansion make one query: each option given (not None), else the recipe's. A given
-    --repeat-query sets the query's share aside (query_weight 0), and only the feedback form keeps terms."""
-    form = query_form or recipe["query_form"]
+def expansion_shape(recipe: dict, config: TestConfig) -> QueryShape:
+    """How query and expansion make one query: each of the config's shaping options that was given (not
+    None), else the recipe's. A given --repeat-query sets the query's share aside (query_weight 0), and only
+    the feedback form keeps terms."""
+    form = config.query_form or recipe["query_form"]
+    query_weight = config.query_weight
     if query_weight is None and form == "feedback" and recipe["query_form"] != "feedback":
         query_weight = DEFAULT_FEEDBACK_QUERY_WEIGHT
     elif query_weight is None:
-        query_weight = recipe["query_weight"] if repeat_query is None else 0.0
-    terms = (feedback_terms or recipe["feedback_terms"] or DEFAULT_FEEDBACK_TERMS) if form == "feedback" else 0
-    return QueryShape(form, repeat_query or recipe["repeat_query"], query_weight, terms)
+        query_weight = recipe["query_weight"] if config.repeat_query is None else 0.0
+    terms = (config.feedback_terms or recipe["feedback_terms"] or DEFAULT_FEEDBACK_TERMS) if form == "feedback" else 0
+    return QueryShape(form, config.repeat_query or recipe["repeat_query"], query_weight, terms)
 
 
 # Compiling the transformer blocks cost each training.py process 42 s (64 s the first time on a machine) on
@@ -241,7 +242,7 @@ def settle_testing(config: TestConfig, trained: TrainConfig, base_model: str, gg
     recipe = EXPANSION[trained.recipe or "default"] if config.topics else EXPANSION["default"]
     candidates = config.num_candidates or recipe["num_candidates"]
     sampling = candidates > 1
-    shape = expansion_shape(recipe, config.query_form, config.repeat_query, config.query_weight, config.feedback_terms)
+    shape = expansion_shape(recipe, config)
     problems = expansion_form_problems(config, shape.form)
     if form.quantization == "nf4" and config.precision == "fp32":
         problems.append("--precision fp32 cannot go with a 4-bit NF4 base, which always computes in bf16; add "

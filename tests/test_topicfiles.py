@@ -185,16 +185,21 @@ def test_query_weight_repeats_the_query_for_its_share_of_the_words():
 
 
 def test_the_shape_in_force_takes_each_given_option_else_the_recipes():
+    from qexpand.config import TestConfig
     from qexpand.recipes import DEFAULT_FEEDBACK_TERMS, EXPANSION, expansion_shape
 
     retrieval, default = EXPANSION["retrieval"], EXPANSION["default"]
-    assert expansion_shape(retrieval) == QueryShape("feedback", 1, 0.6, 50)
-    assert expansion_shape(retrieval, feedback_terms=10, query_weight=0.3) == QueryShape("feedback", 1, 0.3, 10)
+
+    def shape(recipe: dict, **given) -> QueryShape:
+        return expansion_shape(recipe, TestConfig(**given))
+
+    assert shape(retrieval) == QueryShape("feedback", 1, 0.6, 50)
+    assert shape(retrieval, feedback_terms=10, query_weight=0.3) == QueryShape("feedback", 1, 0.3, 10)
     # a repetition given sets the recipe's share aside; a pasting form keeps no feedback terms
-    assert expansion_shape(retrieval, "query+expansion", repeat_query=3) == QueryShape("query+expansion", 3, 0.0, 0)
-    assert expansion_shape(retrieval, "query+expansion") == QueryShape("query+expansion", 1, 0.6, 0)
-    assert expansion_shape(default) == QueryShape("query+expansion", 1, 0.0, 0)
+    assert shape(retrieval, query_form="query+expansion", repeat_query=3) == QueryShape("query+expansion", 3, 0.0, 0)
+    assert shape(retrieval, query_form="query+expansion") == QueryShape("query+expansion", 1, 0.6, 0)
+    assert shape(default) == QueryShape("query+expansion", 1, 0.0, 0)
     # feedback asked of a run that pastes: the query keeps the retrieval recipe's share, not the pasting 0
-    assert expansion_shape(default, "feedback") == QueryShape("feedback", 1, 0.6, DEFAULT_FEEDBACK_TERMS)
+    assert shape(default, query_form="feedback") == QueryShape("feedback", 1, 0.6, DEFAULT_FEEDBACK_TERMS)
     given = QueryShape("feedback", 1, 0.2, DEFAULT_FEEDBACK_TERMS)
-    assert expansion_shape(default, "feedback", query_weight=0.2) == given
+    assert shape(default, query_form="feedback", query_weight=0.2) == given
