@@ -7,8 +7,9 @@ with Lucene BM25 and BM25+RM3 (pyserini), and scores nDCG@10, MAP and R@1000 (ir
     python bench/retrieval.py --collections nfcorpus-dev vaswani cacm --model FOLDER --gguf-file NAME.gguf
 
 Rows, each query the title and a text made into one query as the run's recipe says (the retrieval recipe
-weighs the strongest terms of the sampled candidates against the title, qexpand.feedback; --query-form,
---query-weight, --feedback-terms or --repeat-query to change it):
+weighs the strongest terms of the sampled candidates, each also by its SBERT cosine with the title, against
+the title, qexpand.feedback; --query-form, --query-weight, --feedback-terms, --term-relatedness or
+--repeat-query to change it):
   title          the title alone
   template       title + "Find information about {title}." (adds no information: the bar for "any added word")
   zero_shot      title + the base model's expansion
@@ -46,7 +47,7 @@ from qexpand.metrics import TEMPLATE_BASELINE  # noqa: E402
 from qexpand.recipes import EXPANSION, expansion_defaults, expansion_form_problems, expansion_shape  # noqa: E402
 from qexpand.runcheck import read_record  # noqa: E402
 from qexpand.rundir import atomic_write_json, atomic_write_text  # noqa: E402
-from qexpand.topicfiles import QUERY_FORMS, QueryShape, candidate_texts  # noqa: E402
+from qexpand.topicfiles import QUERY_FORMS, TERM_RELATEDNESS, QueryShape, candidate_texts  # noqa: E402
 
 FORMS = ("title", "template", "zero_shot", "finetuned", "rm3", "finetuned_rm3")
 PAIRS = (("finetuned", "title"), ("finetuned", "template"), ("finetuned", "zero_shot"), ("finetuned", "rm3"),
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "recipe)")
     parser.add_argument("--feedback-terms", type=int, help="feedback terms of the candidates with --query-form "
                         "feedback (default: the run's recipe)")
+    parser.add_argument("--term-relatedness", choices=TERM_RELATEDNESS, help="with --query-form feedback: sbert "
+                        "also weighs each term by its SBERT cosine with the title (default: the run's recipe)")
     parser.add_argument("--work-dir", default="checkpoints/retrieval-bench",
                         help="indexes, expansions and the trained run go here; a rerun reuses indexes and expansions")
     parser.add_argument("--out", default="bench/results/retrieval.json", help="the JSON report; the tables go beside it as .md")
@@ -134,7 +137,7 @@ def run_measured(command: list[str]) -> float:
 def checked_shape(args, recipe: dict) -> QueryShape:
     """The query shape the bench's options and the run's recipe make, refused as the test script refuses it."""
     asked = TestConfig(query_form=args.query_form, repeat_query=args.repeat_query, query_weight=args.query_weight,
-                       feedback_terms=args.feedback_terms)
+                       feedback_terms=args.feedback_terms, term_relatedness=args.term_relatedness)
     shape = expansion_shape(recipe, asked)
     fail_if_problems(expansion_form_problems(asked, shape.form), "See `python bench/retrieval.py --help`.")
     return shape
@@ -142,8 +145,9 @@ def checked_shape(args, recipe: dict) -> QueryShape:
 
 def describe_shape(shape: QueryShape) -> str:
     if shape.form == "feedback":
+        related = " (each weighed by its SBERT cosine with the title)" if shape.relatedness == "sbert" else ""
         return (f"the title's words with {shape.query_weight:.0%} of the weight and the {shape.feedback_terms} "
-                "strongest terms of the sampled candidates with the rest (a weighted bag of words)")
+                f"strongest terms of the sampled candidates{related} with the rest (a weighted bag of words)")
     if shape.query_weight:
         return f"the title repeated until its words are about {shape.query_weight:.0%} of the query's, then the text"
     return f"the title {shape.repeat} time(s), then the text"

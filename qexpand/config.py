@@ -149,7 +149,8 @@ def validate_training(config: TrainConfig) -> None:
 
 EXPAND, GENERATION, SCORES = "what to expand", "generation", "scores"
 RETRIEVAL = "expand a topic file for retrieval toolkits (no scores)"
-TOPIC_OUTPUT_FIELDS = ("out", "format", "query_form", "repeat_query", "query_weight", "feedback_terms")
+TOPIC_OUTPUT_FIELDS = ("out", "format", "query_form", "repeat_query", "query_weight", "feedback_terms",
+                       "term_relatedness")
 
 
 @dataclass
@@ -183,11 +184,16 @@ class TestConfig:
                                         "query is repeated until its words make up about this share of the "
                                         "words (instead of a fixed --repeat-query; 0 = off); with feedback, the "
                                         "query's share of the term weights (default: as the run's recipe says; "
-                                        "feedback on a run whose recipe pastes: 0.6)", RETRIEVAL)
+                                        "feedback on a run whose recipe pastes: 0.7)", RETRIEVAL)
     feedback_terms: int | None = option(None, "with --query-form feedback: how many of the candidates' strongest "
                                         "terms join the query (default: as the run's recipe says; 20 on a run "
                                         "whose recipe pastes)", RETRIEVAL,
                                         metavar="N")
+    term_relatedness: str | None = option(None, "with --query-form feedback: sbert multiplies each candidate "
+                                          "term's weight by its cosine with the query under the SBERT model "
+                                          "(--sbert-model), so the samples' topical terms outweigh their stock "
+                                          "words; none weighs by the samples alone (default: sbert)", RETRIEVAL,
+                                          choices=("sbert", "none"))
     model: str | None = option(None, "a local copy of the run's base model (hub id or folder); default: the "
                                "one recorded in the run", MODEL)
     gguf_file: str | None = option(None, "GGUF file inside --model", MODEL)
@@ -223,8 +229,8 @@ class TestConfig:
                             "score it", SCORES)
     zero_shot: bool = option(False, "with --topics: expand with the base model alone (the adapter switched off, "
                              "same prompt and decoding), the baseline a fine-tuned expansion must beat", RETRIEVAL)
-    sbert_model: str | None = option(None, "sentence-transformers model for the cosine score (default: "
-                                     "all-MiniLM-L6-v2)", SCORES)
+    sbert_model: str | None = option(None, "sentence-transformers model for the cosine score, the choice among "
+                                     "candidates and --term-relatedness sbert (default: all-MiniLM-L6-v2)", SCORES)
 
 
 # Options of the test script that once had the name of a training.py option with another meaning: the old
@@ -248,6 +254,16 @@ def sampling_only_problems(config: TestConfig, sampling: bool) -> list[str]:
             "or more"]
 
 
+SBERT_UNUSED = ("those expansions have no gold description to score, and the model only picks among sampled "
+                "candidates with --num-candidates 2 or more (and --select mbr or anchored)")
+
+
+def sbert_picks(config: TestConfig) -> bool:
+    """Whether the SBERT model picks one of several sampled candidates. Without --num-candidates and
+    --select, every recipe's expansion is greedy or joins its candidates."""
+    return config.select in ("mbr", "anchored") or ((config.num_candidates or 1) > 1 and config.select != "join")
+
+
 def validate_testing(config: TestConfig) -> None:
     from qexpand.modeling import check_model_source
 
@@ -261,8 +277,8 @@ def validate_testing(config: TestConfig) -> None:
         if others:
             problems.append(f"--topics expands a topic file, so it cannot go with {', '.join(others)}")
     elif any(getattr(config, n) is not None for n in TOPIC_OUTPUT_FIELDS) or config.zero_shot:
-        problems.append("--out, --format, --query-form, --repeat-query, --query-weight, --feedback-terms and "
-                        "--zero-shot describe the output of --topics; give --topics too")
+        problems.append("--out, --format, --query-form, --repeat-query, --query-weight, --feedback-terms, "
+                        "--term-relatedness and --zero-shot describe the output of --topics; give --topics too")
     if config.query is not None:
         if any(not q.strip() for q in config.query):
             problems.append("--query got an empty or whitespace-only query; give the words to expand")
@@ -274,15 +290,10 @@ def validate_testing(config: TestConfig) -> None:
     # Greedy by the options themselves; settle_testing asks again once the run's recipe has said.
     problems += sampling_only_problems(config, sampling=config.num_candidates != 1)
     # The SBERT model scores expansions against gold descriptions and picks one of several sampled
-    # candidates; ad-hoc queries and topic files have no gold, so unless it picks, it would load for nothing.
-    # Without --num-candidates and --select, every recipe's expansion is greedy or joins its candidates.
-    unscored = "--query" if config.query is not None else "--topics" if config.topics is not None else None
-    picks = config.select in ("mbr", "anchored") or ((config.num_candidates or 1) > 1 and config.select != "join")
-    if config.sbert_model is not None and unscored and not picks:
-        problems.append(f"--sbert-model is unused with {unscored}: those expansions have no gold description to "
-                        "score, and the model only picks among sampled candidates with --num-candidates 2 or more "
-                        "(and --select mbr or anchored); leave out --sbert-model, or sample several candidates "
-                        "for it to choose from")
+    # candidates; ad-hoc queries have no gold, so unless it picks, it would load for nothing. (With --topics
+    # it may also weigh feedback terms: settle_testing asks once the run's recipe has said.)
+    if config.sbert_model is not None and config.query is not None and not sbert_picks(config):
+        problems.append(f"--sbert-model is unused with --query: {SBERT_UNUSED}")
     if config.model:
         problems += check_model_source(config.model, config.gguf_file)
     elif config.gguf_file:

@@ -45,8 +45,8 @@ log = logging.getLogger("testing")
 # The TestConfig fields Expander.from_run takes: decoding, query shaping and how the model is held. The
 # others say what the script expands, where it writes and what it scores.
 OPTIONS = ("num_candidates", "temperature", "select", "max_new_tokens", "no_repeat_ngram", "sampling_seed",
-           "query_form", "repeat_query", "query_weight", "feedback_terms", "device", "generation_form", "precision",
-           "queries_per_batch", "stock", "zero_shot")
+           "query_form", "repeat_query", "query_weight", "feedback_terms", "term_relatedness", "sbert_model", "device",
+           "generation_form", "precision", "queries_per_batch", "stock", "zero_shot")
 OPTIONS_HINT = "See `python testing_finetuned_model.py --help` (each option there is a keyword here)."
 
 

@@ -14,8 +14,8 @@ import textwrap
 from pathlib import Path
 
 from qexpand import data
-from qexpand.config import (INVOCATION_FIELDS, TestConfig, TrainConfig, numeric_problems,
-                            sampling_only_problems)
+from qexpand.config import (INVOCATION_FIELDS, SBERT_UNUSED, TestConfig, TrainConfig, numeric_problems,
+                            sampling_only_problems, sbert_picks)
 from qexpand.errors import UserError, fail_if_problems
 from qexpand.modeling import DEFAULT_MODEL, resolve_named_base
 from qexpand.options import flag_name, given_fields
@@ -65,24 +65,26 @@ RECIPES = {
 # recipe the run was trained with; options given on the command line win. repeat_query is K, the times the
 # query precedes its expansion in the expanded query; a query_weight above 0 sets K for each query instead,
 # so that the query's words make up about that share of the whole (topicfiles.query_repeats). The
-# retrieval recipe's settings were chosen on the shared collections (bench/RESULTS.md).
+# retrieval recipe's settings were chosen on the shared collections (bench/RESULTS.md): its feedback terms
+# weighed by their SBERT relatedness to the query, which keeps 0.7 of the weight (0.6 without relatedness).
 GREEDY_EXPANSION = {"num_candidates": 1, "select": None, "temperature": None, "max_new_tokens": 96,
                     "no_repeat_ngram": 0, "query_form": "query+expansion", "repeat_query": 1, "query_weight": 0.0,
-                    "feedback_terms": 0}
+                    "feedback_terms": 0, "term_relatedness": "none"}
 EXPANSION = {
     "default": GREEDY_EXPANSION,
     "original": GREEDY_EXPANSION,
     "retrieval": {"num_candidates": 8, "select": "join", "temperature": 0.7, "max_new_tokens": 96,
-                  "no_repeat_ngram": 4, "query_form": "feedback", "repeat_query": 1, "query_weight": 0.6,
-                  "feedback_terms": 50},
+                  "no_repeat_ngram": 4, "query_form": "feedback", "repeat_query": 1, "query_weight": 0.7,
+                  "feedback_terms": 50, "term_relatedness": "sbert"},
 }
 
 
 # --query-form feedback on a run whose recipe pastes its expansions: 20 terms (a greedy run has one candidate),
-# and the query keeps the retrieval recipe's share; the pasting recipes' query_weight of 0 means "repeat the
-# query K times" there, and in a feedback query it would drop the query's words.
+# and the query keeps the retrieval recipe's share and relatedness; the pasting recipes' query_weight of 0
+# means "repeat the query K times" there, and in a feedback query it would drop the query's words.
 DEFAULT_FEEDBACK_TERMS = 20
 DEFAULT_FEEDBACK_QUERY_WEIGHT = EXPANSION["retrieval"]["query_weight"]
+DEFAULT_FEEDBACK_RELATEDNESS = EXPANSION["retrieval"]["term_relatedness"]
 
 
 def expansion_defaults(run_dir) -> dict:
@@ -93,15 +95,21 @@ def expansion_defaults(run_dir) -> dict:
 def expansion_shape(recipe: dict, config: TestConfig) -> QueryShape:
     """How query and expansion make one query: each of the config's shaping options that was given (not
     None), else the recipe's. A given --repeat-query sets the query's share aside (query_weight 0), and only
-    the feedback form keeps terms."""
+    the feedback form keeps terms and weighs them by relatedness."""
     form = config.query_form or recipe["query_form"]
+    pasted_recipe = recipe["query_form"] != "feedback"
     query_weight = config.query_weight
-    if query_weight is None and form == "feedback" and recipe["query_form"] != "feedback":
+    if query_weight is None and form == "feedback" and pasted_recipe:
         query_weight = DEFAULT_FEEDBACK_QUERY_WEIGHT
     elif query_weight is None:
         query_weight = recipe["query_weight"] if config.repeat_query is None else 0.0
     terms = (config.feedback_terms or recipe["feedback_terms"] or DEFAULT_FEEDBACK_TERMS) if form == "feedback" else 0
-    return QueryShape(form, config.repeat_query or recipe["repeat_query"], query_weight, terms)
+    relatedness = "none"
+    if form == "feedback":
+        relatedness = config.term_relatedness or (DEFAULT_FEEDBACK_RELATEDNESS if pasted_recipe
+                                                  else recipe["term_relatedness"])
+    return QueryShape(form, config.repeat_query or recipe["repeat_query"], query_weight, terms, relatedness,
+                      config.sbert_model)
 
 
 # Compiling the transformer blocks cost each training.py process 42 s (64 s the first time on a machine) on
@@ -248,6 +256,11 @@ def settle_testing(config: TestConfig, trained: TrainConfig, base_model: str, gg
         problems.append("--precision fp32 cannot go with a 4-bit NF4 base, which always computes in bf16; add "
                         "--generation-form merged to generate with float32 weights")
     problems += sampling_only_problems(config, sampling)
+    picks = sbert_picks(dataclasses.replace(config, num_candidates=candidates,
+                                            select=config.select or recipe["select"]))
+    if config.sbert_model is not None and config.topics and not picks and shape.relatedness != "sbert":
+        problems.append(f"--sbert-model is unused with --topics here: {SBERT_UNUSED}, or weighs feedback terms with "
+                        "--query-form feedback and --term-relatedness sbert")
     fail_if_problems(problems, "See `python testing_finetuned_model.py --help`.")
     settled = dataclasses.replace(
         config, device=device, generation_form="merged" if form.merged else "nf4", precision=precision,
@@ -257,7 +270,7 @@ def settle_testing(config: TestConfig, trained: TrainConfig, base_model: str, gg
         temperature=(config.temperature or recipe["temperature"] or 0.7) if sampling else None,
         select=(config.select or recipe["select"] or "mbr") if sampling else None,
         format=config.format or "tsv", query_form=shape.form, repeat_query=shape.repeat,
-        query_weight=shape.query_weight, feedback_terms=shape.feedback_terms,
+        query_weight=shape.query_weight, feedback_terms=shape.feedback_terms, term_relatedness=shape.relatedness,
     )
     return settled, form
 
@@ -275,8 +288,8 @@ def expansion_form_problems(config: TestConfig, query_form: str) -> list[str]:
 
 def _form_problems(config: TestConfig, query_form: str) -> list[str]:
     came_from = "" if config.query_form else f" (the run's recipe expands topics with --query-form {query_form})"
-    shaping = [flag_name(n) for n in ("query_form", "repeat_query", "query_weight", "feedback_terms")
-               if getattr(config, n) is not None]
+    shaping = [flag_name(n) for n in ("query_form", "repeat_query", "query_weight", "feedback_terms",
+                                      "term_relatedness") if getattr(config, n) is not None]
     if config.format == "trec" and shaping:
         return [f"--format trec writes the query as the title and the expansion as the description, so "
                 f"{', '.join(shaping)} would change nothing: leave them out, or write --format tsv or jsonl"]
@@ -287,8 +300,9 @@ def _form_problems(config: TestConfig, query_form: str) -> list[str]:
         wrong = [flag_name(n) for n in ("repeat_query",) if getattr(config, n) is not None]
         return [f"{', '.join(wrong)} repeats the query before a pasted expansion, which the feedback form does not "
                 f"do{came_from}: leave it out and set the query's share with --query-weight"] if wrong else []
-    if config.feedback_terms is not None:
-        return [f"--feedback-terms only applies with --query-form feedback{came_from}"]
+    wrong = [flag_name(n) for n in ("feedback_terms", "term_relatedness") if getattr(config, n) is not None]
+    if wrong:
+        return [f"{', '.join(wrong)} only applies with --query-form feedback{came_from}"]
     return []
 
 

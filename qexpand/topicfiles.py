@@ -31,6 +31,8 @@ OUTPUT_FORMATS = ("tsv", "trec", "jsonl")
 # "expansion": the expansion alone; "query+expansion": the query repeated k times, then the expansion (query2doc);
 # "feedback": the query and a feedback model over the sampled candidates, as a weighted bag of words (qexpand.feedback).
 QUERY_FORMS = ("query+expansion", "expansion", "feedback")
+# What weighs a feedback term besides how many samples hold it: nothing, or its SBERT cosine with the query.
+TERM_RELATEDNESS = ("none", "sbert")
 TSV_HEADERS = {("qid", "query"), ("query_id", "query"), ("id", "query"), ("qid", "text"), ("query_id", "text")}
 SGML_TAG = re.compile(r"<(/?)(top|num|title|desc|narr)\b[^>]*>", re.IGNORECASE)
 # Labels that TREC topic files put after a tag (TREC-1 style "Topic:"); ir_datasets drops them too.
@@ -224,17 +226,21 @@ def query_repeats(query: str, expansion: str, query_weight: float) -> int:
 @dataclass(frozen=True)
 class QueryShape:
     """How a query and its expansion become the one query a toolkit runs: the test script's --query-form,
-    --repeat-query, --query-weight and --feedback-terms, decided once and passed on together."""
+    --repeat-query, --query-weight, --feedback-terms and --term-relatedness (with its --sbert-model),
+    decided once and passed on together."""
 
     form: str = "query+expansion"  # one of QUERY_FORMS
     repeat: int = 1  # times the query precedes a pasted expansion
     query_weight: float = 0.0  # the query's share of the words pasted (above 0: instead of repeat) or of the weights
     feedback_terms: int = 0  # the candidates' strongest terms in the feedback form
+    relatedness: str = "none"  # one of TERM_RELATEDNESS: what else weighs a feedback term
+    sbert_model: str | None = None  # the SBERT model of relatedness "sbert" (None: the default one)
 
     @classmethod
     def of(cls, config) -> QueryShape:
         """The shape a (settled) TestConfig asks for."""
-        return cls(config.query_form, config.repeat_query, config.query_weight, config.feedback_terms)
+        return cls(config.query_form, config.repeat_query, config.query_weight, config.feedback_terms,
+                   config.term_relatedness or "none", config.sbert_model)
 
     def problems(self) -> list[str]:
         problems = []
@@ -246,20 +252,24 @@ class QueryShape:
             problems.append(f"the query repetition {self.repeat} is negative")
         if not 0 <= self.query_weight < 1:
             problems.append(f"the query weight {self.query_weight} is outside [0, 1)")
+        if self.relatedness not in TERM_RELATEDNESS:
+            problems.append(f"the term relatedness '{self.relatedness}' is none of {', '.join(TERM_RELATEDNESS)}")
         return problems
 
     def query(self, query: str, expansion: str, candidates: list[str] | None = None) -> str:
         """The query a toolkit should run: the query `repeat` times (or as often as `query_weight` asks,
         when above 0), then the expansion; an empty expansion falls back to the query itself. The feedback
         form weighs the `feedback_terms` strongest terms of the candidates (the expansion alone without
-        them) against the query, which keeps `query_weight` of the weight."""
+        them) against the query, which keeps `query_weight` of the weight; with relatedness "sbert" a term's
+        weight is also multiplied by its SBERT cosine with the query."""
         query, expansion = data.normalise_whitespace(query), data.normalise_whitespace(expansion)
         if not expansion:
             return query
         if self.form == "feedback":
-            from qexpand.feedback import feedback_query
+            from qexpand.feedback import feedback_query, sbert_relatedness
 
-            return feedback_query(query, candidates or [expansion], self.feedback_terms, self.query_weight)
+            related = sbert_relatedness(self.sbert_model) if self.relatedness == "sbert" else None
+            return feedback_query(query, candidates or [expansion], self.feedback_terms, self.query_weight, related)
         if self.form == "expansion":
             return expansion
         repeat = query_repeats(query, expansion, self.query_weight) if self.query_weight else self.repeat

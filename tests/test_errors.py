@@ -161,6 +161,11 @@ def test_topic_file_that_cannot_be_downloaded(world, tiny_model, tmp_path):
     (("--run", "done", "--topics", "t.tsv", "--out", "x.tsv", "--query-weight", "0.5", "--repeat-query", "2"),
      "--query-weight and --repeat-query both say how often the query is repeated"),
     (("--run", "done", "--feedback-terms", "5"), "describe the output of --topics"),
+    (("--run", "done", "--term-relatedness", "none"), "describe the output of --topics"),
+    (("--run", "done", "--topics", "t.tsv", "--out", "x.tsv", "--term-relatedness", "sbert"),
+     "--term-relatedness only applies with --query-form feedback"),
+    (("--run", "done", "--topics", "t.tsv", "--out", "x.tsv", "--term-relatedness", "cosine"),
+     "invalid choice: 'cosine'"),
     (("--run", "done", "--topics", "t.tsv", "--out", "x.tsv", "--query-form", "expansion", "--query-weight", "0.5"),
      "there is no query to weigh or repeat"),
     (("--run", "done", "--topics", "t.tsv", "--out", "x.trec", "--format", "trec", "--query-weight", "0.5"),
@@ -175,21 +180,19 @@ def test_testing_bad_input(world, args, match):
 @pytest.mark.parametrize("flags, unused_with", [
     # each accepted set of flags, and the same request where the model would neither score nor pick
     ({"query": ["jazz"], "num_candidates": 2}, {"query": ["jazz"]}),  # it picks one of the sampled candidates
-    ({"topics": "topics.tsv", "out": "expanded.tsv", "num_candidates": 3, "select": "anchored"},
-     {"topics": "topics.tsv", "out": "expanded.tsv", "num_candidates": 3, "select": "join"}),
-    ({"topics": "topics.tsv", "out": "expanded.tsv", "select": "mbr"},  # the run's recipe says how many
-     {"topics": "topics.tsv", "out": "expanded.tsv"}),
     ({}, {"query": ["jazz"]}),  # the run's test split: it scores the expansions
     ({"test_datasets": ["clueweb09/catb/trec-web-2010"]}, {"query": ["jazz"]}),
 ])
 def test_sbert_model_is_accepted_where_it_scores_or_picks(flags, unused_with):
+    """Here before the run is read; with --topics, once its recipe has said how the topics are expanded
+    (tests/test_expander.py, and the command-line case above)."""
     from qexpand.config import TestConfig, validate_testing
     from qexpand.errors import UserError
 
     assert validate_testing(TestConfig(sbert_model="all-MiniLM-L6-v2", **flags)) is None
     validate_testing(TestConfig(**unused_with))  # fine without the model
     # Accepted because it scores or picks there: the same request with nothing to score or pick is refused.
-    with pytest.raises(UserError, match="--sbert-model is unused with --(query|topics)"):
+    with pytest.raises(UserError, match="--sbert-model is unused with --query"):
         validate_testing(TestConfig(sbert_model="all-MiniLM-L6-v2", **unused_with))
 
 

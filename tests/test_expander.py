@@ -77,9 +77,15 @@ def test_the_retrieval_recipe_expands_with_its_feedback_form(runs):
     candidates = expander.generate(QUERIES)
     assert [len(c) for c in candidates] == [8, 8]
     expanded = expander.expand(QUERIES)  # sampling is seeded: the same candidates again
-    shape = QueryShape("feedback", 1, settled.query_weight, settled.feedback_terms)
+    assert settled.term_relatedness == "sbert"
+    shape = QueryShape("feedback", 1, settled.query_weight, settled.feedback_terms, "sbert")
     assert expanded == [shape.query(q, " ".join(c), c) for q, c in zip(QUERIES, candidates)]
     assert all(set(q.split()) <= set(e.split()) for q, e in zip(QUERIES, expanded))
+    # An SBERT model named (here the default one, by its path) is accepted: it weighs the feedback terms.
+    from qexpand.metrics import default_sbert_model
+
+    named = Expander.from_run("retrieval", output_dir=runs, sbert_model=default_sbert_model(), **SHORT)
+    assert named.config.sbert_model == default_sbert_model() and named.expand(QUERIES) == expanded
 
 
 @pytest.mark.parametrize("options, match", [
@@ -89,6 +95,9 @@ def test_the_retrieval_recipe_expands_with_its_feedback_form(runs):
     ({"num_candidates": 0}, "--num-candidates must be positive"),
     ({"temperature": 0.5}, "only apply when sampling"),
     ({"query_form": "expansion", "query_weight": 0.5}, "there is no query to weigh or repeat"),
+    ({"term_relatedness": "cosine", "query_form": "feedback"}, "term_relatedness 'cosine' is none of sbert, none"),
+    # greedy, pasted: nothing for the SBERT model to do (with the feedback form it weighs the terms)
+    ({"sbert_model": "all-MiniLM-L6-v2"}, "--sbert-model is unused with --topics here"),
 ])
 def test_a_bad_option_is_one_user_error(runs, options, match):
     with pytest.raises(UserError, match=re.escape(match)):

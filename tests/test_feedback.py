@@ -60,3 +60,33 @@ def test_lucene_runs_the_written_bag_of_words_as_the_weighted_query(small_collec
     title, title_twice = searcher.search({"1": "jaguar"})["1"], searcher.search({"1": "jaguar jaguar habitat species"})["1"]
     assert twice["d0-0"] == pytest.approx(2 * title["d0-0"], abs=2e-4)  # distractors hold "jaguar" only
     assert title_twice["r0-0"] == pytest.approx(once["r0-0"] + title["r0-0"], abs=2e-4)
+
+
+def test_relatedness_multiplies_each_terms_weight_before_the_strongest_are_chosen():
+    # species is related twice as much as habitat: (5/6 x 0.25) against (1/6 x 0.5) -> 5/7 and 2/7
+    def related(query, words):
+        assert query == "jaguar"
+        return [{"habitat": 0.25, "species": 0.5, "zoo": -0.3}[w] for w in words]
+
+    weights = feedback.weighted_query("jaguar", SAMPLES, terms=5, query_weight=0.6, relatedness=related)
+    assert weights == pytest.approx({"jaguar": 0.6, "habitat": 0.4 * 5 / 7, "species": 0.4 * 2 / 7})
+    # A term unrelated to the query (cosine at or below 0) has no weight, even as the samples' strongest.
+    weights = feedback.weighted_query("jaguar", ["zoo zoo zoo species"], terms=5, query_weight=0.6, relatedness=related)
+    assert weights == pytest.approx({"jaguar": 0.6, "species": 0.4})
+    # With only unrelated terms the query is left as it is.
+    assert feedback.feedback_query("jaguar", ["zoo"], 5, 0.6, related) == "jaguar"
+
+
+def test_sbert_relatedness_ranks_topical_words_above_stock_ones_and_does_not_depend_on_order():
+    related = feedback.sbert_relatedness()  # all-MiniLM-L6-v2, the package beside requirements.txt
+    words = ["cholesterol", "tumor", "effects", "various", "oncology"]
+    cosines = dict(zip(words, related("breast cancer and cholesterol", words)))
+    assert min(cosines["cholesterol"], cosines["tumor"], cosines["oncology"]) > max(cosines["effects"],
+                                                                                        cosines["various"])
+    # A query's words are embedded together in sorted order: the same numbers in any order, and again.
+    assert related("breast cancer and cholesterol", words[::-1]) == [cosines[w] for w in words[::-1]]
+    assert feedback.sbert_relatedness() is related  # loaded once per process
+    shape = QueryShape("feedback", 1, 0.7, 5, "sbert")
+    samples = ["Various effects of cholesterol on breast tumor growth.", "Cholesterol and breast tumor cells."]
+    bag = shape.query("breast cancer and cholesterol", "joined", samples).split()
+    assert bag.count("tumor") > bag.count("effects") and bag.count("cholesterol") > bag.count("tumor")

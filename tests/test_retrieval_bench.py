@@ -121,6 +121,8 @@ def test_the_whole_pipeline_on_a_tiny_model(tmp_path, tiny_model):
     ({"repeat_query": 2}, "--repeat-query repeats the query before a pasted expansion"),  # the recipe's feedback form
     ({"query_weight": 1.0}, "--query-weight must be in [0, 1)"),
     ({"query_form": "query+expansion", "repeat_query": 0}, "--repeat-query must be positive"),
+    ({"query_form": "query+expansion", "term_relatedness": "sbert"},
+     "--term-relatedness only applies with --query-form feedback"),
 ])
 def test_the_bench_refuses_query_options_as_the_test_script_does(options, expected):
     import argparse
@@ -129,9 +131,9 @@ def test_the_bench_refuses_query_options_as_the_test_script_does(options, expect
     from qexpand.errors import UserError
     from qexpand.recipes import EXPANSION
 
-    args = argparse.Namespace(**{"query_form": None, "repeat_query": None, "query_weight": None,
-                                 "feedback_terms": None, **options})
+    unset = {"query_form": None, "repeat_query": None, "query_weight": None, "feedback_terms": None,
+             "term_relatedness": None}
     with pytest.raises(UserError, match=re.escape(expected)):
-        checked_shape(args, EXPANSION["retrieval"])
-    assert checked_shape(argparse.Namespace(query_form=None, repeat_query=None, query_weight=0.3, feedback_terms=10),
-                         EXPANSION["retrieval"]) == QueryShape("feedback", 1, 0.3, 10)
+        checked_shape(argparse.Namespace(**{**unset, **options}), EXPANSION["retrieval"])
+    given = argparse.Namespace(**{**unset, "query_weight": 0.3, "feedback_terms": 10, "term_relatedness": "none"})
+    assert checked_shape(given, EXPANSION["retrieval"]) == QueryShape("feedback", 1, 0.3, 10)
