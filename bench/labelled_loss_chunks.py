@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from qexpand.accel.labelled_loss import CHUNK_LOGITS, IGNORE_INDEX, chunked_token_loss  # noqa: E402
+from qexpand.accel.labelled_loss import (CHUNK_LOGITS, IGNORE_INDEX, chunked_token_loss,  # noqa: E402
+                                         positions_per_chunk)
 from qexpand.runfiles import atomic_write_json  # noqa: E402
 
 # (width, vocabulary) of each base's output layer
@@ -92,7 +93,7 @@ def measure_head(name: str, args) -> dict:
     head, states, labels, dtype = inputs(width, vocabulary, args)
     scored = int((labels[:, 1:] != IGNORE_INDEX).sum())
     with torch.no_grad():  # the chunked loss must be the stock one before its time means anything
-        summed, count = chunked_token_loss(states, labels, head, None, max(1, 2**args.chunks[0] // vocabulary), dtype)
+        summed, count = chunked_token_loss(states, labels, head, None, positions_per_chunk(2**args.chunks[0], vocabulary), dtype)
         difference = abs(float(summed / count) - float(stock_loss(states, labels, head)))
 
     def stock():
@@ -101,7 +102,7 @@ def measure_head(name: str, args) -> dict:
 
     rows = {"stock": timed(stock, args.device, args.repeats)}
     for power in args.chunks:
-        chunk = max(1, 2**power // vocabulary)
+        chunk = positions_per_chunk(2**power, vocabulary)
 
         def chunked(chunk=chunk):
             summed, count = chunked_token_loss(states, labels, head, None, chunk, dtype)

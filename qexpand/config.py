@@ -149,6 +149,8 @@ def validate_training(config: TrainConfig) -> None:
 
 EXPAND, GENERATION, SCORES = "what to expand", "generation", "scores"
 RETRIEVAL = "expand a topic file for retrieval toolkits (no scores)"
+# What weighs a feedback term besides how many samples hold it: its SBERT cosine with the query, or nothing.
+TERM_RELATEDNESS = ("sbert", "none")
 TOPIC_OUTPUT_FIELDS = ("out", "format", "query_form", "repeat_query", "query_weight", "feedback_terms",
                        "term_relatedness")
 
@@ -193,7 +195,7 @@ class TestConfig:
                                           "term's weight by its cosine with the query under the SBERT model "
                                           "(--sbert-model), so the samples' topical terms outweigh their stock "
                                           "words; none weighs by the samples alone (default: sbert)", RETRIEVAL,
-                                          choices=("sbert", "none"))
+                                          choices=TERM_RELATEDNESS)
     model: str | None = option(None, "a local copy of the run's base model (hub id or folder); default: the "
                                "one recorded in the run", MODEL)
     gguf_file: str | None = option(None, "GGUF file inside --model", MODEL)

@@ -43,9 +43,14 @@ def chunked_token_loss(hidden: torch.Tensor, labels: torch.Tensor, head, softcap
     return total, scored.sum()
 
 
+def positions_per_chunk(logits: int, vocabulary: int) -> int:
+    """Positions whose logits make at most `logits` numbers (at least one position)."""
+    return max(1, logits // vocabulary)
+
+
 def default_chunk(device_type: str, vocabulary: int) -> int:
     """Positions a chunk takes on this kind of device (CHUNK_LOGITS; other accelerators as CUDA)."""
-    return max(1, CHUNK_LOGITS["cpu" if device_type == "cpu" else "cuda"] // vocabulary)
+    return positions_per_chunk(CHUNK_LOGITS["cpu" if device_type == "cpu" else "cuda"], vocabulary)
 
 
 def _summed_loss(states, targets, head, softcap, dtype):
