@@ -16,8 +16,12 @@ the title, qexpand.feedback; --query-form, --query-weight, --feedback-terms, --t
   finetuned      title + the fine-tuned expansion
   rm3            BM25+RM3 (pseudo-relevance feedback) on the title: the classical expansion
   finetuned_rm3  BM25+RM3 on the title + fine-tuned expansion
-Per collection and pooled over all topics, every compared pair gets the mean difference, a 95% bootstrap
-interval and the p of a paired randomization test (10,000 resamples, no correction for multiple pairs).
+  selective      finetuned_rm3 for titles of at most 4 distinct content words, finetuned for longer ones
+                 (on the development collections RM3 over the expansion helped keyword titles, hurt long requests)
+Per collection, pooled over all topics and pooled by title length (distinct content words: 1, 2, 3-4, 5 or
+more; keyword titles and long requests gain from different rows), every compared pair gets the mean
+difference, a 95% bootstrap interval and the p of a paired randomization test (10,000 resamples, no
+correction for multiple pairs).
 Writes --out (JSON) and the same name with .md (the tables).
 """
 
@@ -43,16 +47,20 @@ from qexpand import retrieval  # noqa: E402
 from qexpand.config import TERM_RELATEDNESS, TestConfig  # noqa: E402
 from qexpand.errors import UserError, fail_if_problems, run_cli  # noqa: E402
 from qexpand.expandtopics import journal_path  # noqa: E402
+from qexpand.feedback import query_weights  # noqa: E402
 from qexpand.metrics import TEMPLATE_BASELINE  # noqa: E402
 from qexpand.recipes import EXPANSION, expansion_defaults, expansion_form_problems, expansion_shape  # noqa: E402
 from qexpand.runcheck import read_record  # noqa: E402
 from qexpand.rundir import atomic_write_json, atomic_write_text  # noqa: E402
 from qexpand.topicfiles import QUERY_FORMS, QueryShape, candidate_texts  # noqa: E402
 
-FORMS = ("title", "template", "zero_shot", "finetuned", "rm3", "finetuned_rm3")
+FORMS = ("title", "template", "zero_shot", "finetuned", "rm3", "finetuned_rm3", "selective")
 PAIRS = (("finetuned", "title"), ("finetuned", "template"), ("finetuned", "zero_shot"), ("finetuned", "rm3"),
          ("template", "title"), ("zero_shot", "title"), ("rm3", "title"), ("finetuned_rm3", "rm3"),
-         ("finetuned_rm3", "title"))
+         ("finetuned_rm3", "title"), ("selective", "rm3"), ("selective", "title"))
+SELECTIVE_RM3_WORDS = 4  # the selective row runs RM3 over the expansion for titles this short or shorter
+# (name, fewest, most) distinct content words of a title; None: no upper bound
+LENGTH_GROUPS = (("1", 1, 1), ("2", 2, 2), ("3-4", 3, 4), ("5+", 5, None))
 QID_JOIN = "__"  # collection and topic id in one query id, so all topics are expanded in one pass
 
 
@@ -184,6 +192,8 @@ def score_collection(collection: retrieval.Collection, topics: dict[str, str], e
     runs = {form: searcher.search(texts) for form, texts in queries.items()}
     runs["rm3"] = searcher.search(queries["title"], rm3=True)
     runs["finetuned_rm3"] = searcher.search(queries["finetuned"], rm3=True)
+    runs["selective"] = {q: runs["finetuned_rm3" if title_length(t) <= SELECTIVE_RM3_WORDS else "finetuned"][q]
+                         for q, t in topics.items()}
     qrels, qids = collection.qrels(), list(topics)
     return {form: retrieval.per_query(runs[form], qrels, qids) for form in FORMS}
 
@@ -194,6 +204,43 @@ def summary(scores: dict[str, dict[str, np.ndarray]], seed: int) -> dict:
     paired = {f"{a}_vs_{b}": {m: retrieval.paired(scores[a][m], scores[b][m], seed) for m in retrieval.MEASURES}
               for a, b in PAIRS}
     return {"n_topics": n_topics, "rows": rows, "paired": paired}
+
+
+def title_length(title: str) -> int:
+    """Distinct content words of a title (all its words if none is one)."""
+    return max(1, len(query_weights(title)))
+
+
+def length_group(title: str) -> str:
+    """The LENGTH_GROUPS name of a title."""
+    n = title_length(title)
+    return next(name for name, fewest, most in LENGTH_GROUPS if n >= fewest and (most is None or n <= most))
+
+
+def by_title_length(scores: dict[str, dict[str, np.ndarray]], titles: list[str], seed: int) -> dict:
+    """summary() of the pooled topics of each length group that has any; `titles` in the scores' order."""
+    groups = np.array([length_group(t) for t in titles])
+    parts = {}
+    for name, _, _ in LENGTH_GROUPS:
+        keep = groups == name
+        if keep.any():
+            parts[name] = summary({form: {m: v[keep] for m, v in by_measure.items()}
+                                   for form, by_measure in scores.items()}, seed)
+    return parts
+
+
+def length_table(parts: dict) -> list[str]:
+    """One markdown row per length group: nDCG@10 / MAP of the main rows and the two differences that decide."""
+    forms, pairs = ("title", "finetuned", "rm3", "finetuned_rm3"), ("finetuned_vs_title", "finetuned_vs_rm3")
+    lines = ["## pooled by title length (distinct content words), nDCG@10 / MAP", "",
+             "| length | topics | " + " | ".join(forms) + " | " + " | ".join(p.replace("_vs_", " - ") + " (p)" for p in pairs)
+             + " |", "|---|" + "---|" * (1 + len(forms) + len(pairs))]
+    for name, part in parts.items():
+        rows = [f"{part['rows'][f]['nDCG@10']:.4f} / {part['rows'][f]['AP']:.4f}" for f in forms]
+        diffs = [" / ".join(f"{part['paired'][p][m]['diff']:+.4f} ({part['paired'][p][m]['p']:.2g})"
+                            for m in ("nDCG@10", "AP")) for p in pairs]
+        lines.append(f"| {name} | {part['n_topics']} | " + " | ".join(rows + diffs) + " |")
+    return lines + [""]
 
 
 def markdown(report: dict) -> str:
@@ -212,7 +259,7 @@ def markdown(report: dict) -> str:
             cells = [f"{d['diff']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] ({d['p']:.3g})" for d in by_measure.values()]
             lines.append(f"| {pair.replace('_vs_', ' - ')} | " + " | ".join(cells) + " |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + length_table(report["by_title_length"]))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -243,7 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
                               "expansion": expansion_peak},
               "query_weighting": describe_shape(shape), "expansion": decoding(work / "finetuned.jsonl"),
               "collections": {name: summary(s, args.seed) for name, s in scores.items()},
-              "pooled": summary(pooled, args.seed)}
+              "pooled": summary(pooled, args.seed),
+              "by_title_length": by_title_length(pooled, [t for c in scores for t in topics[c].values()], args.seed)}
     report["seconds"] = round(time.perf_counter() - started, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -163,11 +163,11 @@ def per_query(run: dict, qrels: dict, qids: list[str]) -> dict[str, np.ndarray]:
 
 def paired(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
     """Mean of a - b over the same queries, its 95% bootstrap interval, and the two-sided p of a paired
-    randomization test (sign flips of the per-query differences)."""
+    randomization test (sign flips of the per-query differences). One query admits no test: p is 1."""
     from scipy.stats import permutation_test
 
     diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    if np.allclose(diff, 0):
+    if len(diff) < 2 or np.allclose(diff, 0):
         p = 1.0
     else:
         p = float(permutation_test((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), permutation_type="samples",

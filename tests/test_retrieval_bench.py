@@ -107,12 +107,42 @@ def test_the_whole_pipeline_on_a_tiny_model(tmp_path, tiny_model):
     assert (recorded["recipe"], recorded["target"]) == ("retrieval", "description+narrative")
     for part in (report["collections"]["animals"], report["pooled"]):
         assert part["n_topics"] == len(WORDS)
-        assert set(part["rows"]) == {"title", "template", "zero_shot", "finetuned", "rm3", "finetuned_rm3"}
+        assert set(part["rows"]) == {"title", "template", "zero_shot", "finetuned", "rm3", "finetuned_rm3", "selective"}
+        assert part["rows"]["selective"] == part["rows"]["finetuned_rm3"]  # every title is one word: RM3 over it
         assert set(part["rows"]["title"]) == {"nDCG@10", "AP", "R@1000"}
         pair = part["paired"]["finetuned_vs_title"]["AP"]
         assert pair["ci"][0] <= pair["diff"] <= pair["ci"][1] and 0 <= pair["p"] <= 1
     assert report["pooled"]["rows"] == report["collections"]["animals"]["rows"]  # one collection: pooled is it
+    assert set(report["by_title_length"]) == {"1"}  # one-word titles only
+    assert report["by_title_length"]["1"]["rows"] == report["pooled"]["rows"]
     assert "## pooled" in out.with_suffix(".md").read_text()
+    assert "| 1 | 12 |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("title, group", [
+    ("antinutrients", "1"), ("titanium dioxide", "2"), ("the who", "2"),  # stopwords only: every word counts
+    ("Is Coconut Milk Good For You?", "3-4"), ("coconut coconut milk", "2"),  # distinct words
+    ("Vitamin D: Shedding some light on the new recommendations", "5+"),
+])
+def test_titles_are_grouped_by_their_distinct_content_words(title, group):
+    from bench.retrieval import length_group
+
+    assert length_group(title) == group
+
+
+def test_the_length_groups_summarise_only_their_own_topics():
+    from bench.retrieval import FORMS, by_title_length
+
+    titles = ["apple", "red apple", "apple", "big red apple tree farm"]
+    values = np.array([0.1, 0.2, 0.3, 0.4])
+    scores = {form: {m: values + i for m in retrieval.MEASURES} for i, form in enumerate(FORMS)}
+    parts = by_title_length(scores, titles, seed=0)
+    assert list(parts) == ["1", "2", "5+"]  # no 3-4 word title, no group
+    assert [parts[g]["n_topics"] for g in parts] == [2, 1, 1]
+    assert parts["1"]["rows"]["title"]["AP"] == pytest.approx(0.2)
+    assert parts["5+"]["rows"]["finetuned"]["AP"] == pytest.approx(0.4 + FORMS.index("finetuned"))
+    assert parts["1"]["paired"]["finetuned_vs_title"]["AP"]["diff"] == pytest.approx(FORMS.index("finetuned"))
+    assert parts["2"]["paired"]["finetuned_vs_title"]["AP"]["p"] == 1.0  # one topic: no test
 
 
 @pytest.mark.parametrize("options, expected", [
