@@ -121,13 +121,9 @@ class SbertRelatedness:
     depend on which queries came before it or in which process it is formed."""
 
     def __init__(self, model: str | None = None):
-        from sentence_transformers import SentenceTransformer
+        from qexpand.metrics import load_sbert
 
-        from qexpand.metrics import default_sbert_model
-        from qexpand.modeling import no_progress_bars
-
-        with no_progress_bars():
-            self.model = SentenceTransformer(model or default_sbert_model(), device="cpu")
+        self.model = load_sbert(model, "cpu")
 
     def _embed(self, texts: list[str]):
         return self.model.encode(texts, batch_size=256, convert_to_numpy=True, normalize_embeddings=True,

@@ -35,17 +35,23 @@ def default_sbert_model() -> str:
         return SBERT_HUB_ID
 
 
+def load_sbert(sbert_model: str | None = None, device: str = "cpu"):
+    """The sentence-transformers model (default_sbert_model() unless named), loaded without progress bars."""
+    from sentence_transformers import SentenceTransformer
+
+    from qexpand.modeling import no_progress_bars
+
+    with no_progress_bars():  # the library's "Loading weights" bar for a model that loads in a second
+        return SentenceTransformer(sbert_model or default_sbert_model(), device=device)
+
+
 class Scorer:
     """Holds the SBERT model once; scores many (candidate, reference) lists."""
 
     def __init__(self, sbert_model: str | None = None, device: str = "cpu"):
         from rouge_score import rouge_scorer
-        from sentence_transformers import SentenceTransformer
 
-        from qexpand.modeling import no_progress_bars
-
-        with no_progress_bars():  # the library's "Loading weights" bar for a model that loads in a second
-            self.sbert = SentenceTransformer(sbert_model or default_sbert_model(), device=device)
+        self.sbert = load_sbert(sbert_model, device)
         self.rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
     def embed(self, texts: list[str]) -> np.ndarray:
