@@ -10,6 +10,7 @@ Other uses:
     python testing_finetuned_model.py --query "internet privacy" --query "hubble telescope"
     python testing_finetuned_model.py --test-datasets clueweb09/catb/trec-web-2010   # another topic set
     python testing_finetuned_model.py --topics topics.tsv --out expanded.tsv        # for pyserini / PyTerrier
+    python testing_finetuned_model.py --topics topics.tsv --out expanded.tsv --rm3-split 4   # + which need RM3
     accelerate launch --num_processes 4 testing_finetuned_model.py --topics big.tsv --out expanded.tsv  # 4 GPUs
 
 Everything about the run (base model, prompt, split, quantization, precision) is read from its run
@@ -133,7 +134,8 @@ def expand_topic_file(config: TestConfig, topics: list[QueryTopic], model, token
         return topic_expansions(model, tokenizer, template, queries, config, scorer, decoder)
 
     records = expand_topics(topics, expand_batch, config.out, config.format, QueryShape.of(config),
-                            batch_size=config.queries_per_batch, settings=topic_settings(config, run_dir))
+                            batch_size=config.queries_per_batch, settings=topic_settings(config, run_dir),
+                            rm3_split=config.rm3_split)
     return {"run": str(run_dir), "evaluation": "topics", "out": config.out, "expansions": records}
 
 
@@ -162,7 +164,7 @@ def expand_topic_file_sharded(config: TestConfig, processes: Processes) -> dict:
             topics = read_topics(c.topics)
             decoder = stack.enter_context(greedy_decoding(c))
             job = open_shard(topics, c.out, processes.shard, c.queries_per_batch, topic_settings(c, run.run_dir),
-                             c.format, QueryShape.of(c))
+                             c.format, QueryShape.of(c), c.rm3_split)
             return run, topics, decoder, job
 
         run, topics, decoder, job = processes.together(start)
@@ -184,7 +186,7 @@ def expand_topic_file_sharded(config: TestConfig, processes: Processes) -> dict:
     records = None
     if processes.is_main:
         records = merge_shards(topics, c.out, processes.shard.count, c.queries_per_batch, expanded_now, c.format,
-                               QueryShape.of(c), job.settings)
+                               QueryShape.of(c), job.settings, c.rm3_split)
     return {"run": str(run.run_dir), "evaluation": "topics", "out": c.out, "expansions": records}
 
 

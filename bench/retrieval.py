@@ -44,10 +44,10 @@ if str(REPO) not in sys.path:
 
 import training  # noqa: E402
 from qexpand import retrieval  # noqa: E402
-from qexpand.config import TERM_RELATEDNESS, TestConfig  # noqa: E402
+from qexpand.config import RM3_TITLE_WORDS, TERM_RELATEDNESS, TestConfig  # noqa: E402
 from qexpand.errors import UserError, fail_if_problems, run_cli  # noqa: E402
 from qexpand.expandtopics import journal_path  # noqa: E402
-from qexpand.feedback import query_weights  # noqa: E402
+from qexpand.feedback import title_length  # noqa: E402
 from qexpand.metrics import TEMPLATE_BASELINE  # noqa: E402
 from qexpand.recipes import EXPANSION, expansion_defaults, expansion_form_problems, expansion_shape  # noqa: E402
 from qexpand.runcheck import read_record  # noqa: E402
@@ -58,7 +58,6 @@ FORMS = ("title", "template", "zero_shot", "finetuned", "rm3", "finetuned_rm3", 
 PAIRS = (("finetuned", "title"), ("finetuned", "template"), ("finetuned", "zero_shot"), ("finetuned", "rm3"),
          ("template", "title"), ("zero_shot", "title"), ("rm3", "title"), ("finetuned_rm3", "rm3"),
          ("finetuned_rm3", "title"), ("selective", "rm3"), ("selective", "title"))
-SELECTIVE_RM3_WORDS = 4  # the selective row runs RM3 over the expansion for titles this short or shorter
 # (name, fewest, most) distinct content words of a title; None: no upper bound
 LENGTH_GROUPS = (("1", 1, 1), ("2", 2, 2), ("3-4", 3, 4), ("5+", 5, None))
 QID_JOIN = "__"  # collection and topic id in one query id, so all topics are expanded in one pass
@@ -192,7 +191,8 @@ def score_collection(collection: retrieval.Collection, topics: dict[str, str], e
     runs = {form: searcher.search(texts) for form, texts in queries.items()}
     runs["rm3"] = searcher.search(queries["title"], rm3=True)
     runs["finetuned_rm3"] = searcher.search(queries["finetuned"], rm3=True)
-    runs["selective"] = {q: runs["finetuned_rm3" if title_length(t) <= SELECTIVE_RM3_WORDS else "finetuned"][q]
+    # The parts --rm3-split writes: RM3 over the expansion for short titles, the expansion alone for the rest.
+    runs["selective"] = {q: runs["finetuned_rm3" if title_length(t) <= RM3_TITLE_WORDS else "finetuned"][q]
                          for q, t in topics.items()}
     qrels, qids = collection.qrels(), list(topics)
     return {form: retrieval.per_query(runs[form], qrels, qids) for form in FORMS}
@@ -204,11 +204,6 @@ def summary(scores: dict[str, dict[str, np.ndarray]], seed: int) -> dict:
     paired = {f"{a}_vs_{b}": {m: retrieval.paired(scores[a][m], scores[b][m], seed) for m in retrieval.MEASURES}
               for a, b in PAIRS}
     return {"n_topics": n_topics, "rows": rows, "paired": paired}
-
-
-def title_length(title: str) -> int:
-    """Distinct content words of a title (all its words if none is one)."""
-    return max(1, len(query_weights(title)))
 
 
 def length_group(title: str) -> str:

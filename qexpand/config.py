@@ -152,7 +152,10 @@ RETRIEVAL = "expand a topic file for retrieval toolkits (no scores)"
 # What weighs a feedback term besides how many samples hold it: its SBERT cosine with the query, or nothing.
 TERM_RELATEDNESS = ("sbert", "none")
 TOPIC_OUTPUT_FIELDS = ("out", "format", "query_form", "repeat_query", "query_weight", "feedback_terms",
-                       "term_relatedness")
+                       "term_relatedness", "rm3_split")
+# Titles of at most this many distinct content words gain from RM3 over their expansion, longer ones lose:
+# the split of --rm3-split that the retrieval bench's selective row uses (bench/RESULTS.md).
+RM3_TITLE_WORDS = 4
 
 
 @dataclass
@@ -196,6 +199,10 @@ class TestConfig:
                                           "(--sbert-model), so the samples' topical terms outweigh their stock "
                                           "words; none weighs by the samples alone (default: sbert)", RETRIEVAL,
                                           choices=TERM_RELATEDNESS)
+    rm3_split: int | None = option(None, "also write the topics in two parts named after --out (expanded.rm3.tsv, "
+                                   "expanded.plain.tsv): those whose query has at most N distinct content words, to "
+                                   "search with RM3 over the expansion, and the rest, to search with the expansion "
+                                   f"alone (the bench's selective row: N = {RM3_TITLE_WORDS})", RETRIEVAL, metavar="N")
     model: str | None = option(None, "a local copy of the run's base model (hub id or folder); default: the "
                                "one recorded in the run", MODEL)
     gguf_file: str | None = option(None, "GGUF file inside --model", MODEL)
@@ -270,17 +277,20 @@ def validate_testing(config: TestConfig) -> None:
     from qexpand.modeling import check_model_source
 
     # The query-shaping options are checked with the run's recipe (recipes.expansion_form_problems).
-    problems = numeric_problems(config, ("queries_per_batch", "max_new_tokens", "num_candidates", "temperature"),
-                                non_negative=("no_repeat_ngram",))
+    problems = numeric_problems(config, ("queries_per_batch", "max_new_tokens", "num_candidates", "temperature",
+                                         "rm3_split"), non_negative=("no_repeat_ngram",))
     if config.topics is not None:
         if config.out is None:
             problems.append("--topics needs --out, the file to write (- for standard output)")
+        elif config.out == "-" and config.rm3_split is not None:
+            problems.append("--rm3-split writes two files named after --out, so --out cannot be - (standard output)")
         others = [flag_name(n) for n in ("query", "test_datasets", "split_part", "baseline") if getattr(config, n)]
         if others:
             problems.append(f"--topics expands a topic file, so it cannot go with {', '.join(others)}")
     elif any(getattr(config, n) is not None for n in TOPIC_OUTPUT_FIELDS) or config.zero_shot:
         problems.append("--out, --format, --query-form, --repeat-query, --query-weight, --feedback-terms, "
-                        "--term-relatedness and --zero-shot describe the output of --topics; give --topics too")
+                        "--term-relatedness, --rm3-split and --zero-shot describe the output of --topics; give --topics "
+                        "too")
     if config.query is not None:
         if any(not q.strip() for q in config.query):
             problems.append("--query got an empty or whitespace-only query; give the words to expand")

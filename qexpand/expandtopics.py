@@ -31,6 +31,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from qexpand.errors import UserError
+from qexpand.feedback import title_length
 from qexpand.runfiles import write_failed
 from qexpand.topicfiles import (OUTPUT_FORMATS, STDIO, QueryShape, QueryTopic, candidate_texts, check_tsv_ids,
                                 jsonl_text, trec_text, tsv_text, write_output)
@@ -141,15 +142,23 @@ def _check_reused(records: dict[str, dict], topics: list[QueryTopic], path: Path
             )
 
 
-def _check_output(out: str, output_format: str, shape: QueryShape) -> None:
+def rm3_split_paths(out: str) -> tuple[Path, Path]:
+    """Where --rm3-split writes its two parts: expanded.rm3.tsv and expanded.plain.tsv for expanded.tsv."""
+    path = Path(out)
+    return tuple(path.with_suffix(f".{part}{path.suffix}") for part in ("rm3", "plain"))
+
+
+def _check_output(out: str, output_format: str, shape: QueryShape, rm3_split: int | None = None) -> None:
     problems = []
     if output_format not in OUTPUT_FORMATS:
         problems.append(f"the format '{output_format}' is none of {', '.join(OUTPUT_FORMATS)}")
     problems += shape.problems()
+    if rm3_split is not None and (out == STDIO or rm3_split < 1):
+        problems.append(f"the split at {rm3_split} words needs an output file and at least 1 word")
+    paths = [out] + ([str(p) for p in rm3_split_paths(out)] if rm3_split is not None and out != STDIO else [])
     if out != STDIO and not Path(out).parent.is_dir():
         problems.append(f"the output folder {Path(out).parent} does not exist")
-    if out != STDIO and Path(out).is_dir():
-        problems.append(f"the output {out} is a folder")
+    problems += [f"the output {path} is a folder" for path in paths if path != STDIO and Path(path).is_dir()]
     if problems:
         raise UserError("cannot write the expanded topics: " + "; ".join(problems) + ".")
 
@@ -164,11 +173,26 @@ def render(records: list[dict], output_format: str, shape: QueryShape) -> str:
     return jsonl_text([{**r, "expanded_query": q} for r, q in zip(records, queries)])
 
 
+def write_outputs(records: list[dict], out: str, output_format: str, shape: QueryShape,
+                  rm3_split: int | None = None) -> str:
+    """`out`, and with a split its two parts by query length; returns what was written, for the log."""
+    write_output(render(records, output_format, shape), out)
+    if rm3_split is None:
+        return f"{out if out != STDIO else 'stdout'} ({output_format})"
+    short = [title_length(r["query"]) <= rm3_split for r in records]
+    parts = rm3_split_paths(out)
+    for path, wanted in zip(parts, (True, False)):
+        write_output(render([r for r, s in zip(records, short) if s == wanted], output_format, shape), str(path))
+    return (f"{out} ({output_format}), {parts[0]} ({sum(short)} topics of at most {rm3_split} content words: search "
+            f"them with RM3) and {parts[1]} ({len(short) - sum(short)} longer: search them without)")
+
+
 def _checked_journal(topics: list[QueryTopic], out: str, journal: Path | None, settings: dict | None,
-                     split: dict | None, output_format: str, shape: QueryShape) -> tuple[dict, dict[str, dict]]:
+                     split: dict | None, output_format: str, shape: QueryShape,
+                     rm3_split: int | None = None) -> tuple[dict, dict[str, dict]]:
     """Before any generation: the output checked, then the journal (None: none) read and checked to hold
     these topics. Returns the settings as the journal gives them back (tuples as lists) and its records."""
-    _check_output(out, output_format, shape)
+    _check_output(out, output_format, shape, rm3_split)
     if output_format == "tsv":
         check_tsv_ids([t.query_id for t in topics])  # before hours of generation, not after
     settings = json.loads(json.dumps(settings or {}))
@@ -186,15 +210,17 @@ def expand_topics(
     batch_size: int = 32,
     journal: Path | None = None,
     settings: dict | None = None,
+    rm3_split: int | None = None,
 ) -> list[dict]:
     """Expand `topics` with `expand_batch`, resuming from the journal; write `out` ('-': stdout).
 
     journal: defaults to `journal_path(out)` (none for stdout, which then never resumes).
     settings: what made the expansions (run, decoding); a journal written with other settings is refused.
+    rm3_split: also write the topics in two parts by query length (`write_outputs`).
     Returns the records in the order of `topics`; progress and messages go to stderr only.
     """
     journal = Path(journal) if journal is not None else journal_path(out)
-    settings, done = _checked_journal(topics, out, journal, settings, None, output_format, shape)
+    settings, done = _checked_journal(topics, out, journal, settings, None, output_format, shape, rm3_split)
     todo = [t for t in topics if t.query_id not in done]
     handle = open(journal, "a", encoding="utf-8") if journal else None
     try:
@@ -213,11 +239,10 @@ def expand_topics(
         if handle:
             handle.close()
     finished = [done[t.query_id] for t in topics]
-    write_output(render(finished, output_format, shape), out)
+    written = write_outputs(finished, out, output_format, shape, rm3_split)
     _note_integer_ids(topics, output_format)
     reused = f", {len(topics) - len(todo)} taken from {journal}" if len(todo) < len(topics) else ""
-    print(f"{len(topics)} topics: {len(todo)} expanded now{reused}; wrote {out if out != STDIO else 'stdout'} "
-          f"({output_format}).", file=sys.stderr)
+    print(f"{len(topics)} topics: {len(todo)} expanded now{reused}; wrote {written}.", file=sys.stderr)
     return finished
 
 
@@ -246,14 +271,15 @@ def sharding_problems(topics_source: str, out: str) -> list[str]:
 
 
 def open_shard(topics: list[QueryTopic], out: str, shard: Shard, batch_size: int, settings: dict | None = None,
-               output_format: str = "tsv", shape: QueryShape = QueryShape()) -> ShardJob:
+               output_format: str = "tsv", shape: QueryShape = QueryShape(),
+               rm3_split: int | None = None) -> ShardJob:
     """Check the output and read this process's journal, before any model loads (every process checks
     the output alike; each reads its own journal, cutting a torn last line off it)."""
     if out == STDIO:
         raise UserError("cannot write the expanded topics: " + sharding_problems("", out)[0] + ".")
     journal = shard_journal_path(out, shard)
     settings, done = _checked_journal(topics, out, journal, settings, _split_record(topics, batch_size, shard),
-                                      output_format, shape)
+                                      output_format, shape, rm3_split)
     return ShardJob(topics, shard, batch_size, settings, journal, done)
 
 
@@ -283,7 +309,7 @@ def expand_shard(job: ShardJob, expand_batch: ExpandBatch) -> int:
 
 def merge_shards(topics: list[QueryTopic], out: str, processes: int, batch_size: int, expanded_now: int,
                  output_format: str = "tsv", shape: QueryShape = QueryShape(),
-                 settings: dict | None = None) -> list[dict]:
+                 settings: dict | None = None, rm3_split: int | None = None) -> list[dict]:
     """The main process, once every process has finished its share: read all shard journals and write
     `out` exactly as one process would. `expanded_now`: topics expanded in this run, all processes together.
     Returns the records in input order."""
@@ -300,13 +326,13 @@ def merge_shards(topics: list[QueryTopic], out: str, processes: int, batch_size:
         raise UserError(f"the shard journals beside {out} lack {len(missing)} of {len(topics)} topics (the first: "
                         f"'{missing[0]}') although every process finished; run the same command again.")
     finished = [done[t.query_id] for t in topics]
-    write_output(render(finished, output_format, shape), out)
+    written = write_outputs(finished, out, output_format, shape, rm3_split)
     _note_integer_ids(topics, output_format)
     pattern = Path(out).with_suffix(f".journal.shard-*-of-{processes}.jsonl")
     reused = len(topics) - expanded_now
     taken = f", {reused} taken from the shard journals {pattern}" if reused else ""
-    print(f"{len(topics)} topics in {processes} processes: {expanded_now} expanded now{taken}; wrote {out} "
-          f"({output_format}).", file=sys.stderr)
+    print(f"{len(topics)} topics in {processes} processes: {expanded_now} expanded now{taken}; wrote {written}.",
+          file=sys.stderr)
     return finished
 
 

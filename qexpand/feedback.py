@@ -80,6 +80,13 @@ def query_weights(query: str) -> dict[str, float]:
     return {w: c / len(words) for w, c in counts.items()}
 
 
+def title_length(query: str) -> int:
+    """How many distinct content words the query has (all its distinct words if none is one): the
+    length by which short keyword titles, where RM3 over the expansion beats the expansion alone, are
+    told from longer requests, where RM3 drifts (bench/RESULTS.md)."""
+    return max(1, len(query_weights(query)))
+
+
 def weighted_query(query: str, samples: list[str], terms: int, query_weight: float,
                    relatedness: Relatedness | None = None) -> dict[str, float]:
     """query_weight x the query's words + (1 - query_weight) x the samples' feedback terms."""

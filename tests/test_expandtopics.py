@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from qexpand.errors import UserError
-from qexpand.expandtopics import expand_topics, journal_path
+from qexpand.expandtopics import expand_topics, journal_path, rm3_split_paths
 from qexpand.topicfiles import QueryShape, QueryTopic
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,6 +117,42 @@ def test_bad_output_is_refused_before_generating(tmp_path):
     with pytest.raises(UserError, match="'a:1' holds a colon"):
         expand_topics([QueryTopic("a:1", "solar")], recorder, str(tmp_path / "x.tsv"))
     assert recorder.asked == []
+
+
+# Distinct content words: 1, 2, 3 (coconut, milk, good: the rest are stopwords), 2 (the repeat counts once), 6.
+TITLED = [QueryTopic("1", "stevia"), QueryTopic("2", "titanium dioxide"), QueryTopic("3", "Is Coconut Milk Good For You?"),
+          QueryTopic("4", "coconut coconut milk"), QueryTopic("5", "Vitamin D: Shedding some light on the new recommendations")]
+
+
+@pytest.mark.parametrize("words, short", [(1, ["1"]), (2, ["1", "2", "4"]), (4, ["1", "2", "3", "4"]), (10, ["1", "2", "3", "4", "5"])])
+def test_rm3_split_writes_short_and_long_queries_apart(tmp_path, words, short):
+    out = tmp_path / "expanded.tsv"
+    records = expand_topics(TITLED, Recorder(), str(out), rm3_split=words)
+    rm3, plain = rm3_split_paths(str(out))
+    assert (rm3.name, plain.name) == ("expanded.rm3.tsv", "expanded.plain.tsv")
+    lines = {r["query_id"]: line for r, line in zip(records, out.read_text().splitlines(keepends=True))}
+    assert rm3.read_text() == "".join(lines[q] for q in short)  # the main file's lines, in its order
+    assert plain.read_text() == "".join(line for q, line in lines.items() if q not in short)
+
+
+def test_rm3_split_costs_no_generation_and_keeps_the_format(tmp_path):
+    expand_topics(TITLED, Recorder(), str(tmp_path / "x.jsonl"), output_format="jsonl")
+    again = Recorder()
+    expand_topics(TITLED, again, str(tmp_path / "x.jsonl"), output_format="jsonl", rm3_split=2)
+    assert again.asked == []
+    parts = [[json.loads(line)["query"] for line in path.read_text().splitlines()] for path in rm3_split_paths(str(tmp_path / "x.jsonl"))]
+    assert parts == [["stevia", "titanium dioxide", "coconut coconut milk"],
+                     ["Is Coconut Milk Good For You?", "Vitamin D: Shedding some light on the new recommendations"]]
+
+
+def test_rm3_split_refuses_a_folder_in_its_way_before_generating(tmp_path):
+    (tmp_path / "x.plain.tsv").mkdir()
+    recorder = Recorder()
+    with pytest.raises(UserError, match=r"the output .*x\.plain\.tsv is a folder"):
+        expand_topics(TITLED, recorder, str(tmp_path / "x.tsv"), rm3_split=4)
+    with pytest.raises(UserError, match="the split at 4 words needs an output file"):
+        expand_topics(TITLED, recorder, "-", rm3_split=4)
+    assert recorder.asked == [] and not (tmp_path / "x.tsv").exists()
 
 
 def test_stdin_to_stdout_pipeline(tmp_path):

@@ -16,7 +16,8 @@ from qexpand import data
 from tests.conftest import REPO
 from tests.fixtures import SUBJECTS, finished_run
 
-TOPICS = [(f"q{i}", SUBJECTS[20 + i]) for i in range(10)]
+# Two content words each, three for q0, q3, q6 and q9 (so that --rm3-split 2 has two parts).
+TOPICS = [(f"q{i}", SUBJECTS[20 + i] + (" in winter" if i % 3 == 0 else "")) for i in range(10)]
 # Sampled (2 candidates, joined: no SBERT model needed) in batches of 2: process 1 gets batches 1, 3
 # and 5 (topics q0 q1 q4 q5 q8 q9), process 2 batches 2 and 4 (q2 q3 q6 q7).
 EXPANSION = ("--num-candidates", "2", "--select", "join", "--queries-per-batch", "2", "--max-new-tokens", "6",
@@ -115,6 +116,25 @@ def test_a_cut_shard_journal_resumes_to_the_same_output(world, expanded):
     assert "now batches of 3 of 10 topics" in message
     assert "exitcode  : 2" in refused.stderr
     assert second.read_bytes() == before_second
+
+
+def test_the_rm3_split_of_two_processes_is_that_of_one(world, expanded):
+    from qexpand.expandtopics import rm3_split_paths
+    from qexpand.feedback import title_length
+
+    for processes, out in ((1, "one.jsonl"), (2, "two.jsonl")):
+        result = expand(world, processes, out, "--rm3-split", "2")  # every topic from the journals
+        assert result.returncode == 0, result.stderr[-3000:]
+        stem = out.removesuffix(".jsonl")
+        assert "0 expanded now" in result.stderr, result.stderr[-3000:]
+        assert (f"{stem}.rm3.jsonl (6 topics of at most 2 content words: search them with RM3) and {stem}.plain.jsonl "
+                "(4 longer: search them without)") in result.stderr
+    parts = {out: [p.read_bytes() for p in rm3_split_paths(str(world / out))] for out in ("one.jsonl", "two.jsonl")}
+    assert parts["two.jsonl"] == parts["one.jsonl"]
+    short, long = ([json.loads(line) for line in part.decode().splitlines()] for part in parts["one.jsonl"])
+    assert short and long and all(title_length(r["query"]) <= 2 < title_length(q["query"]) for r in short for q in long)
+    order = [qid for qid, _ in TOPICS]
+    assert sorted((r["query_id"] for r in short + long), key=order.index) == order
 
 
 @pytest.mark.parametrize("leave, code, printed", [("sys.exit(3)", 3, ""), ("sys.exit()", 0, ""),
