@@ -44,7 +44,7 @@ if str(REPO) not in sys.path:
 
 import training  # noqa: E402
 from qexpand import retrieval  # noqa: E402
-from qexpand.config import RM3_TITLE_WORDS, TERM_RELATEDNESS, TestConfig  # noqa: E402
+from qexpand.config import QUERY_FORMS, RM3_TITLE_WORDS, TERM_RELATEDNESS, TestConfig  # noqa: E402
 from qexpand.errors import UserError, fail_if_problems, run_cli  # noqa: E402
 from qexpand.expandtopics import journal_path  # noqa: E402
 from qexpand.feedback import title_length  # noqa: E402
@@ -52,7 +52,7 @@ from qexpand.metrics import TEMPLATE_BASELINE  # noqa: E402
 from qexpand.recipes import EXPANSION, expansion_defaults, expansion_form_problems, expansion_shape  # noqa: E402
 from qexpand.runcheck import read_record  # noqa: E402
 from qexpand.rundir import atomic_write_json, atomic_write_text  # noqa: E402
-from qexpand.topicfiles import QUERY_FORMS, QueryShape, candidate_texts  # noqa: E402
+from qexpand.topicfiles import QueryShape, candidate_texts  # noqa: E402
 
 FORMS = ("title", "template", "zero_shot", "finetuned", "rm3", "finetuned_rm3", "selective")
 PAIRS = (("finetuned", "title"), ("finetuned", "template"), ("finetuned", "zero_shot"), ("finetuned", "rm3"),

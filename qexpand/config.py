@@ -151,6 +151,10 @@ EXPAND, GENERATION, SCORES = "what to expand", "generation", "scores"
 RETRIEVAL = "expand a topic file for retrieval toolkits (no scores)"
 # What weighs a feedback term besides how many samples hold it: its SBERT cosine with the query, or nothing.
 TERM_RELATEDNESS = ("sbert", "none")
+OUTPUT_FORMATS = ("tsv", "trec", "jsonl")  # what --topics writes
+# "expansion": the expansion alone; "query+expansion": the query repeated k times, then the expansion (query2doc);
+# "feedback": the query and a feedback model over the sampled candidates, as a weighted bag of words (qexpand.feedback).
+QUERY_FORMS = ("expansion", "query+expansion", "feedback")
 TOPIC_OUTPUT_FIELDS = ("out", "format", "query_form", "repeat_query", "query_weight", "feedback_terms",
                        "term_relatedness", "rm3_split")
 # Titles of at most this many distinct content words gain from RM3 over their expansion, longer ones lose:
@@ -176,13 +180,13 @@ class TestConfig:
     out: str | None = option(None, "output file of --topics (- = standard output)", RETRIEVAL, metavar="PATH")
     format: str | None = option(None, "tsv (qid<TAB>expanded query: pyserini, PyTerrier), trec (<top> topics "
                                 "with the expansion as description) or jsonl (every candidate) (default: tsv)",
-                                RETRIEVAL, choices=("tsv", "trec", "jsonl"))
+                                RETRIEVAL, choices=OUTPUT_FORMATS)
     query_form: str | None = option(None, "the expanded query: the expansion alone; the query (repeated "
                                     "--repeat-query times) followed by it; or feedback, the query and the "
                                     "strongest terms of the sampled candidates as a weighted bag of words "
                                     "(default: query+expansion; with --topics, as the run's recipe says: "
                                     "feedback for --recipe retrieval)", RETRIEVAL,
-                                    choices=("expansion", "query+expansion", "feedback"))
+                                    choices=QUERY_FORMS)
     repeat_query: int | None = option(None, "how often the query precedes the expansion (default: 1; query2doc "
                                       "used 5)", RETRIEVAL)
     query_weight: float | None = option(None, "the query's share of the expanded query: with query+expansion the "

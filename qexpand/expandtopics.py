@@ -30,10 +30,11 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
+from qexpand.config import OUTPUT_FORMATS
 from qexpand.errors import UserError
 from qexpand.feedback import title_length
 from qexpand.runfiles import write_failed
-from qexpand.topicfiles import (OUTPUT_FORMATS, STDIO, QueryShape, QueryTopic, candidate_texts, check_tsv_ids,
+from qexpand.topicfiles import (STDIO, QueryShape, QueryTopic, candidate_texts, check_tsv_ids,
                                 jsonl_text, trec_text, tsv_text, write_output)
 
 # expand_batch(queries) -> one (chosen expansion, candidates) pair a query, in order; candidates

@@ -23,15 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qexpand import data
-from qexpand.config import TERM_RELATEDNESS
+from qexpand.config import QUERY_FORMS, TERM_RELATEDNESS
 from qexpand.errors import UserError
 from qexpand.runfiles import atomic_write_text
 
 STDIO = "-"
-OUTPUT_FORMATS = ("tsv", "trec", "jsonl")
-# "expansion": the expansion alone; "query+expansion": the query repeated k times, then the expansion (query2doc);
-# "feedback": the query and a feedback model over the sampled candidates, as a weighted bag of words (qexpand.feedback).
-QUERY_FORMS = ("query+expansion", "expansion", "feedback")
 TSV_HEADERS = {("qid", "query"), ("query_id", "query"), ("id", "query"), ("qid", "text"), ("query_id", "text")}
 SGML_TAG = re.compile(r"<(/?)(top|num|title|desc|narr)\b[^>]*>", re.IGNORECASE)
 # Labels that TREC topic files put after a tag (TREC-1 style "Topic:"); ir_datasets drops them too.
