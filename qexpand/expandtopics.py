@@ -184,8 +184,14 @@ def write_outputs(records: list[dict], out: str, output_format: str, shape: Quer
     parts = rm3_split_paths(out)
     for path, wanted in zip(parts, (True, False)):
         write_output(render([r for r, s in zip(records, short) if s == wanted], output_format, shape), str(path))
-    return (f"{out} ({output_format}), {parts[0]} ({sum(short)} topics of at most {rm3_split} content words: search "
-            f"them with RM3) and {parts[1]} ({len(short) - sum(short)} longer: search them without)")
+    # Both parts are written, an empty one too, so that no part of an earlier run is left to be read as this
+    # one's; the log says which is empty, as pyserini refuses an empty topic file ("Topic ... Not Found").
+    short_count, long_count = sum(short), len(short) - sum(short)
+    rm3_note = (f"{short_count} topics of at most {rm3_split} content words: search them with RM3" if short_count
+                else f"empty: no topic has at most {rm3_split} content words")
+    plain_note = (f"{long_count} longer: search them without" if long_count
+                  else f"empty: no topic has more than {rm3_split} content words")
+    return f"{out} ({output_format}), {parts[0]} ({rm3_note}) and {parts[1]} ({plain_note})"
 
 
 def _checked_journal(topics: list[QueryTopic], out: str, journal: Path | None, settings: dict | None,

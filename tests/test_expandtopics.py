@@ -135,6 +135,15 @@ def test_rm3_split_writes_short_and_long_queries_apart(tmp_path, words, short):
     assert plain.read_text() == "".join(line for q, line in lines.items() if q not in short)
 
 
+def test_an_empty_rm3_split_part_is_written_and_named_in_the_log(tmp_path, capsys):
+    out = tmp_path / "x.tsv"
+    expand_topics(TITLED[-1:], Recorder(), str(out), rm3_split=4)
+    rm3, plain = rm3_split_paths(str(out))
+    assert rm3.read_text() == "" and plain.read_text() == out.read_text() != ""
+    log = " ".join(capsys.readouterr().err.split())
+    assert f"{rm3} (empty: no topic has at most 4 content words) and {plain} (1 longer: search them without)" in log
+
+
 def test_rm3_split_costs_no_generation_and_keeps_the_format(tmp_path):
     expand_topics(TITLED, Recorder(), str(tmp_path / "x.jsonl"), output_format="jsonl")
     again = Recorder()
