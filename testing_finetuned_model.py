@@ -10,7 +10,7 @@ Other uses:
     python testing_finetuned_model.py --query "internet privacy" --query "hubble telescope"
     python testing_finetuned_model.py --test-datasets clueweb09/catb/trec-web-2010   # another topic set
     python testing_finetuned_model.py --topics topics.tsv --out expanded.tsv        # for pyserini / PyTerrier
-    python testing_finetuned_model.py --topics topics.tsv --out expanded.tsv --rm3-split 4   # + which need RM3
+    python testing_finetuned_model.py --topics topics.tsv --out expanded.tsv --rm3-split 4   # + short / long parts
     accelerate launch --num_processes 4 testing_finetuned_model.py --topics big.tsv --out expanded.tsv  # 4 GPUs
 
 Everything about the run (base model, prompt, split, quantization, precision) is read from its run
