@@ -149,6 +149,7 @@ def validate_training(config: TrainConfig) -> None:
 
 EXPAND, GENERATION, SCORES = "what to expand", "generation", "scores"
 RETRIEVAL = "expand a topic file for retrieval toolkits (no scores)"
+STDIO = "-"  # --topics and --out: standard input and output
 # What weighs a feedback term besides how many samples hold it: its SBERT cosine with the query, or nothing.
 TERM_RELATEDNESS = ("sbert", "none")
 OUTPUT_FORMATS = ("tsv", "trec", "jsonl")  # what --topics writes
@@ -286,7 +287,7 @@ def validate_testing(config: TestConfig) -> None:
     if config.topics is not None:
         if config.out is None:
             problems.append("--topics needs --out, the file to write (- for standard output)")
-        elif config.out == "-" and config.rm3_split is not None:
+        elif config.out == STDIO and config.rm3_split is not None:
             problems.append("--rm3-split writes two files named after --out, so --out cannot be - (standard output)")
         others = [flag_name(n) for n in ("query", "test_datasets", "split_part", "baseline") if getattr(config, n)]
         if others:

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qexpand import data
-from qexpand.config import QUERY_FORMS, TERM_RELATEDNESS
+from qexpand.config import QUERY_FORMS, STDIO, TERM_RELATEDNESS
 from qexpand.errors import UserError
 from qexpand.runfiles import atomic_write_text
 
-STDIO = "-"
 TSV_HEADERS = {("qid", "query"), ("query_id", "query"), ("id", "query"), ("qid", "text"), ("query_id", "text")}
 SGML_TAG = re.compile(r"<(/?)(top|num|title|desc|narr)\b[^>]*>", re.IGNORECASE)
 # Labels that TREC topic files put after a tag (TREC-1 style "Topic:"); ir_datasets drops them too.
