@@ -143,7 +143,9 @@ def topic_settings(config: TestConfig, run_dir: Path) -> dict:
     """What made a topic file's expansions, recorded in its journal: a journal of other settings is refused."""
     return {"run": str(run_dir.resolve()), "zero_shot": config.zero_shot, "num_candidates": config.num_candidates,
             "seed": config.sampling_seed, "temperature": config.temperature, "select": config.select,
-            "max_new_tokens": config.max_new_tokens, "no_repeat_ngram": config.no_repeat_ngram}
+            "max_new_tokens": config.max_new_tokens, "no_repeat_ngram": config.no_repeat_ngram,
+            # Only when there are passages: a journal written before they existed stays readable.
+            **({"passages": config.passages} if config.passages else {})}
 
 
 def expand_topic_file_sharded(config: TestConfig, processes: Processes) -> dict:
@@ -179,7 +181,7 @@ def expand_topic_file_sharded(config: TestConfig, processes: Processes) -> dict:
         if c.zero_shot:
             stack.enter_context(model.disable_adapter())
         else:
-            model = finetuned_model(model, run.form)
+            model = finetuned_model(model, run.form, c)
         expanded = expand_shard(job, lambda queries: topic_expansions(model, tokenizer, run.template, queries, c,
                                                                       scorer, decoder))
         expanded_now = sum(processes.gather(expanded))  # every process waits here until all shares are done
@@ -251,8 +253,8 @@ def main(config: TestConfig) -> dict:
             if config.zero_shot:
                 with model.disable_adapter():
                     return expand_topic_file(config, topics, model, tokenizer, template, scorer, decoder, run_dir)
-            return expand_topic_file(config, topics, finetuned_model(model, form), tokenizer, template, scorer,
-                                     decoder, run_dir)
+            return expand_topic_file(config, topics, finetuned_model(model, form, config), tokenizer, template,
+                                     scorer, decoder, run_dir)
     evaluation, items = topics_to_expand(config, split, run_dir)
     with greedy_decoding(config) as decoder:
         model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf,

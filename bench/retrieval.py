@@ -154,7 +154,8 @@ def describe_shape(shape: QueryShape) -> str:
     if shape.form == "feedback":
         related = " (each weighed by its SBERT cosine with the title)" if shape.relatedness == "sbert" else ""
         return (f"the title's words with {shape.query_weight:.0%} of the weight and the {shape.feedback_terms} "
-                f"strongest terms of the sampled candidates{related} with the rest (a weighted bag of words)")
+                f"strongest terms of the sampled candidates (and of the base model's passages, where the expansions "
+                f"have them){related} with the rest (a weighted bag of words)")
     if shape.query_weight:
         return f"the title repeated until its words are about {shape.query_weight:.0%} of the query's, then the text"
     return f"the title {shape.repeat} time(s), then the text"

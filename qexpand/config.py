@@ -230,6 +230,11 @@ class TestConfig:
     no_repeat_ngram: int | None = option(None, "no n-gram of N tokens twice in one generation, so it cannot loop "
                                          "(0 = off) (default: 0; with --topics, as the run's recipe says)",
                                          GENERATION)
+    passages: int | None = option(None, "with --topics and --query-form feedback: also sample N short passages per "
+                                  "query from the base model (the adapter switched off, an encyclopedia paragraph "
+                                  "about the query) and weigh their terms with the candidates', as generative "
+                                  "relevance feedback does (0 = none) (default: as the run's recipe says)",
+                                  GENERATION, metavar="N")
     select: str | None = option(None, "with N > 1: mbr keeps the candidate closest on average to the others; "
                                 "anchored adds its closeness to the query; join keeps them all, one after the "
                                 "other (a pseudo-document for retrieval) (default: mbr)", GENERATION,
@@ -283,7 +288,7 @@ def validate_testing(config: TestConfig) -> None:
 
     # The query-shaping options are checked with the run's recipe (recipes.expansion_form_problems).
     problems = numeric_problems(config, ("queries_per_batch", "max_new_tokens", "num_candidates", "temperature",
-                                         "rm3_split"), non_negative=("no_repeat_ngram",))
+                                         "rm3_split"), non_negative=("no_repeat_ngram", "passages"))
     if config.topics is not None:
         if config.out is None:
             problems.append("--topics needs --out, the file to write (- for standard output)")
@@ -292,6 +297,8 @@ def validate_testing(config: TestConfig) -> None:
         others = [flag_name(n) for n in ("query", "test_datasets", "split_part", "baseline") if getattr(config, n)]
         if others:
             problems.append(f"--topics expands a topic file, so it cannot go with {', '.join(others)}")
+    elif config.passages is not None:
+        problems.append("--passages adds passages to the expansions of --topics; give --topics too")
     elif any(getattr(config, n) is not None for n in TOPIC_OUTPUT_FIELDS) or config.zero_shot:
         problems.append("--out, --format, --query-form, --repeat-query, --query-weight, --feedback-terms, "
                         "--term-relatedness, --rm3-split and --zero-shot describe the output of --topics; give --topics "

@@ -32,7 +32,7 @@ from qexpand import data, generation, modeling, options, rundir, runcheck
 from qexpand.config import TestConfig, validate_testing
 from qexpand.errors import UserError, fail_if_problems
 from qexpand.expandtopics import Shard
-from qexpand.generation import GenerationForm, generate_descriptions
+from qexpand.generation import GenerationForm, generate_descriptions, generate_passages
 from qexpand.metrics import Scorer
 from qexpand.prompt import truncate_query
 from qexpand.recipes import settle_testing
@@ -46,7 +46,7 @@ log = logging.getLogger("testing")
 # others say what the script expands, where it writes and what it scores.
 OPTIONS = ("num_candidates", "temperature", "select", "max_new_tokens", "no_repeat_ngram", "sampling_seed",
            "query_form", "repeat_query", "query_weight", "feedback_terms", "term_relatedness", "sbert_model", "device",
-           "generation_form", "precision", "queries_per_batch", "stock", "zero_shot")
+           "generation_form", "precision", "queries_per_batch", "stock", "zero_shot", "passages")
 OPTIONS_HINT = "See `python testing_finetuned_model.py --help` (each option there is a keyword here)."
 
 
@@ -176,10 +176,12 @@ def expand(model, tokenizer, template: str, queries: list[str], config: TestConf
     return details, seconds
 
 
-def finetuned_model(model, form: GenerationForm):
+def finetuned_model(model, form: GenerationForm, config: TestConfig | None = None):
     """The model to generate with: on an unquantized base the adapter is merged into it (nothing is
-    lost and the merged model generates faster; bench/RESULTS.md), on a 4-bit base it stays beside it."""
-    return model.merge_and_unload() if form.merged else model
+    lost and the merged model generates faster; bench/RESULTS.md), on a 4-bit base it stays beside it.
+    With --passages it stays beside the base too, to be switched off while the base writes them."""
+    keep_apart = config is not None and config.passages
+    return model.merge_and_unload() if form.merged and not keep_apart else model
 
 
 def load_for_generation(config: TestConfig, record: runcheck.RunRecord, run_dir: Path, base: str, gguf: str | None,
@@ -201,7 +203,18 @@ def topic_expansions(model, tokenizer, template: str, queries: list[str], config
     (text, EOS, tokens) when several were sampled, else the chosen text alone."""
     prepared = prepare_queries([{"query": q} for q in queries], tokenizer)
     details, _ = expand(model, tokenizer, template, prepared, config, scorer, decoder, progress=False)
-    return [(d["generated"], d["candidates"] or [d["generated"]]) for d in details]
+    expansions = [(d["generated"], d["candidates"] or [d["generated"]]) for d in details]
+    if not config.passages:
+        return expansions
+    # The base model writes the passages: the adapter is switched off here unless the whole expansion
+    # already runs without it (--zero-shot), since leaving a nested switch would switch it back on.
+    adapter_off = contextlib.nullcontext() if config.zero_shot else model.disable_adapter()
+    with adapter_off:
+        passages = generate_passages(model, tokenizer, prepared, config.passages, config.queries_per_batch,
+                                     temperature=config.temperature or 0.7, seed=config.sampling_seed,
+                                     progress=False)
+    return [(chosen, candidates + [{**vars(p), "passage": True} for p in written])
+            for (chosen, candidates), written in zip(expansions, passages)]
 
 
 def topic_query(query: str, expansion: str, candidates: list, config: TestConfig) -> str:
@@ -375,10 +388,12 @@ class Expander:
         model, tokenizer, scorer = load_for_generation(run.config, run.record, run.run_dir, run.base, run.gguf,
                                                        needs_scorer=False)
         # With zero_shot the adapter is switched off while generating, so it must stay unmerged.
-        return cls(run, model if run.config.zero_shot else finetuned_model(model, run.form), tokenizer, scorer)
+        return cls(run, model if run.config.zero_shot else finetuned_model(model, run.form, run.config), tokenizer,
+                   scorer)
 
     def generate(self, queries: list[str]) -> list[list[str]]:
-        """The generated candidates of each query (one for greedy decoding)."""
+        """The generated candidates of each query (one for greedy decoding), then the base model's passages
+        where the settings ask for them (`passages`)."""
         expansions = self._expansions(checked_queries(queries))
         return [candidate_texts({"candidates": candidates}) for _, candidates in expansions]
 

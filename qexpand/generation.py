@@ -30,10 +30,12 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from qexpand import modeling
-from qexpand.prompt import prompt_ids
+from qexpand.prompt import passage_prompt_ids, prompt_ids
 
 # A batch stops once at most this share of its rows are still running; they continue on their own.
 STRAGGLER_SHARE = 0.1
+# Cap on a passage's tokens: about 100 words, a paragraph.
+PASSAGE_MAX_NEW_TOKENS = 128
 # Room beside the merged bf16 weights for the KV cache, activations and the CUDA context (bytes).
 GENERATION_HEADROOM = 4 * 1024**3
 
@@ -67,46 +69,51 @@ class TemperedNucleus(LogitsProcessor):
 
 
 class StopForStragglers(StoppingCriteria):
-    """Ends a batch once at most `STRAGGLER_SHARE` of its rows have not produced EOS yet."""
+    """Ends a batch once at most `STRAGGLER_SHARE` of its rows have not produced a stop token (EOS) yet."""
 
-    def __init__(self, prompt_length: int, eos_token_id: int, rows: int):
-        self.prompt_length, self.eos = prompt_length, eos_token_id
+    def __init__(self, prompt_length: int, stops: list[int], rows: int):
+        self.prompt_length, self.stops = prompt_length, torch.tensor(stops)
         self.limit = int(STRAGGLER_SHARE * rows)
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        running = ~(input_ids[:, self.prompt_length :] == self.eos).any(dim=-1)
+        new = input_ids[:, self.prompt_length :]
+        running = ~torch.isin(new, self.stops.to(new.device)).any(dim=-1)
         stop = bool(running.sum() <= self.limit)
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
-def _decode_row(tokenizer, row: list[int]) -> Generation:
-    eos = tokenizer.eos_token_id
-    ended = eos in row
-    kept = row[: row.index(eos)] if ended else row
+def _decode_row(tokenizer, row: list[int], stops: list[int] | None = None) -> Generation:
+    """The text of a row up to its first stop token (by default the tokenizer's EOS)."""
+    stops = [tokenizer.eos_token_id] if stops is None else stops
+    end = next((i for i, token in enumerate(row) if token in stops), None)
+    ended = end is not None
+    kept = row[:end] if ended else row
     # Padding after EOS (finished rows in a batch) is dropped with the EOS cut above.
     return Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), ended, len(kept) + int(ended))
 
 
 def _generate_rows(model, tokenizer, prompts: list[list[int]], copies: int, budget: int,
-                   sampling: dict) -> list[list[int]]:
-    """New token ids for `copies` rows per prompt (prompt-major), each ending at EOS or after `budget` tokens."""
+                   sampling: dict, stops: list[int] | None = None) -> list[list[int]]:
+    """New token ids for `copies` rows per prompt (prompt-major), each ending at a stop token (by default
+    the tokenizer's EOS) or after `budget` tokens."""
     device = next(model.parameters()).device
     padded = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(device)
     width = padded["input_ids"].shape[1]
-    eos = tokenizer.eos_token_id
+    stops = [tokenizer.eos_token_id] if stops is None else stops
     # Only on the CPU: a GPU step costs about the same for 3 rows as for 300, so stopping early saves nothing.
-    stop_early = [StopForStragglers(width, eos, len(prompts) * copies)] if device.type == "cpu" else []
+    stop_early = [StopForStragglers(width, stops, len(prompts) * copies)] if device.type == "cpu" else []
     output = model.generate(
-        **padded, max_new_tokens=budget, num_return_sequences=copies, eos_token_id=eos,
+        **padded, max_new_tokens=budget, num_return_sequences=copies,
+        eos_token_id=stops[0] if len(stops) == 1 else stops,
         pad_token_id=tokenizer.pad_token_id, use_cache=True, stopping_criteria=StoppingCriteriaList(stop_early),
         **sampling,
     )
     rows = output[:, width:].tolist()
-    stragglers = [i for i, row in enumerate(rows) if eos not in row and len(row) < budget]
+    stragglers = [i for i, row in enumerate(rows) if not set(stops) & set(row) and len(row) < budget]
     if stragglers:
         # Each straggler goes on from its own prompt plus the tokens it has so far.
         tails = _generate_rows(model, tokenizer, [prompts[i // copies] + rows[i] for i in stragglers], 1,
-                               budget - len(rows[stragglers[0]]), sampling)
+                               budget - len(rows[stragglers[0]]), sampling, stops)
         for i, tail in zip(stragglers, tails):
             rows[i] = rows[i] + tail
     return rows
@@ -138,29 +145,62 @@ def generate_descriptions(
     batch it does not take; `qexpand.accel.graphed_decoding.graphed_greedy_decoding` gives one).
     """
     encoded = [prompt_ids(tokenizer, template, q) for q in queries]
-    order = sorted(range(len(queries)), key=lambda i: len(encoded[i]))
-    results: list[list[Generation]] = [[] for _ in queries]
-    if num_candidates > 1:
-        torch.manual_seed(seed)
-        # temperature 1, top_p 1 and top_k 0 switch off the library's own steps; TemperedNucleus does them.
-        sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-                    "logits_processor": LogitsProcessorList([TemperedNucleus(temperature, top_p)])}
-    else:
-        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    sampling = _sampling(temperature, top_p, seed) if num_candidates > 1 else {
+        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     if no_repeat_ngram:
         sampling["no_repeat_ngram_size"] = no_repeat_ngram
         greedy_decoder = None  # the graphed decoder has no n-gram blocking
+    return _generate(model, tokenizer, encoded, num_candidates, max_new_tokens, sampling, batch_size, progress,
+                     greedy_decoder)
+
+
+@torch.inference_mode()
+def generate_passages(model, tokenizer, queries: list[str], passages: int, batch_size: int = 32,
+                      max_new_tokens: int = PASSAGE_MAX_NEW_TOKENS, temperature: float = 0.7, top_p: float = 0.95,
+                      seed: int = 0, progress: bool = True) -> list[list[Generation]]:
+    """`passages` sampled passages per query, each a short encyclopedia paragraph about the query written by
+    `model` as it is handed in (the caller switches a fine-tuned adapter off: the base model writes them).
+
+    A passage ends at the tokenizer's EOS or at the model's own end of text (an instruct model's end of turn).
+    """
+    encoded = [passage_prompt_ids(tokenizer, q) for q in queries]
+    return _generate(model, tokenizer, encoded, passages, max_new_tokens, _sampling(temperature, top_p, seed),
+                     batch_size, progress, stops=passage_stops(model, tokenizer))
+
+
+def passage_stops(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS, then the model's own end-of-text ids where they differ (SmolLM2-Instruct's
+    tokenizer ends with <|im_start|>, a chat turn with <|im_end|>)."""
+    own = model.config.eos_token_id
+    own = own if isinstance(own, list) else [] if own is None else [own]
+    return list(dict.fromkeys([tokenizer.eos_token_id, *own]))
+
+
+def _sampling(temperature: float, top_p: float, seed: int) -> dict:
+    """The sampling arguments of generate, the global generator seeded first."""
+    torch.manual_seed(seed)
+    # temperature 1, top_p 1 and top_k 0 switch off the library's own steps; TemperedNucleus does them.
+    return {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+            "logits_processor": LogitsProcessorList([TemperedNucleus(temperature, top_p)])}
+
+
+def _generate(model, tokenizer, encoded: list[list[int]], copies: int, budget: int, sampling: dict,
+              batch_size: int, progress: bool, greedy_decoder: Callable | None = None,
+              stops: list[int] | None = None) -> list[list[Generation]]:
+    """`copies` generations per prompt, in batches of prompts of similar length, in the caller's order."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    results: list[list[Generation]] = [[] for _ in encoded]
     model.eval()
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
         prompts = [encoded[i] for i in batch]
         rows = None
-        if greedy_decoder is not None and num_candidates == 1:
-            rows = greedy_decoder(model, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, max_new_tokens)
+        if greedy_decoder is not None and copies == 1:
+            rows = greedy_decoder(model, prompts, tokenizer.pad_token_id, tokenizer.eos_token_id, budget)
         if rows is None:
-            rows = _generate_rows(model, tokenizer, prompts, num_candidates, max_new_tokens, sampling)
+            rows = _generate_rows(model, tokenizer, prompts, copies, budget, sampling, stops)
         for row_number, row in enumerate(rows):
-            results[batch[row_number // num_candidates]].append(_decode_row(tokenizer, row))
+            results[batch[row_number // copies]].append(_decode_row(tokenizer, row, stops))
     return results
 
 

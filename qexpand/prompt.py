@@ -16,6 +16,12 @@ PROMPT_TEMPLATE = (
 )
 
 
+# Passages about a query, written by the base model (generative relevance feedback): an instruct model is asked
+# in its chat template, a base model continues the start of an article.
+PASSAGE_REQUEST = "Write a short encyclopedia paragraph about: {query}"
+PASSAGE_PROMPT = "Encyclopedia article: {query}\n\n"
+
+
 def format_prompt(template: str, query: str) -> str:
     return template.format(query=query)
 
@@ -23,6 +29,16 @@ def format_prompt(template: str, query: str) -> str:
 def prompt_ids(tokenizer, template: str, query: str) -> list[int]:
     """Token ids of the prompt, BOS included when the tokenizer adds one."""
     return tokenizer(format_prompt(template, query), add_special_tokens=True)["input_ids"]
+
+
+def passage_prompt_ids(tokenizer, query: str) -> list[int]:
+    """Token ids of the prompt asking for a passage about the query: in the tokenizer's chat template where
+    it has one, else a plain article start (BOS included when the tokenizer adds one)."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": PASSAGE_REQUEST.format(query=query)}],
+                                            add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return tokenizer(PASSAGE_PROMPT.format(query=query), add_special_tokens=True)["input_ids"]
 
 
 def truncate_query(tokenizer, query: str, max_query_tokens: int) -> tuple[str, bool]:

@@ -66,16 +66,17 @@ RECIPES = {
 # query precedes its expansion in the expanded query; a query_weight above 0 sets K for each query instead,
 # so that the query's words make up about that share of the whole (topicfiles.query_repeats). The
 # retrieval recipe's settings were chosen on the shared collections (bench/RESULTS.md): its feedback terms
-# weighed by their SBERT relatedness to the query, which keeps 0.7 of the weight (0.6 without relatedness).
+# weighed by their SBERT relatedness to the query, which keeps 0.7 of the weight (0.6 without relatedness),
+# and taken from 4 passages the base model writes about the query as well as from the 8 sampled candidates.
 GREEDY_EXPANSION = {"num_candidates": 1, "select": None, "temperature": None, "max_new_tokens": 96,
                     "no_repeat_ngram": 0, "query_form": "query+expansion", "repeat_query": 1, "query_weight": 0.0,
-                    "feedback_terms": 0, "term_relatedness": "none"}
+                    "feedback_terms": 0, "term_relatedness": "none", "passages": 0}
 EXPANSION = {
     "default": GREEDY_EXPANSION,
     "original": GREEDY_EXPANSION,
     "retrieval": {"num_candidates": 8, "select": "join", "temperature": 0.7, "max_new_tokens": 96,
                   "no_repeat_ngram": 4, "query_form": "feedback", "repeat_query": 1, "query_weight": 0.7,
-                  "feedback_terms": 50, "term_relatedness": "sbert"},
+                  "feedback_terms": 50, "term_relatedness": "sbert", "passages": 4},
 }
 
 
@@ -252,6 +253,11 @@ def settle_testing(config: TestConfig, trained: TrainConfig, base_model: str, gg
     sampling = candidates > 1
     shape = expansion_shape(recipe, config)
     problems = expansion_form_problems(config, shape.form)
+    passages = recipe["passages"] if config.passages is None else config.passages
+    if passages and shape.form != "feedback":
+        problems.append(f"--passages are feedback documents, weighed with the candidates by --query-form feedback, "
+                        f"but the expansions here are written with --query-form {shape.form}: add --query-form "
+                        "feedback, or leave out --passages")
     if form.quantization == "nf4" and config.precision == "fp32":
         problems.append("--precision fp32 cannot go with a 4-bit NF4 base, which always computes in bf16; add "
                         "--generation-form merged to generate with float32 weights")
@@ -271,6 +277,7 @@ def settle_testing(config: TestConfig, trained: TrainConfig, base_model: str, gg
         select=(config.select or recipe["select"] or "mbr") if sampling else None,
         format=config.format or "tsv", query_form=shape.form, repeat_query=shape.repeat,
         query_weight=shape.query_weight, feedback_terms=shape.feedback_terms, term_relatedness=shape.relatedness,
+        passages=passages,
     )
     return settled, form
 

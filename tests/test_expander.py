@@ -73,9 +73,9 @@ def test_expand_writes_the_query_then_its_expansion(greedy):
 def test_the_retrieval_recipe_expands_with_its_feedback_form(runs):
     expander = Expander.from_run("retrieval", output_dir=runs, **SHORT)  # a run name under output_dir
     settled = expander.config
-    assert (settled.query_form, settled.num_candidates, settled.select) == ("feedback", 8, "join")
+    assert (settled.query_form, settled.num_candidates, settled.select, settled.passages) == ("feedback", 8, "join", 4)
     candidates = expander.generate(QUERIES)
-    assert [len(c) for c in candidates] == [8, 8]
+    assert [len(c) for c in candidates] == [12, 12]  # 8 sampled candidates, then the base model's 4 passages
     expanded = expander.expand(QUERIES)  # sampling is seeded: the same candidates again
     assert settled.term_relatedness == "sbert"
     shape = QueryShape("feedback", 1, settled.query_weight, settled.feedback_terms, "sbert")
@@ -88,7 +88,48 @@ def test_the_retrieval_recipe_expands_with_its_feedback_form(runs):
     assert named.config.sbert_model == default_sbert_model() and named.expand(QUERIES) == expanded
 
 
+@pytest.fixture(scope="module")
+def trained_retrieval_run(runs):
+    """The retrieval run with non-zero LoRA B matrices, so that its adapter changes what the model writes."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run = runs / "retrieval-trained"
+    shutil.copytree(runs / "retrieval", run)
+    weights = load_file(run / "adapter_model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    save_file({name: torch.randn(w.shape, generator=generator) if "lora_B" in name else w
+               for name, w in weights.items()}, run / "adapter_model.safetensors")
+    return run
+
+
+def test_passages_are_written_by_the_base_model_and_join_the_candidates(trained_retrieval_run):
+    from qexpand.generation import generate_passages
+
+    # One query per batch: the second batch's candidates come after the first batch's passages.
+    options = {"max_new_tokens": 6, "num_candidates": 2, "queries_per_batch": 1}
+    plain = Expander.from_run(trained_retrieval_run, passages=0, **options)
+    with_passages = Expander.from_run(trained_retrieval_run, passages=2, **options)
+    base_only = Expander.from_run(trained_retrieval_run, passages=2, zero_shot=True, **options)
+    assert with_passages.config.passages == 2 and plain.config.passages == 0
+    candidates = plain.generate(QUERIES)
+    joined, base = with_passages.generate(QUERIES), base_only.generate(QUERIES)
+    assert [len(c) for c in joined] == [4, 4]
+    # The candidates are the fine-tuned model's, as without passages: the adapter is back on after them.
+    assert [c[:2] for c in joined] == candidates
+    # The passages are the base model's: the same as with the adapter off throughout, and not what the
+    # model writes with the adapter on (which changes its candidates, so the comparison can fail).
+    assert [c[2:] for c in joined] == [c[2:] for c in base]
+    assert [c[:2] for c in base] != candidates
+    with_adapter = [[g.text for g in row] for query in QUERIES for row in generate_passages(
+        with_passages.model, with_passages.tokenizer, [query], 2, seed=0, progress=False)]
+    assert with_adapter != [c[2:] for c in joined]
+    # Their terms weigh in the feedback query.
+    assert with_passages.expand(QUERIES) != plain.expand(QUERIES)
+
+
 @pytest.mark.parametrize("options, match", [
+    ({"passages": 2, "query_form": "query+expansion"}, "--passages are feedback documents"),
     ({"colour": "red", "sampling_seed": 1}, "unknown option colour; the options are num_candidates"),
     ({"device": "gpu"}, "device 'gpu' is none of auto, cuda, cpu"),
     ({"max_new_tokens": "8"}, "max_new_tokens should be int | None, got '8'"),

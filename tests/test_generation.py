@@ -69,8 +69,8 @@ def test_no_repeated_ngram_keeps_a_looping_model_from_looping(tiny_model, monkey
     produced = []
     library_rows = generation._generate_rows
 
-    def recording(model, tokenizer, prompts, copies, budget, sampling):
-        rows = library_rows(model, tokenizer, prompts, copies, budget, sampling)
+    def recording(model, tokenizer, prompts, copies, budget, sampling, stops):
+        rows = library_rows(model, tokenizer, prompts, copies, budget, sampling, stops)
         produced.extend(prompt + row for prompt, row in zip(prompts, rows))
         return rows
 
@@ -90,3 +90,21 @@ def test_no_repeated_ngram_keeps_a_looping_model_from_looping(tiny_model, monkey
 
     assert sum(repeated_trigrams(0)) > 0  # the model loops when let
     assert repeated_trigrams(3) == [0, 0, 0]
+
+
+def test_an_instruct_model_is_asked_for_a_passage_in_its_chat_template_and_stops_at_its_turn_s_end():
+    from qexpand.prompt import passage_prompt_ids
+
+    tokenizer = modeling.load_tokenizer(str(smollm2_folder()), GGUF)
+    model = modeling.load_base_model(str(smollm2_folder()), GGUF, "none", "cpu", "fp32")
+    prompt = tokenizer.decode(passage_prompt_ids(tokenizer, "galactosemia"))
+    assert "<|im_start|>user\nWrite a short encyclopedia paragraph about: galactosemia<|im_end|>" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n")
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert generation.passage_stops(model, tokenizer) == [tokenizer.eos_token_id, end_of_turn]
+    passages = generation.generate_passages(model, tokenizer, ["galactosemia"], 2, max_new_tokens=200,
+                                            progress=False)[0]
+    assert len(passages) == 2 and all(p.text for p in passages)
+    # The model ends its answer within the budget, on its own end of turn, which is not in the text.
+    assert any(p.ended_at_eos and p.new_tokens < 200 for p in passages)
+    assert all("<|im_end|>" not in p.text and "assistant" not in p.text for p in passages)

@@ -3,7 +3,8 @@
 from transformers import DataCollatorForSeq2Seq
 
 from qexpand.generation import _decode_row
-from qexpand.prompt import IGNORE_INDEX, PROMPT_TEMPLATE, format_prompt, tokenize_example, truncate_query
+from qexpand.prompt import (IGNORE_INDEX, PASSAGE_PROMPT, PROMPT_TEMPLATE, format_prompt, passage_prompt_ids,
+                            tokenize_example, truncate_query)
 
 QUERY = "internet privacy"
 DESCRIPTION = "What are effective methods for ensuring online privacy?"
@@ -73,6 +74,20 @@ def test_generation_is_cut_at_the_first_eos(mistral_tokenizer):
     assert (done.text, done.ended_at_eos, done.new_tokens) == ("What are", True, 3)
     cut = _decode_row(mistral_tokenizer, [1824, 460, 5645])
     assert (cut.text, cut.ended_at_eos) == ("What are effective", False)
+
+
+def test_a_passage_ends_at_the_first_of_its_stop_tokens(mistral_tokenizer):
+    # An instruct model ends its turn with a token of its own, not the tokenizer's EOS.
+    done = _decode_row(mistral_tokenizer, [1824, 460, 5645, 460, 2], stops=[2, 5645])
+    assert (done.text, done.ended_at_eos, done.new_tokens) == ("What are", True, 3)
+    assert _decode_row(mistral_tokenizer, [1824, 460, 2], stops=[5645]).ended_at_eos is False
+
+
+def test_a_base_model_is_asked_for_a_passage_as_the_start_of_an_article(mistral_tokenizer):
+    # The Mistral-7B-v0.1 tokenizer has no chat template: the plain article start, after BOS.
+    ids = passage_prompt_ids(mistral_tokenizer, QUERY)
+    assert ids == mistral_tokenizer(PASSAGE_PROMPT.format(query=QUERY))["input_ids"] and ids[0] == 1
+    assert mistral_tokenizer.decode(ids, skip_special_tokens=True) == "Encyclopedia article: internet privacy\n\n"
 
 
 def test_long_queries_are_truncated_and_non_ascii_kept(mistral_tokenizer):
