@@ -178,10 +178,9 @@ def expand_topic_file_sharded(config: TestConfig, processes: Processes) -> dict:
         model, tokenizer, scorer = load_for_generation(c, run.record, run.run_dir, run.base, run.gguf,
                                                        needs_scorer=False)
         processes.check_placement(model)
+        model = finetuned_model(model, run.form)  # with --zero-shot the form keeps the adapter apart, to switch off
         if c.zero_shot:
             stack.enter_context(model.disable_adapter())
-        else:
-            model = finetuned_model(model, run.form, c)
         expanded = expand_shard(job, lambda queries: topic_expansions(model, tokenizer, run.template, queries, c,
                                                                       scorer, decoder))
         expanded_now = sum(processes.gather(expanded))  # every process waits here until all shares are done
@@ -250,11 +249,9 @@ def main(config: TestConfig) -> dict:
         warn_if_seen(topics, split)
         with greedy_decoding(config) as decoder:  # entered first: a refusal comes before the model loads
             model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf, needs_scorer=False)
-            if config.zero_shot:
-                with model.disable_adapter():
-                    return expand_topic_file(config, topics, model, tokenizer, template, scorer, decoder, run_dir)
-            return expand_topic_file(config, topics, finetuned_model(model, form, config), tokenizer, template,
-                                     scorer, decoder, run_dir)
+            model = finetuned_model(model, form)  # with --zero-shot the form keeps the adapter apart, to switch off
+            with model.disable_adapter() if config.zero_shot else contextlib.nullcontext():
+                return expand_topic_file(config, topics, model, tokenizer, template, scorer, decoder, run_dir)
     evaluation, items = topics_to_expand(config, split, run_dir)
     with greedy_decoding(config) as decoder:
         model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf,

@@ -194,7 +194,7 @@ class TestConfig:
                                         "query is repeated until its words make up about this share of the "
                                         "words (instead of a fixed --repeat-query; 0 = off); with feedback, the "
                                         "query's share of the term weights (default: as the run's recipe says; "
-                                        "feedback on a run whose recipe pastes: 0.7)", RETRIEVAL)
+                                        "feedback on a run whose recipe pastes: 0.65)", RETRIEVAL)
     feedback_terms: int | None = option(None, "with --query-form feedback: how many of the candidates' strongest "
                                         "terms join the query (default: as the run's recipe says; 20 on a run "
                                         "whose recipe pastes)", RETRIEVAL,
@@ -214,7 +214,8 @@ class TestConfig:
     device: str = option("auto", "where to generate; auto = CUDA when PyTorch sees a GPU", MODEL,
                          choices=DEVICE_CHOICES)
     generation_form: str = option("auto", "how the model is held while it generates: merged (the base unquantized "
-                                  "with the adapter merged into it: faster) or nf4 (the 4-bit base with the adapter "
+                                  "with the adapter merged into it: faster; kept beside it with --zero-shot or "
+                                  "--passages, which switch it off) or nf4 (the 4-bit base with the adapter "
                                   "beside it: less memory); auto = merged into bf16 on CUDA where the GPU has the "
                                   "memory, else as the run was trained", MODEL, choices=GENERATION_FORMS)
     precision: str = option("auto", "bf16 or fp32 for an unquantized base (on the CPU bf16 means bf16 "

@@ -176,12 +176,10 @@ def expand(model, tokenizer, template: str, queries: list[str], config: TestConf
     return details, seconds
 
 
-def finetuned_model(model, form: GenerationForm, config: TestConfig | None = None):
-    """The model to generate with: on an unquantized base the adapter is merged into it (nothing is
-    lost and the merged model generates faster; bench/RESULTS.md), on a 4-bit base it stays beside it.
-    With --passages it stays beside the base too, to be switched off while the base writes them."""
-    keep_apart = config is not None and config.passages
-    return model.merge_and_unload() if form.merged and not keep_apart else model
+def finetuned_model(model, form: GenerationForm):
+    """The model to generate with: the adapter merged into the base where the form says so (an unquantized
+    base: nothing is lost and the merged model generates faster; bench/RESULTS.md), else beside it."""
+    return model.merge_and_unload() if form.merged else model
 
 
 def load_for_generation(config: TestConfig, record: runcheck.RunRecord, run_dir: Path, base: str, gguf: str | None,
@@ -387,9 +385,7 @@ class Expander:
             pass  # a decoder that refuses this library version says so before the model loads, as in the script
         model, tokenizer, scorer = load_for_generation(run.config, run.record, run.run_dir, run.base, run.gguf,
                                                        needs_scorer=False)
-        # With zero_shot the adapter is switched off while generating, so it must stay unmerged.
-        return cls(run, model if run.config.zero_shot else finetuned_model(model, run.form, run.config), tokenizer,
-                   scorer)
+        return cls(run, finetuned_model(model, run.form), tokenizer, scorer)
 
     def generate(self, queries: list[str]) -> list[list[str]]:
         """The generated candidates of each query (one for greedy decoding), then the base model's passages

@@ -208,12 +208,15 @@ def _generate(model, tokenizer, encoded: list[list[int]], copies: int, budget: i
 class GenerationForm:
     """How the fine-tuned model is held while it generates, and why."""
 
-    quantization: str  # "none": the adapter merged into plain weights (bf16 on CUDA); "nf4": 4-bit base + LoRA
+    quantization: str  # "none": plain weights (bf16 on CUDA), the adapter merged in; "nf4": 4-bit base + LoRA
     reason: str
+    # On plain weights too the adapter stays beside the base where the base itself must write with it
+    # switched off (--zero-shot, --passages): a merged adapter cannot be switched off.
+    adapter_apart: bool = False
 
     @property
     def merged(self) -> bool:
-        return self.quantization == "none"
+        return self.quantization == "none" and not self.adapter_apart
 
 
 def bf16_weight_bytes(base_model: str, gguf_file: str | None) -> int:

@@ -66,8 +66,8 @@ RECIPES = {
 # query precedes its expansion in the expanded query; a query_weight above 0 sets K for each query instead,
 # so that the query's words make up about that share of the whole (topicfiles.query_repeats). The
 # retrieval recipe's settings were chosen on the shared collections (bench/RESULTS.md): its feedback terms
-# weighed by their SBERT relatedness to the query, which keeps 0.7 of the weight (0.6 without relatedness),
-# and taken from 4 passages the base model writes about the query as well as from the 8 sampled candidates.
+# weighed by their SBERT relatedness to the query, and taken from 8 passages the base model writes about the
+# query as well as from the 8 sampled candidates; the query keeps 0.65 of the weight.
 GREEDY_EXPANSION = {"num_candidates": 1, "select": None, "temperature": None, "max_new_tokens": 96,
                     "no_repeat_ngram": 0, "query_form": "query+expansion", "repeat_query": 1, "query_weight": 0.0,
                     "feedback_terms": 0, "term_relatedness": "none", "passages": 0}
@@ -75,8 +75,8 @@ EXPANSION = {
     "default": GREEDY_EXPANSION,
     "original": GREEDY_EXPANSION,
     "retrieval": {"num_candidates": 8, "select": "join", "temperature": 0.7, "max_new_tokens": 96,
-                  "no_repeat_ngram": 4, "query_form": "feedback", "repeat_query": 1, "query_weight": 0.7,
-                  "feedback_terms": 50, "term_relatedness": "sbert", "passages": 4},
+                  "no_repeat_ngram": 4, "query_form": "feedback", "repeat_query": 1, "query_weight": 0.65,
+                  "feedback_terms": 50, "term_relatedness": "sbert", "passages": 8},
 }
 
 
@@ -268,8 +268,12 @@ def settle_testing(config: TestConfig, trained: TrainConfig, base_model: str, gg
         problems.append(f"--sbert-model is unused with --topics here: {SBERT_UNUSED}, or weighs feedback terms with "
                         "--query-form feedback and --term-relatedness sbert")
     fail_if_problems(problems, "See `python testing_finetuned_model.py --help`.")
+    if form.merged and (passages or config.zero_shot):
+        why = "the base writes the passages" if passages else "--zero-shot expands with the base alone"
+        form = dataclasses.replace(form, adapter_apart=True,
+                                   reason=f"{form.reason}; the adapter kept beside the base, since {why}")
     settled = dataclasses.replace(
-        config, device=device, generation_form="merged" if form.merged else "nf4", precision=precision,
+        config, device=device, generation_form="nf4" if form.quantization == "nf4" else "merged", precision=precision,
         split_part=config.split_part or "test", num_candidates=candidates, sampling_seed=config.sampling_seed or 0,
         max_new_tokens=config.max_new_tokens or recipe["max_new_tokens"],
         no_repeat_ngram=recipe["no_repeat_ngram"] if config.no_repeat_ngram is None else config.no_repeat_ngram,

@@ -73,9 +73,9 @@ def test_expand_writes_the_query_then_its_expansion(greedy):
 def test_the_retrieval_recipe_expands_with_its_feedback_form(runs):
     expander = Expander.from_run("retrieval", output_dir=runs, **SHORT)  # a run name under output_dir
     settled = expander.config
-    assert (settled.query_form, settled.num_candidates, settled.select, settled.passages) == ("feedback", 8, "join", 4)
+    assert (settled.query_form, settled.num_candidates, settled.select, settled.passages) == ("feedback", 8, "join", 8)
     candidates = expander.generate(QUERIES)
-    assert [len(c) for c in candidates] == [12, 12]  # 8 sampled candidates, then the base model's 4 passages
+    assert [len(c) for c in candidates] == [16, 16]  # 8 sampled candidates, then the base model's 8 passages
     expanded = expander.expand(QUERIES)  # sampling is seeded: the same candidates again
     assert settled.term_relatedness == "sbert"
     shape = QueryShape("feedback", 1, settled.query_weight, settled.feedback_terms, "sbert")
@@ -112,6 +112,11 @@ def test_passages_are_written_by_the_base_model_and_join_the_candidates(trained_
     with_passages = Expander.from_run(trained_retrieval_run, passages=2, **options)
     base_only = Expander.from_run(trained_retrieval_run, passages=2, zero_shot=True, **options)
     assert with_passages.config.passages == 2 and plain.config.passages == 0
+    # The unquantized base takes the adapter in, unless the base must write with it switched off.
+    assert plain.form.merged and not hasattr(plain.model, "disable_adapter")
+    for apart in (with_passages, base_only):
+        assert apart.form.adapter_apart and not apart.form.merged and "adapter kept beside" in apart.form.reason
+        assert hasattr(apart.model, "disable_adapter")
     candidates = plain.generate(QUERIES)
     joined, base = with_passages.generate(QUERIES), base_only.generate(QUERIES)
     assert [len(c) for c in joined] == [4, 4]

@@ -193,15 +193,15 @@ def test_the_shape_in_force_takes_each_given_option_else_the_recipes():
     def shape(recipe: dict, **given) -> QueryShape:
         return expansion_shape(recipe, TestConfig(**given))
 
-    assert shape(retrieval) == QueryShape("feedback", 1, 0.7, 50, "sbert")
+    assert shape(retrieval) == QueryShape("feedback", 1, 0.65, 50, "sbert")
     assert shape(retrieval, feedback_terms=10, query_weight=0.3) == QueryShape("feedback", 1, 0.3, 10, "sbert")
-    assert shape(retrieval, term_relatedness="none", sbert_model="M") == QueryShape("feedback", 1, 0.7, 50, "none", "M")
+    assert shape(retrieval, term_relatedness="none", sbert_model="M") == QueryShape("feedback", 1, 0.65, 50, "none", "M")
     # a repetition given sets the recipe's share aside; a pasting form keeps no feedback terms nor relatedness
     assert shape(retrieval, query_form="query+expansion", repeat_query=3) == QueryShape("query+expansion", 3, 0.0, 0)
-    assert shape(retrieval, query_form="query+expansion") == QueryShape("query+expansion", 1, 0.7, 0)
+    assert shape(retrieval, query_form="query+expansion") == QueryShape("query+expansion", 1, 0.65, 0)
     assert shape(default) == QueryShape("query+expansion", 1, 0.0, 0)
     # feedback asked of a run that pastes: the query keeps the retrieval recipe's share and relatedness, not
     # the pasting 0 and none
-    assert shape(default, query_form="feedback") == QueryShape("feedback", 1, 0.7, DEFAULT_FEEDBACK_TERMS, "sbert")
+    assert shape(default, query_form="feedback") == QueryShape("feedback", 1, 0.65, DEFAULT_FEEDBACK_TERMS, "sbert")
     given = QueryShape("feedback", 1, 0.2, DEFAULT_FEEDBACK_TERMS, "none")
     assert shape(default, query_form="feedback", query_weight=0.2, term_relatedness="none") == given
