@@ -10,6 +10,8 @@ copied, the fixed template below, and the description of the most similar traini
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from qexpand.content import CONTENT_METRICS, content_scores
@@ -36,13 +38,20 @@ def default_sbert_model() -> str:
 
 
 def load_sbert(sbert_model: str | None = None, device: str = "cpu"):
-    """The sentence-transformers model (default_sbert_model() unless named), loaded without progress bars."""
+    """The sentence-transformers model (default_sbert_model() unless named), loaded without progress bars,
+    once per model and device in a process: the test script's scorer and the feedback terms' relatedness
+    share it (it is only ever read)."""
+    return _loaded_sbert(sbert_model or default_sbert_model(), device)
+
+
+@functools.lru_cache(maxsize=4)
+def _loaded_sbert(sbert_model: str, device: str):
     from sentence_transformers import SentenceTransformer
 
     from qexpand.modeling import no_progress_bars
 
     with no_progress_bars():  # the library's "Loading weights" bar for a model that loads in a second
-        return SentenceTransformer(sbert_model or default_sbert_model(), device=device)
+        return SentenceTransformer(sbert_model, device=device)
 
 
 class Scorer:

@@ -86,6 +86,10 @@ def test_sbert_relatedness_ranks_topical_words_above_stock_ones_and_does_not_dep
     # A query's words are embedded together in sorted order: the same numbers in any order, and again.
     assert related("breast cancer and cholesterol", words[::-1]) == [cosines[w] for w in words[::-1]]
     assert feedback.sbert_relatedness() is related  # loaded once per process
+    # and the test script's scorer holds the same model (one copy in memory), as a name or as the default
+    from qexpand.metrics import Scorer, default_sbert_model
+
+    assert Scorer().sbert is related.model and Scorer(default_sbert_model()).sbert is related.model
     shape = QueryShape("feedback", 1, 0.7, 5, "sbert")
     samples = ["Various effects of cholesterol on breast tumor growth.", "Cholesterol and breast tumor cells."]
     bag = shape.query("breast cancer and cholesterol", "joined", samples).split()
