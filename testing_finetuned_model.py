@@ -36,7 +36,7 @@ from qexpand.config import RENAMED_TEST_OPTIONS, TestConfig
 from qexpand.errors import EXIT_USER_ERROR, UserError, fail_if_problems, run_cli
 # The loading and generation this script shares with qexpand.Expander (the Python API) live there.
 from qexpand.expander import (Processes, ReportedByMainProcess, expand, finetuned_model, greedy_decoding,
-                              load_for_generation, open_run, prepare_queries, topic_expansions)
+                              load_for_generation, open_run, prepare_queries, topic_expansions, zero_shot_switch)
 from qexpand.expandtopics import expand_shard, expand_topics, merge_shards, open_shard, sharding_problems
 from qexpand.generation import GenerationForm
 from qexpand.metrics import Scorer, report_markdown, score_rows
@@ -178,9 +178,8 @@ def expand_topic_file_sharded(config: TestConfig, processes: Processes) -> dict:
         model, tokenizer, scorer = load_for_generation(c, run.record, run.run_dir, run.base, run.gguf,
                                                        needs_scorer=False)
         processes.check_placement(model)
-        model = finetuned_model(model, run.form)  # with --zero-shot the form keeps the adapter apart, to switch off
-        if c.zero_shot:
-            stack.enter_context(model.disable_adapter())
+        model = finetuned_model(model, run.form)
+        stack.enter_context(zero_shot_switch(model, c))
         expanded = expand_shard(job, lambda queries: topic_expansions(model, tokenizer, run.template, queries, c,
                                                                       scorer, decoder))
         expanded_now = sum(processes.gather(expanded))  # every process waits here until all shares are done
@@ -249,8 +248,8 @@ def main(config: TestConfig) -> dict:
         warn_if_seen(topics, split)
         with greedy_decoding(config) as decoder:  # entered first: a refusal comes before the model loads
             model, tokenizer, scorer = load_for_generation(config, record, run_dir, base, gguf, needs_scorer=False)
-            model = finetuned_model(model, form)  # with --zero-shot the form keeps the adapter apart, to switch off
-            with model.disable_adapter() if config.zero_shot else contextlib.nullcontext():
+            model = finetuned_model(model, form)
+            with zero_shot_switch(model, config):
                 return expand_topic_file(config, topics, model, tokenizer, template, scorer, decoder, run_dir)
     evaluation, items = topics_to_expand(config, split, run_dir)
     with greedy_decoding(config) as decoder:

@@ -182,6 +182,12 @@ def finetuned_model(model, form: GenerationForm):
     return model.merge_and_unload() if form.merged else model
 
 
+def zero_shot_switch(model, config: TestConfig):
+    """With --zero-shot, the adapter switched off for the whole expansion (the settled form keeps it beside the
+    base for this); else nothing."""
+    return model.disable_adapter() if config.zero_shot else contextlib.nullcontext()
+
+
 def load_for_generation(config: TestConfig, record: runcheck.RunRecord, run_dir: Path, base: str, gguf: str | None,
                         needs_scorer: bool):
     """The run's tokenizer (checked against the ids training used), the model with its adapter, and
@@ -407,7 +413,6 @@ class Expander:
         return [pair for batch in batches for pair in self._expand_batch(batch)]
 
     def _expand_batch(self, queries: list[str]) -> list[tuple[str, list]]:
-        adapter_off = self.model.disable_adapter() if self.config.zero_shot else contextlib.nullcontext()
-        with greedy_decoding(self.config) as decoder, adapter_off:
+        with greedy_decoding(self.config) as decoder, zero_shot_switch(self.model, self.config):
             return topic_expansions(self.model, self.tokenizer, self.template, queries, self.config, self.scorer,
                                     decoder)
